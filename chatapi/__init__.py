@@ -1,0 +1,111 @@
+"""chatapi: one-on-one chat over HTTP long-polling.
+
+`create_app` is the only place the parts are built and wired together; see
+docs/design.md for how they fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, request
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import BaseConverter
+
+from chatapi import api, errors, limits, ops, web
+from chatapi.chat import Chat
+from chatapi.config import Settings
+from chatapi.db import Database
+from chatapi.errors import ApiError
+from chatapi.metrics import Metrics
+from chatapi.validation import MAX_BODY_BYTES
+from chatapi.wakeups import Wakeups
+
+__all__ = ["create_app", "Settings"]
+
+
+class IdConverter(BaseConverter):
+    """Integer ids in URLs; longer digit strings cannot be ids and fall to 404."""
+
+    regex = r"[0-9]{1,18}"
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: int) -> str:
+        return str(value)
+
+
+class LocalNotifier:
+    """Wake-ups within one process (the SQLite mode)."""
+
+    def __init__(self, wakeups: Wakeups) -> None:
+        self._wakeups = wakeups
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def publish(self, keys) -> None:
+        self._wakeups.wake(keys)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the factory builds, reachable as app.extensions["chatapi"]."""
+
+    settings: Settings
+    db: Database
+    wakeups: Wakeups
+    notifier: object
+    chat: Chat
+    metrics: Metrics
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    app.url_map.converters["id"] = IdConverter
+
+    metrics = Metrics()
+    db = Database(settings)
+    wakeups = Wakeups(
+        settings.max_waiters_per_user,
+        on_wait_change=metrics.longpolls_waiting.inc,
+        on_wake=metrics.wakeups.inc,
+    )
+    if settings.is_postgresql:
+        from chatapi.notify_pg import PostgresNotifier
+
+        notifier = PostgresNotifier(db.engine.url.render_as_string(hide_password=False), wakeups)
+    else:
+        notifier = LocalNotifier(wakeups)
+    chat = Chat(db, wakeups, notifier.publish)
+    app.extensions["chatapi"] = Services(settings, db, wakeups, notifier, chat, metrics)
+
+    if settings.trust_proxy_headers:
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app,
+            x_for=settings.trust_proxy_headers,
+            x_proto=settings.trust_proxy_headers,
+            x_host=settings.trust_proxy_headers,
+        )
+
+    @app.before_request
+    def _before() -> None:
+        # After a fork each worker needs its own LISTEN connection.
+        notifier.start()
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+
+    errors.init_app(app)
+    metrics.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ops.bp)
+    app.register_blueprint(web.bp)
+    limits.init_app(app, settings)
+    return app

@@ -1,0 +1,49 @@
+"""Passwords and bearer tokens.
+
+Passwords are hashed with argon2id (argon2-cffi). Hashing is deliberately
+slow, so it runs in gevent's thread pool: the argon2 C code releases the GIL,
+and the worker's other requests keep flowing meanwhile.
+
+Tokens are 32 random bytes; only their SHA-256 is stored, so a leaked
+database does not leak sessions. SHA-256 (not argon2) is right here: the
+token has full entropy, and it is checked on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import gevent
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+TOKEN_BYTES = 32
+
+_hasher = PasswordHasher()
+# Verified against when the username does not exist, so a wrong username
+# takes as long as a wrong password and does not reveal who has an account.
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+def _in_thread(function, *args):
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+def hash_password(password: str) -> str:
+    return _in_thread(_hasher.hash, password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    try:
+        return _in_thread(_hasher.verify, password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,0 +1,670 @@
+"""The rules of chat: accounts, conversations, ordered messages, receipts and
+the per-user event stream. Views call this module and nothing below it.
+
+Ordering, in short (the long form is docs/design.md):
+- A conversation's `seq` is taken by `UPDATE conversations SET last_seq =
+  last_seq + 1 ... RETURNING` inside the sending transaction. The row lock
+  it takes serialises the conversation's senders until commit, so seqs are
+  gapless and commit in order; a failed send rolls its increment back.
+- A user's event `pos` is taken the same way from `users.event_head`. While
+  one transaction holds pos 10 of alice's stream, nobody can take pos 11
+  until it commits, so a reader can never see 11 before 10. (A global
+  auto-increment id would allow exactly that, and a reader who got 11 would
+  then skip 10 for ever.)
+- Deadlocks are impossible because every transaction takes its locks in one
+  order: conversation row, then member rows (ascending conversation id), then
+  user rows (ascending user id).
+- Idempotency: the client_id check runs after the conversation lock is held,
+  so it cannot race another send in the same conversation; a unique
+  constraint backs it.
+- Wake-ups are published only after commit, so a woken reader always finds
+  what it was woken for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, case, func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from chatapi import auth
+from chatapi.db import Database
+from chatapi.errors import ApiError
+from chatapi.models import Conversation, Event, Member, Message, Token, User
+from chatapi.wakeups import Wakeups, conversation_key, user_key
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated user of a request."""
+
+    id: int
+    username: str
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Json]
+    head: int
+
+
+class _Replay(Exception):
+    """A send whose client_id was seen before: answer with the original."""
+
+    def __init__(self, message: Json):
+        self.message = message
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "conversation_not_found", "no such conversation")
+
+
+def _user_json(user_id: int, username: str) -> Json:
+    return {"id": user_id, "username": username}
+
+
+def _message_json(row: Any) -> Json:
+    return {
+        "id": row.id,
+        "conversation_id": row.conversation_id,
+        "seq": row.seq,
+        "sender": row.sender,
+        "text": row.text,
+        "client_id": row.client_id,
+        "created_at": rfc3339(row.created_at),
+    }
+
+
+_SENDER = aliased(User, name="sender")
+_MESSAGE_COLUMNS = (
+    Message.id,
+    Message.conversation_id,
+    Message.seq,
+    _SENDER.username.label("sender"),
+    Message.text,
+    Message.client_id,
+    Message.created_at,
+)
+
+
+class Chat:
+    def __init__(self, db: Database, wakeups: Wakeups, publish: Callable[[Iterable[str]], None]):
+        self._db = db
+        self._wakeups = wakeups
+        self._publish = publish
+
+    # Accounts and tokens -------------------------------------------------
+
+    def register(self, username: str, password: str) -> Json:
+        with self._db.reading() as session:
+            if session.scalar(select(User.id).where(User.username == username)) is not None:
+                raise _username_taken()
+        password_hash = auth.hash_password(password)
+        try:
+            with self._db.writing() as session:
+                user = User(username=username, password_hash=password_hash, created_at=utcnow())
+                session.add(user)
+                session.flush()
+                return _user_json(user.id, user.username)
+        except IntegrityError:
+            raise _username_taken() from None
+
+    def sign_in(self, username: str | None, password: str) -> Json:
+        """A new token for valid credentials; 401 otherwise, after the same work."""
+        row = None
+        if username is not None:
+            with self._db.reading() as session:
+                row = session.execute(
+                    select(User.id, User.username, User.password_hash).where(User.username == username)
+                ).one_or_none()
+        if not auth.verify_password(row.password_hash if row else None, password) or row is None:
+            raise ApiError(401, "invalid_credentials", "wrong username or password")
+        token = auth.new_token()
+        with self._db.writing() as session:
+            session.add(Token(user_id=row.id, token_hash=auth.token_digest(token), created_at=utcnow()))
+        return {"token": token, "user": _user_json(row.id, row.username)}
+
+    def authenticate(self, token: str) -> Caller | None:
+        with self._db.reading() as session:
+            row = session.execute(
+                select(User.id, User.username)
+                .join(Token, Token.user_id == User.id)
+                .where(Token.token_hash == auth.token_digest(token))
+            ).one_or_none()
+        return Caller(row.id, row.username) if row else None
+
+    def revoke(self, token: str) -> None:
+        with self._db.writing() as session:
+            session.execute(Token.__table__.delete().where(Token.token_hash == auth.token_digest(token)))
+
+    # Conversations --------------------------------------------------------
+
+    def start_conversation(self, caller: Caller, peer_name: str | None) -> tuple[Json, bool]:
+        """The conversation with `peer_name`, and whether this call created it."""
+        with self._db.reading() as session:
+            peer_id = None
+            if peer_name is not None:
+                peer_id = session.scalar(select(User.id).where(User.username == peer_name))
+            if peer_id is None:
+                raise ApiError(404, "user_not_found", "no such user")
+            if peer_id == caller.id:
+                raise ApiError(400, "invalid_peer", "you cannot start a conversation with yourself")
+            low, high = sorted((caller.id, peer_id))
+            existing = session.scalar(
+                select(Conversation.id).where(Conversation.user_low_id == low, Conversation.user_high_id == high)
+            )
+        if existing is not None:
+            return self.conversation(caller, existing), False
+        now = utcnow()
+        try:
+            with self._db.writing() as session:
+                conversation = Conversation(
+                    user_low_id=low, user_high_id=high, created_at=now, last_activity_at=now, last_seq=0
+                )
+                session.add(conversation)
+                session.flush()
+                conversation_id = conversation.id
+                session.execute(
+                    insert(Member),
+                    [
+                        {"conversation_id": conversation_id, "user_id": low, "delivered_seq": 0, "read_seq": 0},
+                        {"conversation_id": conversation_id, "user_id": high, "delivered_seq": 0, "read_seq": 0},
+                    ],
+                )
+                _append_events(
+                    session,
+                    {
+                        low: [_event("conversation", conversation_id, subject_user_id=high)],
+                        high: [_event("conversation", conversation_id, subject_user_id=low)],
+                    },
+                )
+        except IntegrityError:
+            # The other party created it at the same moment.
+            with self._db.reading() as session:
+                conversation_id = session.scalar(
+                    select(Conversation.id).where(Conversation.user_low_id == low, Conversation.user_high_id == high)
+                )
+            return self.conversation(caller, conversation_id), False
+        self._publish([user_key(low), user_key(high)])
+        return self.conversation(caller, conversation_id), True
+
+    def conversations(self, caller: Caller) -> list[Json]:
+        with self._db.reading() as session:
+            return [_conversation_json(row) for row in session.execute(_conversation_query(caller.id))]
+
+    def conversation(self, caller: Caller, conversation_id: int) -> Json:
+        with self._db.reading() as session:
+            row = session.execute(
+                _conversation_query(caller.id).where(Conversation.id == conversation_id)
+            ).one_or_none()
+        if row is None:
+            raise _not_found()
+        return _conversation_json(row)
+
+    # Messages -------------------------------------------------------------
+
+    def send(self, caller: Caller, conversation_id: int, text_: str, client_id: str | None) -> tuple[Json, bool]:
+        """Store a message and return it with whether it is new (False: a replay)."""
+        now = utcnow()
+        for attempt in (1, 2):
+            try:
+                head, seq, message_id = self._store_message(caller, conversation_id, text_, client_id, now)
+                break
+            except _Replay as replay:
+                return replay.message, False
+            except IntegrityError:
+                # A concurrent send with the same client_id won the race; the
+                # second attempt finds it under the lock and replays it.
+                if attempt == 2:
+                    raise
+        self._publish([user_key(head.user_low_id), user_key(head.user_high_id), conversation_key(conversation_id)])
+        message = {
+            "id": message_id,
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "sender": caller.username,
+            "text": text_,
+            "client_id": client_id,
+            "created_at": rfc3339(now),
+        }
+        return message, True
+
+    def _store_message(
+        self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
+    ) -> tuple[Any, int, int]:
+        with self._db.writing() as session:
+            head = session.execute(
+                update(Conversation)
+                .where(
+                    Conversation.id == conversation_id,
+                    or_(Conversation.user_low_id == caller.id, Conversation.user_high_id == caller.id),
+                )
+                .values(last_seq=Conversation.last_seq + 1, last_activity_at=now)
+                .returning(Conversation.last_seq, Conversation.user_low_id, Conversation.user_high_id)
+            ).one_or_none()
+            if head is None:
+                raise _not_found()
+            if client_id is not None:
+                _check_replay(session, conversation_id, caller.id, client_id, text_)
+            seq = head.last_seq
+            message_id = session.scalar(
+                insert(Message)
+                .values(
+                    conversation_id=conversation_id,
+                    seq=seq,
+                    sender_id=caller.id,
+                    text=text_,
+                    client_id=client_id,
+                    created_at=now,
+                )
+                .returning(Message.id)
+            )
+            # Sending counts as reading (and so as delivery) up to one's own message.
+            session.execute(
+                update(Member)
+                .where(Member.conversation_id == conversation_id, Member.user_id == caller.id)
+                .values(read_seq=seq, delivered_seq=seq)
+            )
+            events = [
+                _event("message", conversation_id, message_id=message_id),
+                _event("receipt", conversation_id, caller.id, delivered_seq=seq, read_seq=seq),
+            ]
+            _append_events(session, {head.user_low_id: events, head.user_high_id: events})
+        return head, seq, message_id
+
+    def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
+        with self._db.writing() as session:
+            conversation = _membership(session, caller.id, conversation_id)
+            if seq > conversation.last_seq:
+                raise ApiError(400, "invalid_seq", f"seq must be at most last_seq ({conversation.last_seq})")
+            grown = _advance(session, caller.id, conversation_id, seq, read=True)
+            if grown:
+                _append_receipts(session, caller.id, conversation, grown)
+        if grown:
+            self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
+        return self.conversation(caller, conversation_id)
+
+    def messages(
+        self,
+        caller: Caller,
+        conversation_id: int,
+        *,
+        after: int | None,
+        before: int | None,
+        limit: int,
+        timeout: float,
+    ) -> Page:
+        with self._db.reading() as session:
+            conversation = _membership(session, caller.id, conversation_id)
+            if after is None:
+                return _history(session, conversation_id, before, limit, conversation.last_seq)
+        upto = min(after, conversation.last_seq)
+        if upto > conversation.delivered_seq:
+            self._acknowledge_conversation(caller, conversation_id, upto)
+
+        def check(session: Session) -> tuple[Page, bool]:
+            head = session.scalar(select(Conversation.last_seq).where(Conversation.id == conversation_id))
+            if after >= head:
+                return Page([], head), after > head
+            rows = session.execute(
+                select(*_MESSAGE_COLUMNS)
+                .join(_SENDER, _SENDER.id == Message.sender_id)
+                .where(Message.conversation_id == conversation_id, Message.seq > after)
+                .order_by(Message.seq)
+                .limit(limit)
+            )
+            return Page([_message_json(row) for row in rows], head), True
+
+        return self._long_poll([conversation_key(conversation_id)], caller.id, timeout, check)
+
+    # The event stream -----------------------------------------------------
+
+    def events(self, caller: Caller, *, after: int, limit: int, timeout: float) -> Page:
+        self._acknowledge_events(caller, after)
+
+        def check(session: Session) -> tuple[Page, bool]:
+            head = session.scalar(select(User.event_head).where(User.id == caller.id))
+            if after >= head:
+                return Page([], head), after > head
+            return Page(_events_after(session, caller.id, after, limit), head), True
+
+        return self._long_poll([user_key(caller.id)], caller.id, timeout, check)
+
+    # Long-polling ---------------------------------------------------------
+
+    def _long_poll(
+        self,
+        keys: list[str],
+        user_id: int,
+        timeout: float,
+        check: Callable[[Session], tuple[Page, bool]],
+    ) -> Page:
+        """Answer as soon as `check` has something, or with an empty page at the timeout.
+
+        `check` returns the page and whether to answer now. The waiter is
+        registered before the first check, and every wake-up re-checks: no
+        wake-up is lost, and a spurious one costs one query. No connection
+        is held while waiting.
+        """
+        if timeout <= 0 or self._wakeups.draining:
+            with self._db.reading() as session:
+                return check(session)[0]
+        deadline = time.monotonic() + timeout
+        with self._wakeups.listening(keys, user_id) as waiter:
+            while True:
+                with self._db.reading() as session:
+                    page, ready = check(session)
+                remaining = deadline - time.monotonic()
+                if ready or waiter.cut_short or remaining <= 0:
+                    return page
+                waiter.wait(remaining)
+
+    # Delivery receipts ----------------------------------------------------
+
+    def _acknowledge_conversation(self, caller: Caller, conversation_id: int, upto: int) -> None:
+        with self._db.writing() as session:
+            conversation = _membership(session, caller.id, conversation_id)
+            grown = _advance(session, caller.id, conversation_id, upto, read=False)
+            if grown:
+                _append_receipts(session, caller.id, conversation, grown)
+        if grown:
+            self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
+
+    def _acknowledge_events(self, caller: Caller, after: int) -> None:
+        """Every message event at pos <= `after` is now delivered to the caller."""
+        with self._db.reading() as session:
+            acked, head = session.execute(select(User.acked_pos, User.event_head).where(User.id == caller.id)).one()
+        after = min(after, head)
+        if after <= acked:
+            return
+        touched: set[int] = set()
+        with self._db.writing() as session:
+            peer = case(
+                (Conversation.user_low_id == caller.id, Conversation.user_high_id),
+                else_=Conversation.user_low_id,
+            )
+            newest = session.execute(
+                select(Message.conversation_id, func.max(Message.seq), peer)
+                .join(Event, Event.message_id == Message.id)
+                .join(Conversation, Conversation.id == Message.conversation_id)
+                .where(
+                    Event.user_id == caller.id,
+                    Event.pos > acked,
+                    Event.pos <= after,
+                    Event.kind == "message",
+                    Message.sender_id != caller.id,
+                )
+                .group_by(Message.conversation_id, peer)
+                .order_by(Message.conversation_id)
+            ).all()
+            receipts: dict[int, list[Json]] = {}
+            for conversation_id, upto, peer_id in newest:
+                grown = _advance(session, caller.id, conversation_id, upto, read=False)
+                if grown:
+                    receipt = _event("receipt", conversation_id, caller.id, *grown)
+                    receipts.setdefault(caller.id, []).append(receipt)
+                    receipts.setdefault(peer_id, []).append(receipt)
+                    touched.update((caller.id, peer_id))
+            if not receipts and self._db.is_postgresql:
+                # Only the cursor moves: losing it in a crash just means the
+                # range is scanned again, so this need not wait for the disk.
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            _append_events(session, receipts, acked_pos=(caller.id, after))
+        if touched:
+            self._publish([user_key(user_id) for user_id in touched])
+
+
+# Queries and row-level steps ------------------------------------------------
+
+
+def _username_taken() -> ApiError:
+    return ApiError(409, "username_taken", "that username is taken")
+
+
+def _event(
+    kind: str,
+    conversation_id: int,
+    subject_user_id: int | None = None,
+    delivered_seq: int | None = None,
+    read_seq: int | None = None,
+    message_id: int | None = None,
+) -> Json:
+    return {
+        "kind": kind,
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "subject_user_id": subject_user_id,
+        "delivered_seq": delivered_seq,
+        "read_seq": read_seq,
+    }
+
+
+def _append_events(
+    session: Session, events_by_user: dict[int, list[Json]], acked_pos: tuple[int, int] | None = None
+) -> None:
+    """Give each user's new events the next positions of its stream and store them.
+
+    Users are locked in ascending id order (see the module docstring).
+    `acked_pos` (user id, pos) also moves that user's delivery cursor under
+    the same lock.
+    """
+    user_ids = set(events_by_user)
+    if acked_pos is not None:
+        user_ids.add(acked_pos[0])
+    rows = []
+    for user_id in sorted(user_ids):
+        events = events_by_user.get(user_id, [])
+        values: dict[str, Any] = {"event_head": User.event_head + len(events)}
+        if acked_pos is not None and acked_pos[0] == user_id:
+            values["acked_pos"] = case((User.acked_pos < acked_pos[1], acked_pos[1]), else_=User.acked_pos)
+        head = session.execute(
+            update(User).where(User.id == user_id).values(**values).returning(User.event_head)
+        ).scalar_one()
+        first = head - len(events) + 1
+        rows.extend({**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events))
+    if rows:
+        session.execute(insert(Event), rows)
+
+
+def _check_replay(session: Session, conversation_id: int, sender_id: int, client_id: str | None, text_: str) -> None:
+    row = session.execute(
+        select(*_MESSAGE_COLUMNS)
+        .join(_SENDER, _SENDER.id == Message.sender_id)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.sender_id == sender_id,
+            Message.client_id == client_id,
+        )
+    ).one_or_none()
+    if row is None:
+        return
+    if row.text != text_:
+        raise ApiError(409, "client_id_reused", "this client_id was used for a different message")
+    raise _Replay(_message_json(row))
+
+
+def _membership(session: Session, user_id: int, conversation_id: int) -> Any:
+    """The conversation's head and the caller's progress, or 404 for non-members."""
+    row = session.execute(
+        select(
+            Conversation.id.label("conversation_id"),
+            Conversation.last_seq,
+            Conversation.user_low_id,
+            Conversation.user_high_id,
+            Member.delivered_seq,
+            Member.read_seq,
+        )
+        .join(Member, and_(Member.conversation_id == Conversation.id, Member.user_id == user_id))
+        .where(Conversation.id == conversation_id)
+    ).one_or_none()
+    if row is None:
+        raise _not_found()
+    return row
+
+
+def _advance(session: Session, user_id: int, conversation_id: int, seq: int, *, read: bool) -> tuple[int, int] | None:
+    """Move the user's delivered (and read) marks up to `seq`, never down.
+
+    Returns the new (delivered_seq, read_seq) if anything grew, else None.
+    The conditional UPDATE makes concurrent calls emit one receipt per growth.
+    """
+    mark = Member.read_seq if read else Member.delivered_seq
+    values: dict[str, Any] = {"delivered_seq": case((Member.delivered_seq < seq, seq), else_=Member.delivered_seq)}
+    if read:
+        values["read_seq"] = seq
+    row = session.execute(
+        update(Member)
+        .where(Member.conversation_id == conversation_id, Member.user_id == user_id, mark < seq)
+        .values(**values)
+        .returning(Member.delivered_seq, Member.read_seq)
+    ).one_or_none()
+    return (row.delivered_seq, row.read_seq) if row else None
+
+
+def _append_receipts(session: Session, user_id: int, conversation: Any, grown: tuple[int, int]) -> None:
+    receipt = _event("receipt", conversation.conversation_id, user_id, *grown)
+    _append_events(session, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
+
+
+def _history(session: Session, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
+    query = (
+        select(*_MESSAGE_COLUMNS)
+        .join(_SENDER, _SENDER.id == Message.sender_id)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.seq.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(Message.seq < min(before, head + 1))
+    rows = list(session.execute(query))
+    rows.reverse()
+    return Page([_message_json(row) for row in rows], head)
+
+
+def _conversation_query(user_id: int):
+    me = aliased(Member, name="me")
+    peer = aliased(Member, name="peer")
+    peer_user = aliased(User, name="peer_user")
+    last = aliased(Message, name="last")
+    last_sender = aliased(User, name="last_sender")
+    return (
+        select(
+            Conversation.id,
+            Conversation.created_at,
+            Conversation.last_seq,
+            me.read_seq,
+            peer.delivered_seq.label("peer_delivered_seq"),
+            peer.read_seq.label("peer_read_seq"),
+            peer_user.username.label("peer"),
+            last.id.label("last_id"),
+            last.text.label("last_text"),
+            last.client_id.label("last_client_id"),
+            last.created_at.label("last_created_at"),
+            last_sender.username.label("last_sender"),
+        )
+        .join(me, and_(me.conversation_id == Conversation.id, me.user_id == user_id))
+        .join(peer, and_(peer.conversation_id == Conversation.id, peer.user_id != user_id))
+        .join(peer_user, peer_user.id == peer.user_id)
+        .outerjoin(last, and_(last.conversation_id == Conversation.id, last.seq == Conversation.last_seq))
+        .outerjoin(last_sender, last_sender.id == last.sender_id)
+        .order_by(Conversation.last_activity_at.desc(), Conversation.id.desc())
+    )
+
+
+def _conversation_json(row: Any) -> Json:
+    last_message = None
+    if row.last_id is not None:
+        last_message = {
+            "id": row.last_id,
+            "conversation_id": row.id,
+            "seq": row.last_seq,
+            "sender": row.last_sender,
+            "text": row.last_text,
+            "client_id": row.last_client_id,
+            "created_at": rfc3339(row.last_created_at),
+        }
+    return {
+        "id": row.id,
+        "peer": row.peer,
+        "created_at": rfc3339(row.created_at),
+        "last_seq": row.last_seq,
+        # Every message above the caller's read mark is the peer's: sending
+        # moves one's own read mark to one's own message.
+        "unread": row.last_seq - row.read_seq,
+        "read_seq": row.read_seq,
+        "peer_delivered_seq": row.peer_delivered_seq,
+        "peer_read_seq": row.peer_read_seq,
+        "last_message": last_message,
+    }
+
+
+def _new_conversation_json(row: Any) -> Json:
+    """A conversation as it is at creation: the payload of `conversation` events."""
+    return {
+        "id": row.event_conversation_id,
+        "peer": row.subject,
+        "created_at": rfc3339(row.conversation_created_at),
+        "last_seq": 0,
+        "unread": 0,
+        "read_seq": 0,
+        "peer_delivered_seq": 0,
+        "peer_read_seq": 0,
+        "last_message": None,
+    }
+
+
+def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
+    subject = aliased(User, name="subject")
+    rows = session.execute(
+        select(
+            Event.pos,
+            Event.kind,
+            Event.conversation_id.label("event_conversation_id"),
+            Event.delivered_seq,
+            Event.read_seq,
+            subject.username.label("subject"),
+            Conversation.created_at.label("conversation_created_at"),
+            *_MESSAGE_COLUMNS,
+        )
+        .outerjoin(Message, Message.id == Event.message_id)
+        .outerjoin(_SENDER, _SENDER.id == Message.sender_id)
+        .outerjoin(subject, subject.id == Event.subject_user_id)
+        .outerjoin(Conversation, and_(Conversation.id == Event.conversation_id, Event.kind == "conversation"))
+        .where(Event.user_id == user_id, Event.pos > after)
+        .order_by(Event.pos)
+        .limit(limit)
+    )
+    events = []
+    for row in rows:
+        if row.kind == "message":
+            events.append({"pos": row.pos, "type": "message", "message": _message_json(row)})
+        elif row.kind == "receipt":
+            events.append(
+                {
+                    "pos": row.pos,
+                    "type": "receipt",
+                    "conversation_id": row.event_conversation_id,
+                    "user": row.subject,
+                    "delivered_seq": row.delivered_seq,
+                    "read_seq": row.read_seq,
+                }
+            )
+        else:
+            events.append({"pos": row.pos, "type": "conversation", "conversation": _new_conversation_json(row)})
+    return events

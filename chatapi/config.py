@@ -1,0 +1,100 @@
+"""Settings, read once from environment variables by the app factory.
+
+Every variable chatapi reads is listed here with its default; the README's
+configuration table mirrors this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
+
+# A long-poll answers with an empty page after this long; 25 s stays under the
+# 30-60 s idle limits that common proxies and NAT boxes apply.
+LONG_POLL_DEFAULT_SECS = 25.0
+# Clients may ask for longer waits, but never longer than this: it bounds how
+# long a request can pin a worker connection slot.
+LONG_POLL_MAX_SECS = 60.0
+
+
+class ConfigError(ValueError):
+    """A setting has a value chatapi cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    registration_open: bool = True
+    long_poll_default_secs: float = LONG_POLL_DEFAULT_SECS
+    long_poll_max_secs: float = LONG_POLL_MAX_SECS
+    # Waiting requests one user may hold at once; a new one beyond this
+    # answers the oldest, so a runaway client cannot exhaust a worker.
+    max_waiters_per_user: int = 8
+    rate_limits_enabled: bool = True
+    rate_limit_storage_uri: str = "memory://"
+    rate_limit_signin_per_username: str = "20/minute"
+    rate_limit_signin_per_address: str = "100/minute"
+    rate_limit_registration_per_address: str = "30/hour"
+    rate_limit_send_per_user: str = "600/minute"
+    trust_proxy_headers: int = 0
+    db_pool_size: int = 10
+    db_max_overflow: int = 30
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.database_url.startswith(("postgresql", "postgres"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        get = env.get
+        database_url = get("CHATAPI_DATABASE_URL") or get("DATABASE_URL") or DEFAULT_DATABASE_URL
+        database_url = _with_driver(database_url)
+        return cls(
+            database_url=database_url,
+            registration_open=_flag(get("CHATAPI_REGISTRATION", "on"), "CHATAPI_REGISTRATION"),
+            long_poll_default_secs=_number(get("CHATAPI_LONG_POLL_DEFAULT_SECS"), LONG_POLL_DEFAULT_SECS),
+            long_poll_max_secs=_number(get("CHATAPI_LONG_POLL_MAX_SECS"), LONG_POLL_MAX_SECS),
+            max_waiters_per_user=int(_number(get("CHATAPI_MAX_WAITERS_PER_USER"), 8)),
+            rate_limits_enabled=_flag(get("CHATAPI_RATE_LIMITS", "on"), "CHATAPI_RATE_LIMITS"),
+            rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI", "memory://"),
+            rate_limit_signin_per_username=get("CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME", "20/minute"),
+            rate_limit_signin_per_address=get("CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS", "100/minute"),
+            rate_limit_registration_per_address=get("CHATAPI_RATE_LIMIT_REGISTRATION_PER_ADDRESS", "30/hour"),
+            rate_limit_send_per_user=get("CHATAPI_RATE_LIMIT_SEND_PER_USER", "600/minute"),
+            trust_proxy_headers=int(_number(get("CHATAPI_TRUSTED_PROXIES"), 0)),
+            db_pool_size=int(_number(get("CHATAPI_DB_POOL_SIZE"), 10)),
+            db_max_overflow=int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), 30)),
+        )
+
+
+def _with_driver(url: str) -> str:
+    """Pin PostgreSQL URLs to psycopg2 (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg2://" + url[len(scheme) :]
+    return url
+
+
+def _flag(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "on", "true", "yes"):
+        return True
+    if lowered in ("0", "off", "false", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, not {value!r}")
+
+
+def _number(value: str | None, default: float) -> float:
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"not a number: {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"must not be negative: {value!r}")
+    return number

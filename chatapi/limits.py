@@ -1,0 +1,78 @@
+"""Rate limits (Flask-Limiter), set by CHATAPI_RATE_LIMIT_* variables.
+
+Counters live in CHATAPI_RATE_LIMIT_STORAGE_URI. The default, memory://,
+keeps them per worker process, so with W workers on H hosts a client can
+reach at most W x H times each limit; point the URI at a shared store
+(redis://, memcached://) to make the limits exact across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from flask import Flask, Response, request
+from flask_limiter import Limiter, RateLimitExceeded
+
+from chatapi.config import Settings
+from chatapi.errors import error_response
+
+
+def client_address() -> str:
+    # ProxyFix (enabled by CHATAPI_TRUSTED_PROXIES) has already put the
+    # forwarded address here when the proxy is trusted.
+    return request.remote_addr or "unknown"
+
+
+def _signin_username() -> str:
+    try:
+        username = json.loads(request.get_data(cache=True) or b"{}").get("username")
+    except (ValueError, AttributeError):
+        username = None
+    return f"signin:{username.lower()}" if isinstance(username, str) else f"signin-address:{client_address()}"
+
+
+def _sending_user() -> str:
+    from chatapi.api import current_caller
+
+    return f"user:{current_caller().id}"
+
+
+def _failed_signin(response: Response) -> bool:
+    return response.status_code == 401
+
+
+def _created(response: Response) -> bool:
+    return response.status_code == 201
+
+
+def init_app(app: Flask, settings: Settings) -> Limiter:
+    limiter = Limiter(
+        key_func=client_address,
+        app=app,
+        storage_uri=settings.rate_limit_storage_uri,
+        enabled=settings.rate_limits_enabled,
+        headers_enabled=False,
+        # A broken limit store must not take the chat down with it.
+        swallow_errors=True,
+    )
+    views = app.view_functions
+    limiter.limit(settings.rate_limit_signin_per_username, key_func=_signin_username, deduct_when=_failed_signin)(
+        views["api.create_token"]
+    )
+    limiter.limit(settings.rate_limit_signin_per_address, deduct_when=_failed_signin)(views["api.create_token"])
+    limiter.limit(settings.rate_limit_registration_per_address, deduct_when=_created)(views["api.create_user"])
+    limiter.limit(settings.rate_limit_send_per_user, key_func=_sending_user)(views["api.send_message"])
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(error: RateLimitExceeded) -> Response:
+        retry_after = 1
+        current = limiter.current_limit
+        if current is not None:
+            retry_after = max(1, math.ceil(current.reset_at - time.time()))
+        return error_response(
+            429, "rate_limited", f"too many requests: {error.description}", {"Retry-After": str(retry_after)}
+        )
+
+    return limiter

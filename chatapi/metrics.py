@@ -1,0 +1,73 @@
+"""Prometheus metrics.
+
+Under gunicorn each worker is its own process, so counters live in
+prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set up by
+gunicorn.conf.py) and /metrics sums them across workers. Without that
+variable (unit tests, one process) the app's own registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "chatapi_http_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "chatapi_http_request_duration_seconds",
+            "Time to answer an HTTP request, long-poll waits included",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.messages_sent = Counter(
+            "chatapi_messages_sent", "Messages stored (replays not counted)", registry=self.registry
+        )
+        self.longpolls_waiting = Gauge(
+            "chatapi_longpolls_waiting",
+            "Long-poll requests waiting right now",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.wakeups = Counter("chatapi_wakeups", "Waiting requests woken by new data", registry=self.registry)
+
+    def exposition(self) -> Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def init_app(self, app: Flask) -> None:
+        @app.before_request
+        def _start_timer() -> None:
+            g.request_started = time.perf_counter()
+
+        @app.after_request
+        def _count(response: Response) -> Response:
+            route = request.url_rule.rule if request.url_rule else "unmatched"
+            self.requests.labels(request.method, route, str(response.status_code)).inc()
+            started = g.get("request_started")
+            if started is not None:
+                self.request_duration.labels(request.method, route).observe(time.perf_counter() - started)
+            return response

@@ -1,0 +1,178 @@
+"""Wake-ups across processes and hosts through PostgreSQL LISTEN/NOTIFY.
+
+Each worker process keeps two dedicated connections outside the pool:
+- a listener, LISTENing on one channel; every notification names the keys to
+  wake, and the listener wakes the matching local waiters;
+- a publisher, sending the keys of committed changes with pg_notify().
+
+Notifications are sent after the data commits, not inside the data
+transaction: PostgreSQL serialises the commits of all transactions that ran
+NOTIFY behind one global lock, which would cap message throughput. Keys that
+pile up while one pg_notify is in flight go out together in the next one, so
+the publisher coalesces under load and adds no delay when idle.
+
+If a connection drops (database restart), it is re-opened with backoff, and
+on reconnect every local waiter is woken to re-check: notifications sent
+while we were not listening are lost, but the data is not, and a re-check
+finds it. The price of notifying after commit: if a process dies between
+its commit and its pg_notify, waiters in other processes see the message at
+their next re-check (their timeout) instead of at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+from collections.abc import Iterable
+
+import gevent
+import gevent.event
+import psycopg2
+from gevent.select import select
+
+from chatapi.wakeups import WAKE_ALL, Wakeups
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "chatapi_wakeups"
+# PostgreSQL refuses notification payloads of 8000 bytes or more.
+MAX_PAYLOAD_BYTES = 7900
+# Reconnect backoff: start fast (a restart is usually quick), cap so a long
+# outage costs little, and jitter so many workers don't reconnect in step.
+RECONNECT_FIRST_SECS = 0.1
+RECONNECT_MAX_SECS = 5.0
+# The listener wakes up this often even when idle, to notice a dead
+# connection that the kernel has not reported yet.
+LISTENER_HEARTBEAT_SECS = 10.0
+
+
+def _backoff(attempt: int) -> float:
+    delay = min(RECONNECT_MAX_SECS, RECONNECT_FIRST_SECS * 2**attempt)
+    return delay * random.uniform(0.5, 1.0)
+
+
+def _payloads(origin: str, keys: Iterable[str]) -> list[str]:
+    """Pack keys into as few notification payloads as fit PostgreSQL's limit."""
+    payloads: list[str] = []
+    current: list[str] = []
+    size = len(origin) + 1
+    for key in keys:
+        if current and size + len(key) + 1 > MAX_PAYLOAD_BYTES:
+            payloads.append(origin + "|" + ",".join(current))
+            current, size = [], len(origin) + 1
+        current.append(key)
+        size += len(key) + 1
+    if current:
+        payloads.append(origin + "|" + ",".join(current))
+    return payloads
+
+
+class PostgresNotifier:
+    """Publishes local commits' keys and wakes local waiters for everyone's."""
+
+    def __init__(self, dsn: str, wakeups: Wakeups) -> None:
+        self._dsn = dsn
+        self._wakeups = wakeups
+        # Tags our own notifications so the listener can skip them: local
+        # waiters were already woken directly at commit time.
+        self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._pending: set[str] = set()
+        self._has_pending = gevent.event.Event()
+        self._started_in_pid: int | None = None
+        self._greenlets: list[gevent.Greenlet] = []
+        self.listening = gevent.event.Event()
+
+    def start(self) -> None:
+        """Start the listener and publisher once per process (after fork)."""
+        if self._started_in_pid == os.getpid():
+            return
+        self._started_in_pid = os.getpid()
+        self.listening.clear()
+        self._greenlets = [gevent.spawn(self._listen_forever), gevent.spawn(self._publish_forever)]
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets, block=False)
+        self._greenlets = []
+        self._started_in_pid = None
+
+    def publish(self, keys: Iterable[str]) -> None:
+        """Wake local waiters now and queue the keys for the other processes."""
+        keys = tuple(keys)
+        self._wakeups.wake(keys)
+        self.start()
+        self._pending.update(keys)
+        self._has_pending.set()
+
+    def _connect(self):
+        conn = psycopg2.connect(self._dsn, application_name="chatapi-wakeups")
+        conn.autocommit = True
+        return conn
+
+    def _publish_forever(self) -> None:
+        attempt = 0
+        conn = None
+        while True:
+            self._has_pending.wait()
+            self._has_pending.clear()
+            keys, self._pending = self._pending, set()
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    # We may have dropped keys while disconnected: make every
+                    # waiter everywhere re-check once.
+                    if attempt:
+                        keys.add(WAKE_ALL)
+                with conn.cursor() as cur:
+                    for payload in _payloads(self._origin, sorted(keys)):
+                        cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                attempt = 0
+            except psycopg2.Error as exc:
+                log.warning("wake-up publisher lost its connection: %s", exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self._pending.update(keys)
+                self._has_pending.set()
+                gevent.sleep(_backoff(attempt))
+                attempt += 1
+
+    def _listen_forever(self) -> None:
+        attempt = 0
+        while True:
+            conn = None
+            try:
+                conn = self._connect()
+                with conn.cursor() as cur:
+                    cur.execute(f"LISTEN {CHANNEL}")
+                attempt = 0
+                self.listening.set()
+                # Anything may have happened while we were not listening.
+                self._wakeups.wake_all()
+                while True:
+                    readable, _, _ = select([conn], [], [], LISTENER_HEARTBEAT_SECS)
+                    if not readable:
+                        with conn.cursor() as cur:
+                            cur.execute("SELECT 1")
+                    conn.poll()
+                    if conn.notifies:
+                        self._deliver([n.payload for n in conn.notifies])
+                        conn.notifies.clear()
+            except (psycopg2.Error, OSError) as exc:
+                self.listening.clear()
+                log.warning("wake-up listener lost its connection: %s", exc)
+                if conn is not None and not conn.closed:
+                    conn.close()
+                gevent.sleep(_backoff(attempt))
+                attempt += 1
+
+    def _deliver(self, payloads: list[str]) -> None:
+        keys: set[str] = set()
+        for payload in payloads:
+            origin, _, joined = payload.partition("|")
+            if origin == self._origin:
+                continue
+            keys.update(joined.split(","))
+        if keys:
+            self._wakeups.wake(keys)

@@ -1,0 +1,132 @@
+"""Parsing and checking what clients send. Every failure is an ApiError with
+the contract's code, so no input can reach the database unchecked."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Request
+
+from chatapi.errors import ApiError
+
+MAX_BODY_BYTES = 65_536
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}", re.ASCII)
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+PASSWORD_MIN_CHARS = 8
+PASSWORD_MAX_CHARS = 1024
+TEXT_MAX_CHARS = 4000
+PAGE_DEFAULT = 100
+PAGE_MAX = 1000
+_INTEGER = re.compile(r"[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, or the contract's 415/400 errors."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
+    raw = request.get_data(cache=True)
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the body must be a JSON object")
+    return body
+
+
+def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
+    """One field of a JSON body, checked for presence and type (bools are not ints)."""
+    if name not in body or body[name] is None:
+        if required:
+            raise ApiError(400, "invalid_request", f"'{name}' is required")
+        return None
+    value = body[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, "invalid_request", f"'{name}' must be a {kind.__name__}")
+    return value
+
+
+def username(value: str) -> str:
+    if not USERNAME_PATTERN.fullmatch(value):
+        raise ApiError(
+            400,
+            "invalid_username",
+            "username: 3-32 characters of a-z 0-9 _ . -, starting with a letter or digit",
+        )
+    return value.lower()
+
+
+def lookup_name(value: str) -> str | None:
+    """A username to look up, or None when it cannot name any account."""
+    return value.lower() if USERNAME_PATTERN.fullmatch(value) else None
+
+
+def password(value: str) -> str:
+    if not PASSWORD_MIN_CHARS <= len(value) <= PASSWORD_MAX_CHARS or _has_surrogate(value):
+        raise ApiError(400, "invalid_password", "password: 8-1024 characters")
+    return value
+
+
+def message_text(value: str) -> str:
+    if not 1 <= len(value) <= TEXT_MAX_CHARS:
+        raise ApiError(400, "invalid_text", "text: 1-4000 characters")
+    if value.isspace():
+        raise ApiError(400, "invalid_text", "text must not be only white space")
+    for char in value:
+        category = unicodedata.category(char)
+        if (category == "Cc" and char not in _ALLOWED_CONTROLS) or category == "Cs":
+            raise ApiError(400, "invalid_text", f"text must not contain the character U+{ord(char):04X}")
+    return value
+
+
+def client_id(value: str | None) -> str | None:
+    if value is not None and not CLIENT_ID_PATTERN.fullmatch(value):
+        raise ApiError(400, "invalid_client_id", "client_id: 1-64 characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def _has_surrogate(value: str) -> bool:
+    return any("\ud800" <= char <= "\udfff" for char in value)
+
+
+def _parameter_error(name: str, rule: str) -> ApiError:
+    return ApiError(400, "invalid_parameter", f"'{name}' must be {rule}")
+
+
+def int_param(args: Mapping[str, str], name: str, *, low: int, high: int | None = None) -> int | None:
+    if name not in args:
+        return None
+    raw = args[name]
+    rule = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    if not _INTEGER.fullmatch(raw):
+        raise _parameter_error(name, rule)
+    # Past 18 digits the exact value cannot matter (no head is that high), and
+    # Python refuses to parse very long digit strings.
+    value = int(raw) if len(raw) <= 18 else 10**18
+    if value < low or (high is not None and value > high):
+        raise _parameter_error(name, rule)
+    return value
+
+
+def timeout_param(args: Mapping[str, str], default: float, maximum: float) -> float:
+    if "timeout" not in args:
+        return min(default, maximum)
+    raw = args["timeout"]
+    if not _DECIMAL.fullmatch(raw):
+        raise _parameter_error("timeout", "a number of seconds >= 0")
+    return min(float(raw), maximum)
+
+
+def limit_param(args: Mapping[str, str]) -> int:
+    limit = int_param(args, "limit", low=1, high=PAGE_MAX)
+    return PAGE_DEFAULT if limit is None else limit

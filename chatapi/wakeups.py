@@ -1,0 +1,133 @@
+"""Waking the long-polls that new data concerns.
+
+Design (docs/design.md, "Wake-ups"): every waiting request registers a
+`Waiter` under the keys it cares about (`u:<user id>` for a user's event
+stream, `c:<conversation id>` for one conversation's messages) *before* it
+checks the database, then sleeps on its own gevent Event. A commit wakes the
+keys it touched; the woken request re-queries and sleeps again if there is
+still nothing new. Registration before the check means a wake-up can never
+fall between "checked: nothing" and "started waiting"; a spurious wake-up
+costs one query. Waiters hold no database connection while they sleep.
+
+This module is per process. `chatapi.notify_pg` carries the same keys across
+processes and hosts through PostgreSQL LISTEN/NOTIFY.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import gevent.event
+
+WAKE_ALL = "*"
+
+
+def user_key(user_id: int) -> str:
+    return f"u:{user_id}"
+
+
+def conversation_key(conversation_id: int) -> str:
+    return f"c:{conversation_id}"
+
+
+class Waiter:
+    """One waiting request."""
+
+    __slots__ = ("keys", "user_id", "_event", "cut_short")
+
+    def __init__(self, keys: tuple[str, ...], user_id: int) -> None:
+        self.keys = keys
+        self.user_id = user_id
+        self._event = gevent.event.Event()
+        # Set when the request must answer now (shutdown, or a newer request
+        # of the same user took its slot): it answers with what it has.
+        self.cut_short = False
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until woken or `timeout` seconds pass; then the caller re-checks."""
+        self._event.wait(timeout)
+        self._event.clear()
+
+    def wake(self) -> None:
+        self._event.set()
+
+
+class Wakeups:
+    """The registry of this process's waiting requests."""
+
+    def __init__(
+        self,
+        max_waiters_per_user: int,
+        on_wait_change: Callable[[int], None] = lambda delta: None,
+        on_wake: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self._max_per_user = max(1, max_waiters_per_user)
+        self._by_key: dict[str, set[Waiter]] = {}
+        # Per user, oldest first, to enforce the per-user cap.
+        self._by_user: dict[int, OrderedDict[Waiter, None]] = {}
+        self._on_wait_change = on_wait_change
+        self._on_wake = on_wake
+        self.draining = False
+
+    @contextmanager
+    def listening(self, keys: Iterable[str], user_id: int) -> Iterator[Waiter]:
+        """Register a waiter for `keys` for the duration of the block."""
+        waiter = Waiter(tuple(keys), user_id)
+        if self.draining:
+            waiter.cut_short = True
+        mine = self._by_user.setdefault(user_id, OrderedDict())
+        mine[waiter] = None
+        while len(mine) > self._max_per_user:
+            oldest, _ = mine.popitem(last=False)
+            oldest.cut_short = True
+            oldest.wake()
+        for key in waiter.keys:
+            self._by_key.setdefault(key, set()).add(waiter)
+        self._on_wait_change(1)
+        try:
+            yield waiter
+        finally:
+            self._on_wait_change(-1)
+            for key in waiter.keys:
+                waiters = self._by_key.get(key)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._by_key[key]
+            mine = self._by_user.get(user_id)
+            if mine is not None:
+                mine.pop(waiter, None)
+                if not mine:
+                    del self._by_user[user_id]
+
+    def wake(self, keys: Iterable[str]) -> int:
+        """Wake the waiters registered under any of `keys`; return how many."""
+        keys = tuple(keys)
+        if WAKE_ALL in keys:
+            return self.wake_all()
+        woken: set[Waiter] = set()
+        for key in keys:
+            woken.update(self._by_key.get(key, ()))
+        for waiter in woken:
+            waiter.wake()
+        if woken:
+            self._on_wake(len(woken))
+        return len(woken)
+
+    def wake_all(self) -> int:
+        """Wake every waiter to re-check, e.g. after notifications may have been missed."""
+        return self.wake(tuple(self._by_key))
+
+    def drain(self) -> None:
+        """On shutdown: answer every waiting request now, and let no new one wait."""
+        self.draining = True
+        for waiters in list(self._by_key.values()):
+            for waiter in waiters:
+                waiter.cut_short = True
+                waiter.wake()
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._by_user.values())

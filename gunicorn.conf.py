@@ -1,0 +1,91 @@
+"""gunicorn settings for chatapi: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+Every value can be overridden on the command line (--bind, --workers, ...)
+or through the CHATAPI_* variables read here. No application module is
+imported at the top of this file: gevent must patch the standard library in
+each worker before the app (and psycopg2) load.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+_database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or ""
+_on_postgresql = _database_url.startswith(("postgresql", "postgres"))
+
+bind = os.environ.get("CHATAPI_BIND", "127.0.0.1:8000")
+worker_class = "gevent"
+# SQLite wakes waiters in-process, so it runs exactly one worker. On
+# PostgreSQL, workers wake each other through LISTEN/NOTIFY.
+workers = int(os.environ.get("CHATAPI_WORKERS", "2" if _on_postgresql else "1"))
+# Each waiting long-poll is one greenlet and one socket; they are cheap.
+worker_connections = int(os.environ.get("CHATAPI_WORKER_CONNECTIONS", "10000"))
+# Seconds an idle keep-alive connection stays open. A polling client asks
+# again at once, so a short value costs nothing, and it bounds how long a
+# graceful shutdown waits for idle connections. A proxy in front must use a
+# shorter upstream keep-alive (deploy/nginx/chatapi.conf uses 4 s).
+keepalive = int(os.environ.get("CHATAPI_KEEPALIVE_SECS", "5"))
+# SIGTERM: long-polls answer at once (see worker hooks below) and sends in
+# flight get this long to finish.
+graceful_timeout = int(os.environ.get("CHATAPI_GRACEFUL_TIMEOUT_SECS", "20"))
+timeout = 30
+accesslog = os.environ.get("CHATAPI_ACCESS_LOG") or None
+loglevel = os.environ.get("CHATAPI_LOG_LEVEL", "info")
+proc_name = "chatapi"
+# gunicorn's control socket defaults to one path per user, which several
+# instances on one host would fight over; set a path to turn it on.
+control_socket = os.environ.get("CHATAPI_CONTROL_SOCKET", "")
+control_socket_disable = not control_socket
+
+
+def on_starting(server):
+    """In the master, once: migrate the schema, prepare shared metrics storage."""
+    if not _on_postgresql and server.num_workers > 1:
+        server.log.warning("SQLite runs one worker process; ignoring workers=%s", server.num_workers)
+        server.num_workers = 1
+        server.cfg.set("workers", 1)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        server._chatapi_metrics_dir = metrics_dir
+    if os.environ.get("CHATAPI_MIGRATE", "on") != "off":
+        # In a child process, so the master never imports the app: workers
+        # must import gevent-sensitive modules only after gevent patches them.
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=here, check=True)
+
+
+def on_exit(server):
+    metrics_dir = getattr(server, "_chatapi_metrics_dir", None)
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """In each worker, after gevent has patched it and the app is loaded."""
+    from psycogreen.gevent import patch_psycopg
+
+    patch_psycopg()
+
+    services = worker.wsgi.extensions["chatapi"]
+    gunicorn_handle_exit = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        # gunicorn stops accepting and waits for requests in flight; waiting
+        # long-polls answer now, so clients reconnect to a live process.
+        gunicorn_handle_exit(sig, frame)
+        import gevent
+
+        gevent.spawn(services.wakeups.drain)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)

@@ -1,0 +1,43 @@
+"""Alembic environment: the same database URL as the app, and on PostgreSQL an
+advisory lock so that several hosts starting at once migrate one at a time."""
+
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import create_engine, text
+
+from chatapi.config import Settings
+from chatapi.models import Base
+
+# Any constant works; it only has to be the same for every chatapi process.
+MIGRATION_LOCK_ID = 7_302_615_001
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = Base.metadata
+
+
+def run_migrations_online() -> None:
+    url = config.attributes.get("database_url") or Settings.from_env().database_url
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        is_postgresql = connection.dialect.name == "postgresql"
+        if is_postgresql:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            connection.commit()
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            if is_postgresql:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+                connection.commit()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline migrations are not supported; run against a database")
+run_migrations_online()

@@ -1,0 +1,88 @@
+"""Fixtures: an app for unit tests, and real servers (gunicorn + gevent) on
+SQLite and on a throwaway PostgreSQL cluster for integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+
+from chatapi import Settings, create_app
+from tests.support.api import Api
+from tests.support.postgres import PostgresCluster
+from tests.support.server import REPO, ServerProcess
+
+
+def migrate(database_url: str) -> None:
+    config = Config(str(REPO / "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'chat.sqlite3'}"
+
+
+@pytest.fixture
+def app(sqlite_url: str):
+    """The Flask app on a fresh, migrated SQLite file (for unit tests)."""
+    migrate(sqlite_url)
+    app = create_app(Settings(database_url=sqlite_url, rate_limits_enabled=False))
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["chatapi"].db.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One throwaway cluster per test session; each test takes a fresh database."""
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> str:
+    return postgres.new_database()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers; all are stopped at the end of the test."""
+    servers: list[ServerProcess] = []
+
+    def start(database_url: str, workers: int = 1, env: dict[str, str] | None = None) -> ServerProcess:
+        log = tmp_path / f"server-{len(servers)}.log"
+        server = ServerProcess(database_url, workers=workers, env=env, log_path=log)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def live_server(request, start_server, tmp_path: Path) -> ServerProcess:
+    """A running server, once on SQLite (1 worker) and once on PostgreSQL (2 workers)."""
+    if request.param == "sqlite":
+        return start_server(f"sqlite:///{tmp_path / 'live.sqlite3'}", workers=1)
+    url = request.getfixturevalue("postgres_url")
+    return start_server(url, workers=2)
+
+
+@pytest.fixture
+def api(live_server: ServerProcess) -> Api:
+    """An anonymous client of the live server."""
+    return Api(live_server.base_url)

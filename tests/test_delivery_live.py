@@ -1,0 +1,86 @@
+"""The heart of the product against a real server, on SQLite and PostgreSQL:
+ordered, durable, acknowledged delivery with long-poll wake-ups."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.support.api import Api
+
+
+def test_message_round_trip_with_ack_and_receipts(api: Api) -> None:
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)
+    assert conversation["last_seq"] == 0
+
+    sent = alice.send(conversation["id"], "hello <b>bob</b>")
+    assert sent["seq"] == 1 and sent["sender"] == alice.username and sent["text"] == "hello <b>bob</b>"
+
+    events = bob.events(after=0)["events"]
+    assert [e["type"] for e in events] == ["conversation", "message", "receipt"]
+    assert events[1]["message"] == sent
+
+    # Bob's cursor past the message acknowledges delivery; alice gets a receipt.
+    head = events[-1]["pos"]
+    bob.events(after=head)
+    receipts = [e for e in alice.events(after=0)["events"] if e["type"] == "receipt" and e["user"] == bob.username]
+    assert receipts == [receipts[0]] and receipts[0]["delivered_seq"] == 1 and receipts[0]["read_seq"] == 0
+
+    read = bob.post(f"/api/v1/conversations/{conversation['id']}/read", {"seq": 1})
+    assert read.status_code == 200 and read.json()["read_seq"] == 1 and read.json()["unread"] == 0
+    assert alice.get(f"/api/v1/conversations/{conversation['id']}").json()["peer_read_seq"] == 1
+
+
+def test_long_poll_wakes_within_milliseconds(api: Api) -> None:
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = bob.start(alice.username)
+    head = alice.events()["last_pos"]
+    answer: dict = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        answer["body"] = alice.events(after=head, timeout=20)
+        answer["returned_at"] = time.monotonic()
+        answer["waited"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    assert "body" not in answer, "the long-poll answered before there was anything new"
+    sent_at = time.monotonic()
+    bob.send(conversation["id"], "wake up")
+    waiter.join(20)
+    assert answer["body"]["events"][0]["message"]["text"] == "wake up"
+    assert answer["returned_at"] - sent_at < 1.0
+
+
+def test_concurrent_senders_on_both_sides_get_gapless_seqs(api: Api) -> None:
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)
+    per_sender = 25
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def sender(who: Api, tag: str) -> None:
+        mine = Api(who.base_url, who.token)
+        for i in range(per_sender):
+            seq = mine.send(conversation["id"], f"{tag}-{i}")["seq"]
+            with lock:
+                seqs.append(seq)
+
+    threads = [
+        threading.Thread(target=sender, args=(who, f"{who.username}-{n}")) for who in (alice, bob) for n in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = per_sender * len(threads)
+    assert sorted(seqs) == list(range(1, total + 1))
+    history = alice.messages(conversation["id"], limit=1000)["messages"]
+    assert [m["seq"] for m in history] == list(range(1, total + 1))
+    # Each sender's own messages keep the order it sent them in.
+    for t_name in {m["text"].rsplit("-", 1)[0] for m in history}:
+        numbers = [int(m["text"].rsplit("-", 1)[1]) for m in history if m["text"].rsplit("-", 1)[0] == t_name]
+        assert numbers == sorted(numbers)
