@@ -96,3 +96,9 @@ def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path) -> N
     assert [status for status, _ in answers] == [200, 200, 200]
     assert max(at for _, at in answers) - signalled < 2.0
     assert server.process.wait(15) == 0
+
+
+def test_sqlite_runs_exactly_one_worker(start_server, tmp_path) -> None:
+    server = start_server(f"sqlite:///{tmp_path / 'one.sqlite3'}", workers=3)
+    time.sleep(1)
+    assert len(server.worker_pids()) == 1
