@@ -156,6 +156,9 @@ export class ChatView {
     this.disposers = [];
     this.list.replaceChildren();
     this.messageList.replaceChildren();
+    document.getElementById("me-name").textContent = "";
+    this.conversation.hidden = true;
+    this.paneEmpty.hidden = false;
     this.composerText.value = "";
     this.newChatPeer.value = "";
     this.#showNewChatError("");
