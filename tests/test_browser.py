@@ -267,6 +267,7 @@ def test_server_restart_mid_conversation_loses_and_repeats_nothing(people, serve
     alice.send("typed while the server was down")
     down = alice.message("typed while the server was down")
     expect(down).to_have_attribute("data-state", "pending")
+    screenshot(alice.page, "reconnecting.png")
 
     server.start()
     expect(status).to_be_hidden()

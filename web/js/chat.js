@@ -262,7 +262,6 @@ export class ChatClient extends EventTarget {
     const signal = this.stopper.signal;
     let failures = 0;
     await this.#bootstrap();
-    this.started = true;
     while (!this.stopped) {
       try {
         // After a failure, a quick probe (timeout 0) tells at once whether the server is back.
@@ -302,6 +301,7 @@ export class ChatClient extends EventTarget {
     const { conversations } = await this.#call(() => this.api.conversations());
     for (const conversation of conversations) this.#mergeConversation(conversation);
     this.cursor = head.last_pos;
+    this.started = true;
     this.#setStatus("online");
     this.#changed("conversations");
   }

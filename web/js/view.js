@@ -28,6 +28,9 @@ const COUNT_WARN_AT = 3800;
 /** The composer grows with its text up to this height (px), then scrolls. */
 const COMPOSER_MAX_PX = 160;
 
+/** Both panes side by side from this width on (keep in step with app.css). */
+const WIDE_LAYOUT = "(min-width: 48rem)";
+
 const SVG_NS = "http://www.w3.org/2000/svg";
 const ICONS = {
   pending: ["M12 7v5l3 2", "M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18"],
@@ -67,7 +70,8 @@ function icon(paths) {
 
 function setAvatar(node, name) {
   node.textContent = (name[0] ?? "?").toUpperCase();
-  node.className = `avatar avatar--${colourIndex(name)}`;
+  for (let i = 0; i < 8; i += 1) node.classList.remove(`avatar--${i}`);
+  node.classList.add("avatar", `avatar--${colourIndex(name)}`);
 }
 
 /**
@@ -127,6 +131,8 @@ export class ChatView {
     this.composerCount = $("composer-count");
     this.sendButton = this.composer.querySelector("button[type=submit]");
     $("me-name").textContent = client.me;
+    setAvatar($("me-avatar"), client.me);
+    this.app.dataset.view = "list";
 
     this.#listen(client, "change", (event) => this.#schedule(event.detail));
     this.#listen(window, "hashchange", () => this.#route());
@@ -145,6 +151,10 @@ export class ChatView {
       location.hash = "";
     });
     this.#listen(this.messageList, "click", (event) => this.#messageAction(event));
+    this.#listen(this.conversation, "keydown", (event) => {
+      // One pane at a time (phones): Escape goes back to the list, like the back button.
+      if (event.key === "Escape" && !window.matchMedia(WIDE_LAYOUT).matches) location.hash = "";
+    });
 
     this.#renderStatus();
     this.#renderList();
@@ -157,6 +167,7 @@ export class ChatView {
     this.list.replaceChildren();
     this.messageList.replaceChildren();
     document.getElementById("me-name").textContent = "";
+    document.getElementById("me-avatar").textContent = "";
     this.conversation.hidden = true;
     this.paneEmpty.hidden = false;
     this.composerText.value = "";
@@ -268,6 +279,7 @@ export class ChatView {
     this.conversation.hidden = conversation == null;
     if (!conversation) return;
     this.title.textContent = conversation.peer;
+    this.composerText.placeholder = `Message ${conversation.peer}`;
     setAvatar(this.avatar, conversation.peer);
     this.messageList.setAttribute("aria-label", `Messages with ${conversation.peer}`);
     if (!this.client.loaded.has(id)) {
@@ -436,9 +448,10 @@ export class ChatView {
     const match = /^#\/c\/(\d+)$/.exec(location.hash);
     const id = match ? Number(match[1]) : null;
     if (id === this.openId) return;
+    const previous = this.openId;
+    this.app.dataset.view = id == null ? "list" : "conversation";
     if (this.openId != null) this.drafts.set(this.openId, this.composerText.value);
     this.openId = id;
-    this.app.dataset.view = id == null ? "list" : "conversation";
     this.messageList.replaceChildren();
     this.stickToBottom = true;
     this.composerText.value = id == null ? "" : (this.drafts.get(id) ?? "");
@@ -447,9 +460,12 @@ export class ChatView {
     this.#renderConversation();
     if (id == null) {
       this.client.open(null);
+      if (document.activeElement === document.body || this.conversation.contains(document.activeElement)) {
+        this.list.querySelector(`a[href="#/c/${previous}"]`)?.focus();
+      }
       return;
     }
-    if (window.matchMedia("(min-width: 48rem)").matches || document.activeElement?.closest(".conversation-list")) {
+    if (window.matchMedia(WIDE_LAYOUT).matches || document.activeElement?.closest(".conversation-list")) {
       this.composerText.focus({ preventScroll: true });
     }
     this.client
