@@ -95,7 +95,8 @@ class Person:
 
 @pytest.fixture
 def people(browser: Browser, server: ServerProcess) -> Iterator[Callable[..., Person]]:
-    """Opens the page in a fresh browser profile; checks afterwards that no script error or dialog happened."""
+    """Opens the page in a fresh browser profile; checks afterwards that no script error, CSP violation or
+    dialog happened."""
     opened: list[Person] = []
 
     def open_page(name: str, viewport: dict[str, int] = DESKTOP) -> Person:
@@ -104,6 +105,10 @@ def people(browser: Browser, server: ServerProcess) -> Iterator[Callable[..., Pe
         page = context.new_page()
         person = Person(name, context, page)
         page.on("pageerror", lambda error: person.errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: "Content Security Policy" in message.text and person.errors.append(message.text),
+        )
         page.on("dialog", lambda dialog: (person.dialogs.append(dialog.message), dialog.dismiss()))
         page.goto(server.base_url + "/")
         opened.append(person)
@@ -238,7 +243,11 @@ def test_offline_recipient_gets_everything_when_signing_in(people, server: Serve
     for text in texts:
         expect(alice.message(text)).to_have_attribute("data-state", "delivered")
 
-    bob.open_conversation("alice")
+    # By keyboard this time: focus the conversation and press Enter.
+    bob.conversation_with("alice").focus()
+    bob.page.keyboard.press("Enter")
+    expect(bob.page.get_by_test_id("conversation-title")).to_have_text("alice")
+    expect(bob.page.get_by_test_id("composer")).to_be_focused()
     expect(bob.page.get_by_test_id("message-text")).to_have_count(3)
     assert bob.message_texts() == texts
     for text in texts:
