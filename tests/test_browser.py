@@ -10,6 +10,7 @@ as root); without it these tests fail, they never skip.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,7 +297,7 @@ def test_server_restart_mid_conversation_loses_and_repeats_nothing(people, serve
 
 def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: ServerProcess) -> None:
     api = Api(server.base_url)
-    api.signed_up("alice")
+    alice_elsewhere = api.signed_up("alice")
     api_bob = api.signed_up("bob")
     alice = people("alice")
     sign_in(alice)
@@ -305,10 +306,13 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: Serv
     alice.send(MARKUP)
     conversation_id = api_bob.start("alice")["id"]
     api_bob.send(conversation_id, "<script>alert(2)</script><b>bold?</b>")
-    api_bob.send(conversation_id, "a" * 300)
+    # Alice's other device: her own message shows up here too, as hers.
+    alice_elsewhere.send(conversation_id, "a" * 300)
 
     expect(alice.page.get_by_test_id("message-text")).to_have_count(3)
     assert alice.message_texts() == [MARKUP, "<script>alert(2)</script><b>bold?</b>", "a" * 300]
+    expect(alice.message("a" * 300)).to_have_class(re.compile(r"\bmessage--mine\b"))
+    expect(alice.message("<script>alert(2)</script><b>bold?</b>")).to_have_class(re.compile(r"\bmessage--theirs\b"))
     messages = alice.page.get_by_test_id("message-list")
     assert messages.locator("img, script, b").count() == 0
     # A word longer than the bubble wraps instead of widening the page.
@@ -390,3 +394,10 @@ def test_older_history_loads_when_scrolling_up(people, server: ServerProcess) ->
         shown = texts.count()
     expect(bob.page.get_by_text("This is the beginning of your conversation.")).to_be_visible()
     assert bob.message_texts() == [f"line {n}" for n in range(1, total + 1)]
+
+    # Far up in the history, a button leads back to the newest message.
+    jump = bob.page.get_by_test_id("jump-to-latest")
+    expect(jump).to_be_visible()
+    jump.click()
+    expect(texts.last).to_be_in_viewport()
+    expect(jump).to_be_hidden()

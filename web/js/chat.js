@@ -288,6 +288,7 @@ export class ChatClient extends EventTarget {
       } catch (error) {
         if (this.stopped) return;
         if (error instanceof ApiError && error.status === 401) return this.#unauthorized();
+        if (!(error instanceof ApiError)) console.error("event loop", error);
         failures += 1;
         this.#setStatus("reconnecting");
         await sleep(backoffMs(failures, error.retryAfterSecs), signal).catch(() => {});

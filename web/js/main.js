@@ -134,6 +134,7 @@ async function enter(session) {
   authView.hidden = true;
   appView.hidden = false;
   notice.hidden = true;
+  passwordInput.value = "";
   client = new ChatClient(api, username);
   client.addEventListener("unauthorized", expired);
   view = new ChatView(client);

@@ -21,6 +21,8 @@ import {
 
 /** Within this many pixels of the bottom, new messages keep the view scrolled to the end. */
 const STICK_TO_BOTTOM_PX = 80;
+/** Scrolled up further than this from the newest message, a button offers to jump back. */
+const JUMP_BUTTON_AFTER_PX = 400;
 /** Closer than this to the top of the history, the previous page is fetched. */
 const LOAD_OLDER_AT_PX = 200;
 /** From this many code points on, the counter warns that the limit is near. */
@@ -126,6 +128,7 @@ export class ChatView {
     this.messageList = $("message-list");
     this.loadOlderButton = $("load-older");
     this.historyStart = $("history-start");
+    this.jumpButton = $("jump-to-latest");
     this.composer = $("composer");
     this.composerText = $("composer-text");
     this.composerCount = $("composer-count");
@@ -136,7 +139,10 @@ export class ChatView {
 
     this.#listen(client, "change", (event) => this.#schedule(event.detail));
     this.#listen(window, "hashchange", () => this.#route());
-    this.#listen(document, "visibilitychange", () => this.client.markRead());
+    this.#listen(document, "visibilitychange", () => {
+      this.client.markRead();
+      this.#renderList();
+    });
     this.#listen(this.newChat, "submit", (event) => this.#startChat(event));
     this.#listen(this.newChatPeer, "input", () => this.#showNewChatError(""));
     this.#listen(this.composer, "submit", (event) => {
@@ -145,7 +151,14 @@ export class ChatView {
     });
     this.#listen(this.composerText, "keydown", (event) => this.#composerKey(event));
     this.#listen(this.composerText, "input", () => this.#composerChanged());
-    this.#listen(this.scroller, "scroll", () => this.#maybeLoadOlder());
+    this.#listen(this.scroller, "scroll", () => {
+      this.#maybeLoadOlder();
+      this.#updateJump();
+    });
+    this.#listen(this.jumpButton, "click", () => {
+      this.scroller.scrollTo({ top: this.scroller.scrollHeight, behavior: "smooth" });
+      this.composerText.focus({ preventScroll: true });
+    });
     this.#listen(this.loadOlderButton, "click", () => this.#loadOlder());
     this.#listen(document.getElementById("back"), "click", () => {
       location.hash = "";
@@ -268,7 +281,9 @@ export class ChatView {
         else link.removeAttribute("aria-current");
       },
     );
-    const unreadTotal = conversations.reduce((sum, c) => sum + (c.id === this.openId ? 0 : this.client.unread(c)), 0);
+    // The tab's title counts what is unread, including the open conversation while the page is hidden.
+    const watching = document.visibilityState === "visible" ? this.openId : null;
+    const unreadTotal = conversations.reduce((sum, c) => sum + (c.id === watching ? 0 : this.client.unread(c)), 0);
     document.title = unreadTotal ? `(${unreadTotal}) chatapi` : "chatapi";
   }
 
@@ -354,6 +369,13 @@ export class ChatView {
       // Older history went in above: keep what the reader was looking at in place.
       this.scroller.scrollTop = topBefore + (this.scroller.scrollHeight - heightBefore);
     }
+    this.#updateJump();
+  }
+
+  /** Shows "Jump to latest" while the reader is scrolled up, away from the newest messages. */
+  #updateJump() {
+    const distance = this.scroller.scrollHeight - this.scroller.scrollTop - this.scroller.clientHeight;
+    this.jumpButton.hidden = distance < JUMP_BUTTON_AFTER_PX;
   }
 
   #createDay() {
