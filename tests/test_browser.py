@@ -77,11 +77,15 @@ class Person:
             has=self.page.get_by_test_id("message-text").get_by_text(text, exact=True)
         )
 
-    def send(self, text: str) -> None:
+    def send(self, text: str, *, acknowledged: bool = True) -> None:
+        """Types a message and presses Enter; by default waits until the server has acknowledged it
+        (it has a seq), so that the next message, from whichever side, comes after it."""
         composer = self.page.get_by_test_id("composer")
         composer.fill(text)
         composer.press("Enter")
         expect(composer).to_have_value("")
+        if acknowledged:
+            expect(self.message(text).last).to_have_attribute("data-seq", re.compile(r"^[0-9]+$"))
 
     def conversation_with(self, peer: str):
         return self.page.locator(f"[data-testid=conversation-item][data-peer='{peer}']")
@@ -192,6 +196,7 @@ def test_two_people_chat_live_and_see_every_message_once_in_order(people, server
         composer.press_sequentially(line)
     expect(composer).to_have_value(multiline)
     composer.press("Enter")
+    expect(alice.message(multiline)).to_have_attribute("data-seq", "3")
     bob.send("Perfect, see you there")
     alice.send("Don't be late this time :)")
 
@@ -274,7 +279,7 @@ def test_server_restart_mid_conversation_loses_and_repeats_nothing(people, serve
     expect(status).to_contain_text("Reconnecting")
 
     # Typed while the server is down: shown at once as pending.
-    alice.send("typed while the server was down")
+    alice.send("typed while the server was down", acknowledged=False)
     down = alice.message("typed while the server was down")
     expect(down).to_have_attribute("data-state", "pending")
     screenshot(alice.page, "reconnecting.png")
