@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from tests.support.api import PASSWORD, Api
 from tests.support.server import REPO, ServerProcess
@@ -298,6 +298,45 @@ def test_server_restart_mid_conversation_loses_and_repeats_nothing(people, serve
     api_alice = Api(server.base_url, alice.token(), "alice")
     conversation_id = api_alice.get("/api/v1/conversations").json()["conversations"][0]["id"]
     assert [m["text"] for m in api_alice.messages(conversation_id)["messages"]] == expected
+
+
+def test_failed_and_lost_sends_are_retried_with_the_same_client_id_and_stored_once(
+    people, server: ServerProcess
+) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    alice = people("alice")
+    sign_in(alice)
+    start_chat(alice, "bob")
+
+    # The first attempt meets a 503; the second reaches the server but its answer is lost.
+    attempts: list[dict] = []
+
+    def flaky(route: Route) -> None:
+        if route.request.method != "POST":
+            return route.continue_()
+        attempts.append(route.request.post_data_json)
+        if len(attempts) == 1:
+            return route.fulfill(
+                status=503,
+                content_type="application/json",
+                body='{"error": {"code": "service_unavailable", "message": "try again"}}',
+            )
+        if len(attempts) == 2:
+            route.fetch()
+            return route.abort("connectionreset")
+        return route.continue_()
+
+    alice.page.route("**/api/v1/conversations/*/messages", flaky)
+    alice.send("through thick and thin", acknowledged=False)
+    expect(alice.message("through thick and thin")).to_have_attribute("data-state", "sent")
+    assert len(attempts) >= 2
+    assert len({attempt["client_id"] for attempt in attempts}) == 1
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(1)
+
+    conversation_id = api_bob.start("alice")["id"]
+    assert [m["text"] for m in api_bob.messages(conversation_id)["messages"]] == ["through thick and thin"]
 
 
 def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: ServerProcess) -> None:
