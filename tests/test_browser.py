@@ -338,6 +338,21 @@ def test_failed_and_lost_sends_are_retried_with_the_same_client_id_and_stored_on
     conversation_id = api_bob.start("alice")["id"]
     assert [m["text"] for m in api_bob.messages(conversation_id)["messages"]] == ["through thick and thin"]
 
+    # Unsent messages survive a reload of the page, and go out once the server answers again.
+    alice.page.unroute("**/api/v1/conversations/*/messages")
+    alice.page.route(
+        "**/api/v1/conversations/*/messages",
+        lambda route: route.abort("connectionrefused") if route.request.method == "POST" else route.continue_(),
+    )
+    alice.send("survives a reload", acknowledged=False)
+    expect(alice.message("survives a reload")).to_have_attribute("data-state", "pending")
+    alice.page.reload()
+    expect(alice.message("survives a reload")).to_have_attribute("data-state", "pending")
+    alice.page.unroute("**/api/v1/conversations/*/messages")
+    expect(alice.message("survives a reload")).to_have_attribute("data-state", "sent")
+    texts = [m["text"] for m in api_bob.messages(conversation_id)["messages"]]
+    assert texts == ["through thick and thin", "survives a reload"]
+
 
 def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: ServerProcess) -> None:
     api = Api(server.base_url)

@@ -1,6 +1,6 @@
 // The page's model of one signed-in user's chats, kept live by one long-poll
 // on the event stream, plus the outbox that gets every typed message
-// acknowledged exactly once.
+// acknowledged exactly once. Long form: docs/web.md.
 //
 // Delivery, in short (the server's side is in docs/design.md):
 // - Start: read the stream's head H, then the conversation list; the list is
