@@ -19,6 +19,23 @@ export class ApiError extends Error {
   }
 }
 
+/**
+ * A signal that aborts when `signal` does or after `ms` (built by hand: AbortSignal.any is
+ * missing in older browsers), and `release` to call when the request is over.
+ */
+function withTimeout(signal, ms) {
+  const controller = new AbortController();
+  const forward = () => controller.abort(signal.reason);
+  const timer = setTimeout(() => controller.abort(new DOMException("timed out", "TimeoutError")), ms);
+  if (signal?.aborted) forward();
+  else signal?.addEventListener("abort", forward, { once: true });
+  const release = () => {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", forward);
+  };
+  return { signal: controller.signal, release };
+}
+
 export class Api {
   constructor(token = null) {
     this.token = token;
@@ -32,42 +49,42 @@ export class Api {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
-    const timeout = AbortSignal.timeout(timeoutMs);
-    const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
-    let response;
+    const limit = withTimeout(signal, timeoutMs);
     try {
-      response = await fetch(BASE + path, {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-        signal: combined,
-        cache: "no-store",
-        credentials: "omit",
-      });
-    } catch (error) {
-      if (signal?.aborted) throw signal.reason ?? error;
-      throw new ApiError(0, "network_error", "The server cannot be reached.");
+      let response;
+      let data = null;
+      try {
+        response = await fetch(BASE + path, {
+          method,
+          headers,
+          body: body === undefined ? undefined : JSON.stringify(body),
+          signal: limit.signal,
+          cache: "no-store",
+          credentials: "omit",
+        });
+        if (response.status !== 204) data = await response.json();
+      } catch (error) {
+        if (signal?.aborted) throw signal.reason ?? error;
+        // Unreachable, timed out, or an answer that is not the API's JSON (a proxy's error page,
+        // a body cut off by a restart): all worth retrying.
+        if (!response || response.ok || response.status >= 500) {
+          throw new ApiError(0, "network_error", "The server cannot be reached.");
+        }
+      }
+      if (!response.ok) {
+        const error = data?.error ?? {};
+        const retryAfter = Number.parseFloat(response.headers.get("Retry-After"));
+        throw new ApiError(
+          response.status,
+          error.code ?? "http_error",
+          error.message ?? `The server answered ${response.status}.`,
+          Number.isFinite(retryAfter) ? retryAfter : null,
+        );
+      }
+      return data;
+    } finally {
+      limit.release();
     }
-    if (response.status === 204) return null;
-    let data = null;
-    try {
-      data = await response.json();
-    } catch {
-      if (signal?.aborted) throw signal.reason;
-      // A proxy's HTML error page, or a body cut off by a restart.
-      if (response.ok) throw new ApiError(0, "network_error", "The answer from the server was cut off.");
-    }
-    if (!response.ok) {
-      const error = data?.error ?? {};
-      const retryAfter = Number.parseFloat(response.headers.get("Retry-After"));
-      throw new ApiError(
-        response.status,
-        error.code ?? "http_error",
-        error.message ?? `The server answered ${response.status}.`,
-        Number.isFinite(retryAfter) ? retryAfter : null,
-      );
-    }
-    return data;
   }
 
   get(path, options) {
