@@ -95,7 +95,8 @@ class Bench:
     def seed_users(self, database_url: str, count: int, prefix: str) -> list[dict]:
         """Users with tokens, written straight to the database: signing up 10,000
         users through argon2 would take minutes and is not what we measure."""
-        users = [{"username": f"{prefix}{i:05d}", "token": f"bench-{prefix}-{i}-{time.time_ns()}"} for i in range(count)]
+        stamp = time.time_ns()
+        users = [{"username": f"{prefix}{i:05d}", "token": f"bench-{prefix}-{i}-{stamp}"} for i in range(count)]
         conn = psycopg2.connect(database_url)
         with conn, conn.cursor() as cur:
             rows = psycopg2.extras.execute_values(

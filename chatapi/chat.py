@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -142,11 +142,7 @@ class Chat:
 
     def authenticate(self, token: str) -> Caller | None:
         with self._db.reading() as session:
-            row = session.execute(
-                select(User.id, User.username)
-                .join(Token, Token.user_id == User.id)
-                .where(Token.token_hash == auth.token_digest(token))
-            ).one_or_none()
+            row = _core(session, _AUTHENTICATE, token_hash=auth.token_digest(token)).one_or_none()
         return Caller(row.id, row.username) if row else None
 
     def revoke(self, token: str) -> None:
@@ -224,7 +220,10 @@ class Chat:
         now = utcnow()
         for attempt in (1, 2):
             try:
-                head, seq, message_id = self._store_message(caller, conversation_id, text_, client_id, now)
+                # PostgreSQL takes the common case in one statement; a replayed
+                # client_id fails its insert and the second attempt sorts it out.
+                store = self._store_message_pg if attempt == 1 and self._db.is_postgresql else self._store_message
+                head, seq, message_id = store(caller, conversation_id, text_, client_id, now)
                 break
             except _Replay as replay:
                 return replay.message, False
@@ -288,6 +287,32 @@ class Chat:
             _append_events(session, {head.user_low_id: events, head.user_high_id: events})
         return head, seq, message_id
 
+    def _store_message_pg(
+        self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
+    ) -> tuple[Any, int, int]:
+        """`_store_message` as one PostgreSQL statement: one round trip instead of seven.
+
+        Same steps, same locks, same order (see `_SEND_PG`). A replayed
+        client_id violates the unique constraint here (IntegrityError), and
+        `send` retries through `_store_message`, which answers the replay.
+        """
+        with self._db.writing() as session:
+            row = session.execute(
+                _SEND_PG,
+                {
+                    "conversation_id": conversation_id,
+                    "sender_id": caller.id,
+                    "text": text_,
+                    "client_id": client_id,
+                    "now": now,
+                },
+            ).one_or_none()
+            if row is None:
+                raise _not_found()
+            if row.appended != 4:
+                raise RuntimeError(f"a send appended {row.appended} events instead of 4")
+        return row, row.last_seq, row.message_id
+
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as session:
             conversation = _membership(session, caller.id, conversation_id)
@@ -339,7 +364,7 @@ class Chat:
         self._acknowledge_events(caller, after)
 
         def check(session: Session) -> tuple[Page, bool]:
-            head = session.scalar(select(User.event_head).where(User.id == caller.id))
+            head = _core(session, _EVENT_HEAD, user_id=caller.id).scalar_one()
             if after >= head:
                 return Page([], head), after > head
             return Page(_events_after(session, caller.id, after, limit), head), True
@@ -387,32 +412,22 @@ class Chat:
             self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
 
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
-        """Every message event at pos <= `after` is now delivered to the caller."""
+        """Every message event at pos <= `after` is now delivered to the caller.
+
+        The scan for newly delivered messages is a read; a write transaction
+        follows only when a delivered mark can grow, or when the cursor has
+        moved `ACKED_POS_LAZY_STEP` positions without delivering anything.
+        """
         with self._db.reading() as session:
-            acked, head = session.execute(select(User.acked_pos, User.event_head).where(User.id == caller.id)).one()
-        after = min(after, head)
-        if after <= acked:
+            acked, head = _core(session, _ACK_CURSOR, user_id=caller.id).one()
+            after = min(after, head)
+            if after <= acked:
+                return
+            newest = _core(session, _NEWLY_DELIVERED, user_id=caller.id, acked=acked, after=after).all()
+        if not newest and after - acked < ACKED_POS_LAZY_STEP:
             return
         touched: set[int] = set()
         with self._db.writing() as session:
-            peer = case(
-                (Conversation.user_low_id == caller.id, Conversation.user_high_id),
-                else_=Conversation.user_low_id,
-            )
-            newest = session.execute(
-                select(Message.conversation_id, func.max(Message.seq), peer)
-                .join(Event, Event.message_id == Message.id)
-                .join(Conversation, Conversation.id == Message.conversation_id)
-                .where(
-                    Event.user_id == caller.id,
-                    Event.pos > acked,
-                    Event.pos <= after,
-                    Event.kind == "message",
-                    Message.sender_id != caller.id,
-                )
-                .group_by(Message.conversation_id, peer)
-                .order_by(Message.conversation_id)
-            ).all()
             receipts: dict[int, list[Json]] = {}
             for conversation_id, upto, peer_id in newest:
                 grown = _advance(session, caller.id, conversation_id, upto, read=False)
@@ -431,6 +446,97 @@ class Chat:
 
 
 # Queries and row-level steps ------------------------------------------------
+
+# A poll that delivers nothing new writes its cursor (users.acked_pos) only
+# once it has moved this many positions: re-scanning up to this many events,
+# none of them a new message from the peer, costs far less than a write
+# transaction on every poll (measured in docs/performance.md).
+ACKED_POS_LAZY_STEP = 64
+
+# Hot-path statements, built once and run as Core statements: building and
+# running an ORM statement per call cost several times the database's own
+# time (docs/performance.md).
+_AUTHENTICATE = (
+    select(User.id, User.username)
+    .join(Token, Token.user_id == User.id)
+    .where(Token.token_hash == bindparam("token_hash"))
+)
+_EVENT_HEAD = select(User.event_head).where(User.id == bindparam("user_id"))
+_ACK_CURSOR = select(User.acked_pos, User.event_head).where(User.id == bindparam("user_id"))
+_PEER = case(
+    (Conversation.user_low_id == bindparam("user_id"), Conversation.user_high_id),
+    else_=Conversation.user_low_id,
+)
+# Per conversation, the newest message from the peer among the caller's
+# events in (acked, after]: how far delivery has now reached.
+_NEWLY_DELIVERED = (
+    select(Message.conversation_id, func.max(Message.seq), _PEER)
+    .join(Event, Event.message_id == Message.id)
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .where(
+        Event.user_id == bindparam("user_id"),
+        Event.pos > bindparam("acked"),
+        Event.pos <= bindparam("after"),
+        Event.kind == "message",
+        Message.sender_id != bindparam("user_id"),
+    )
+    .group_by(Message.conversation_id, _PEER)
+    .order_by(Message.conversation_id)
+)
+
+
+def _core(session: Session, statement: Any, **params: Any) -> Any:
+    """Run a prebuilt statement on the session's connection, skipping the ORM layer."""
+    return session.connection().execute(statement, params)
+
+
+# The send transaction of `Chat._store_message` in one statement, for
+# PostgreSQL. Each CTE reads the one before it, so PostgreSQL runs them in
+# this order and the locks are taken in the global order: the conversation
+# row (`head`), then the sender's member row (`mark`), then both user rows in
+# ascending id order (`locked`: ORDER BY ... FOR UPDATE locks rows in sort
+# order), and only then are their event heads moved (`heads`). In READ
+# COMMITTED each UPDATE re-reads a row that a concurrent transaction changed
+# and committed, so `last_seq + 1` and `event_head + 2` use the latest values.
+_SEND_PG = text(
+    """
+WITH head AS (
+    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = :now
+    WHERE id = :conversation_id AND (user_low_id = :sender_id OR user_high_id = :sender_id)
+    RETURNING last_seq, user_low_id, user_high_id
+), message AS (
+    INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
+    SELECT :conversation_id, last_seq, :sender_id, :text, :client_id, :now FROM head
+    RETURNING id, seq
+), mark AS (
+    -- Sending counts as reading (and so as delivery) up to one's own message.
+    UPDATE members SET read_seq = message.seq, delivered_seq = message.seq FROM message
+    WHERE members.conversation_id = :conversation_id AND members.user_id = :sender_id
+    RETURNING members.user_id
+), locked AS (
+    SELECT users.id FROM users, head
+    WHERE users.id IN (head.user_low_id, head.user_high_id) AND EXISTS (SELECT FROM mark)
+    ORDER BY users.id
+    FOR UPDATE OF users
+), heads AS (
+    UPDATE users SET event_head = users.event_head + 2 FROM locked
+    WHERE users.id = locked.id
+    RETURNING users.id, users.event_head
+), appended AS (
+    -- Per user: the message at head - 1, the sender's receipt at head.
+    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+    SELECT heads.id, heads.event_head - 1, 'message', :conversation_id, message.id, NULL, NULL, NULL
+    FROM heads, message
+    UNION ALL
+    SELECT heads.id, heads.event_head, 'receipt', :conversation_id, NULL, :sender_id, message.seq, message.seq
+    FROM heads, message
+    RETURNING user_id
+)
+SELECT head.last_seq, head.user_low_id, head.user_high_id, message.id AS message_id,
+    (SELECT count(*) FROM appended) AS appended
+FROM head, message
+"""
+)
 
 
 def _username_taken() -> ApiError:
@@ -629,9 +735,9 @@ def _new_conversation_json(row: Any) -> Json:
     }
 
 
-def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
+def _events_after_query():
     subject = aliased(User, name="subject")
-    rows = session.execute(
+    return (
         select(
             Event.pos,
             Event.kind,
@@ -646,10 +752,17 @@ def _events_after(session: Session, user_id: int, after: int, limit: int) -> lis
         .outerjoin(_SENDER, _SENDER.id == Message.sender_id)
         .outerjoin(subject, subject.id == Event.subject_user_id)
         .outerjoin(Conversation, and_(Conversation.id == Event.conversation_id, Event.kind == "conversation"))
-        .where(Event.user_id == user_id, Event.pos > after)
+        .where(Event.user_id == bindparam("user_id"), Event.pos > bindparam("after"))
         .order_by(Event.pos)
-        .limit(limit)
+        .limit(bindparam("limit"))
     )
+
+
+_EVENTS_AFTER = _events_after_query()
+
+
+def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
+    rows = _core(session, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
     events = []
     for row in rows:
         if row.kind == "message":
