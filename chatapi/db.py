@@ -29,12 +29,19 @@ class Database:
         self.is_postgresql = settings.is_postgresql
         self.engine = _make_engine(settings)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads run in autocommit on PostgreSQL: under READ COMMITTED every
+        # statement takes its own snapshot anyway, so a transaction around
+        # them only adds a BEGIN and a ROLLBACK round trip per unit of work.
+        reads_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgresql else self.engine
+        )
+        self._read_sessions = sessionmaker(reads_engine, expire_on_commit=False)
         self._write_lock = None if self.is_postgresql else gevent.lock.BoundedSemaphore(1)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
         """A session for reads; its connection goes back to the pool at the end."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             yield session
 
     @contextlib.contextmanager
