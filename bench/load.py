@@ -258,8 +258,16 @@ class Window:
         self.server = procs.cpu_seconds(spec["server_pids"])
         self.postgres = procs.cpu_seconds([spec["postgres_pid"]])
         self.load_before = procs.load_average()
+        self.targets = [Target(url) for url in spec["base_urls"]]
+        self.requests = _requests_by_route(self.targets)
 
     def close(self) -> dict:
+        requests = _requests_by_route(self.targets)
+        self.requests_in_window = {
+            key: int(value - self.requests.get(key, 0))
+            for key, value in requests.items()
+            if value > self.requests.get(key, 0) and "metrics" not in key
+        }
         return {
             "wall_secs": round(time.monotonic() - self.started, 2),
             "client": round(sum(os.times()[:2]) - self.client, 2),
@@ -328,6 +336,7 @@ def workload_latency(spec: dict, active: bool = False) -> dict:
         "checks": checks,
         "errors": ledger.errors,
         "cpu_secs": cpu,
+        "server_requests": window.requests_in_window,
         "samples": {"ack": ledger.ack_latency, "delivery": ledger.delivery_latency},
     }
 
@@ -375,20 +384,37 @@ def workload_throughput(spec: dict) -> dict:
         "checks": checks,
         "errors": ledger.errors,
         "cpu_secs": cpu,
+        "server_requests": window.requests_in_window,
     }
 
 
-def _waiting_longpolls(target: Target) -> float:
-    """chatapi_longpolls_waiting from the server's /metrics (summed over workers)."""
+def _metrics(target: Target) -> list[str]:
+    """The server's /metrics lines (summed over its workers)."""
     with socket.create_connection((target.host, target.port), timeout=10) as sock:
         sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-    for line in data.decode().splitlines():
+    return data.decode().splitlines()
+
+
+def _waiting_longpolls(target: Target) -> float:
+    for line in _metrics(target):
         if line.startswith("chatapi_longpolls_waiting"):
             return float(line.split()[-1])
     return 0.0
+
+
+def _requests_by_route(targets: list[Target]) -> dict[str, float]:
+    """chatapi_http_requests_total per "METHOD route", over all servers."""
+    counts: dict[str, float] = {}
+    for target in targets:
+        for line in _metrics(target):
+            if line.startswith("chatapi_http_requests_total{"):
+                labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
+                key = f"{labels['method'].strip(chr(34))} {labels['route'].strip(chr(34))}"
+                counts[key] = counts.get(key, 0) + float(line.split()[-1])
+    return counts
 
 
 def workload_idle(spec: dict) -> dict:
@@ -463,6 +489,7 @@ def workload_idle(spec: dict) -> dict:
         "checks": checks,
         "errors": ledger.errors,
         "cpu_secs": cpu,
+        "server_requests": window.requests_in_window,
     }
 
 
@@ -525,6 +552,7 @@ def workload_wake(spec: dict) -> dict:
         "checks": checks,
         "errors": ledger.errors,
         "cpu_secs": cpu,
+        "server_requests": window.requests_in_window,
     }
 
 
