@@ -484,6 +484,42 @@ _NEWLY_DELIVERED = (
     .order_by(Message.conversation_id)
 )
 
+# _append_events: move a user's event head by `count` (and its delivery cursor).
+_BUMP_HEAD = (
+    update(User)
+    .where(User.id == bindparam("b_user_id"))
+    .values(event_head=User.event_head + bindparam("count"))
+    .returning(User.event_head)
+)
+_BUMP_HEAD_AND_ACK = _BUMP_HEAD.values(
+    acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)
+)
+_INSERT_EVENTS = insert(Event)
+
+
+def _advance_statement(*, read: bool) -> Any:
+    mark = Member.read_seq if read else Member.delivered_seq
+    values: dict[str, Any] = {
+        "delivered_seq": case((Member.delivered_seq < bindparam("seq"), bindparam("seq")), else_=Member.delivered_seq)
+    }
+    if read:
+        values["read_seq"] = bindparam("seq")
+    return (
+        update(Member)
+        .where(
+            Member.conversation_id == bindparam("b_conversation_id"),
+            Member.user_id == bindparam("b_user_id"),
+            mark < bindparam("seq"),
+        )
+        .values(**values)
+        .returning(Member.delivered_seq, Member.read_seq)
+    )
+
+
+# _advance: the conditional UPDATE that grows a member's marks.
+_ADVANCE_DELIVERED = _advance_statement(read=False)
+_ADVANCE_READ = _advance_statement(read=True)
+
 
 def _core(session: Session, statement: Any, **params: Any) -> Any:
     """Run a prebuilt statement on the session's connection, skipping the ORM layer."""
@@ -576,16 +612,14 @@ def _append_events(
     rows = []
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
-        values: dict[str, Any] = {"event_head": User.event_head + len(events)}
         if acked_pos is not None and acked_pos[0] == user_id:
-            values["acked_pos"] = case((User.acked_pos < acked_pos[1], acked_pos[1]), else_=User.acked_pos)
-        head = session.execute(
-            update(User).where(User.id == user_id).values(**values).returning(User.event_head)
-        ).scalar_one()
-        first = head - len(events) + 1
+            head = _core(session, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
+        else:
+            head = _core(session, _BUMP_HEAD, b_user_id=user_id, count=len(events))
+        first = head.scalar_one() - len(events) + 1
         rows.extend({**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events))
     if rows:
-        session.execute(insert(Event), rows)
+        session.connection().execute(_INSERT_EVENTS, rows)
 
 
 def _check_replay(session: Session, conversation_id: int, sender_id: int, client_id: str | None, text_: str) -> None:
@@ -630,16 +664,8 @@ def _advance(session: Session, user_id: int, conversation_id: int, seq: int, *, 
     Returns the new (delivered_seq, read_seq) if anything grew, else None.
     The conditional UPDATE makes concurrent calls emit one receipt per growth.
     """
-    mark = Member.read_seq if read else Member.delivered_seq
-    values: dict[str, Any] = {"delivered_seq": case((Member.delivered_seq < seq, seq), else_=Member.delivered_seq)}
-    if read:
-        values["read_seq"] = seq
-    row = session.execute(
-        update(Member)
-        .where(Member.conversation_id == conversation_id, Member.user_id == user_id, mark < seq)
-        .values(**values)
-        .returning(Member.delivered_seq, Member.read_seq)
-    ).one_or_none()
+    statement = _ADVANCE_READ if read else _ADVANCE_DELIVERED
+    row = _core(session, statement, b_conversation_id=conversation_id, b_user_id=user_id, seq=seq).one_or_none()
     return (row.delivered_seq, row.read_seq) if row else None
 
 
