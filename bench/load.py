@@ -304,6 +304,9 @@ def run_open_loop(spec: dict, target: Target, pairs: list[dict], rate: float, du
         jobs.append(gevent.spawn(one, index, pair, forward))
     send_secs = time.monotonic() - started
     gevent.joinall(jobs, timeout=60)
+    # Sends still unanswered now count as not acknowledged (the run failed to
+    # keep up); stop them so that nothing changes under the audit.
+    gevent.killall(jobs, timeout=10)
     return total, send_secs
 
 
@@ -364,7 +367,9 @@ def workload_throughput(spec: dict) -> dict:
             if not sender.send(pair["conversation_id"], client_id, pair["b"]["id"]):
                 gevent.sleep(0.05)
 
-    gevent.joinall([gevent.spawn(closed_loop, pair) for pair in pairs], timeout=duration + 60)
+    loops = [gevent.spawn(closed_loop, pair) for pair in pairs]
+    gevent.joinall(loops, timeout=duration + 60)
+    gevent.killall(loops, timeout=10)
     ended = time.monotonic()
     _drain(ledger, DRAIN_SECS)
     cpu = window.close()
