@@ -157,7 +157,7 @@ class Bench:
         spec_path = self.out / f"{tag}-spec.json"
         result_path = self.out / f"{tag}-raw.json"
         spec_path.write_text(json.dumps(spec))
-        bound = 240 + 2 * params.get("duration", 0) + params.get("idle", 0) / 100
+        bound = 240 + 2 * params.get("duration", 0) + params.get("idle", 0) / 50
         self.log(f"running {tag} (load average {report.loadavg()}) ...")
         try:
             subprocess.run(
@@ -224,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    results = []
+    results: list[dict] = []
+    crashed: list[str] = []
     with Bench(out, args.workers, log) as bench:
         for index, (workload, params) in enumerate(plan(args)):
             tag = f"{index + 1}-{workload}"
-            result = bench.run(workload, params, tag)
+            try:
+                result = bench.run(workload, params, tag)
+            except (subprocess.SubprocessError, RuntimeError) as exc:
+                crashed.append(f"{tag}: {exc}")
+                continue
             result["failures"] = failures(result)
             results.append(result)
     summary = {
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary["results"], indent=None if args.workload == "smoke" else 2))
     print(report.table(results))
     print(f"results: {out}")
-    failed = [f"{r['tag']}: {', '.join(r['failures'])}" for r in results if r["failures"]]
+    failed = [f"{r['tag']}: {', '.join(r['failures'])}" for r in results if r["failures"]] + crashed
     for line in failed:
         print("FAILED " + line)
     return 1 if failed else 0
