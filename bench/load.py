@@ -66,6 +66,7 @@ class Ledger:
     def __init__(self) -> None:
         self.scheduled: dict[str, float] = {}  # client_id -> scheduled send time
         self.acked: dict[str, dict] = {}  # client_id -> message object from the 201
+        self.acked_at: dict[str, float] = {}  # client_id -> when the 201 arrived
         self.ack_latency: list[float] = []
         self.delivery_latency: list[float] = []
         self.delivered_at: dict[str, float] = {}  # client_id -> first time its recipient had it
@@ -181,6 +182,7 @@ class Sender:
             ledger.error(f"send {client_id}: HTTP {status} {body}")
             return False
         ledger.acked[client_id] = body
+        ledger.acked_at[client_id] = now
         ledger.ack_latency.append(now - ledger.scheduled[client_id])
         if client_id not in ledger.delivered_at:
             ledger.outstanding += 1
@@ -516,6 +518,9 @@ def workload_wake(spec: dict) -> dict:
     send_target = Target(spec["base_urls"][0])
     ledger = Ledger()
     results: dict[str, list[float]] = {"cross": [], "same": []}
+    # From the 201 to the waiting poll's answer: the wake-up itself, without
+    # the send's own transaction (0 when the poll answered first).
+    after_ack: dict[str, list[float]] = {"cross": [], "same": []}
     samples = spec["samples"]
     pairs = spec["pairs"]
     window = Window(spec)
@@ -552,6 +557,8 @@ def workload_wake(spec: dict) -> dict:
                 ledger.error(f"wake poll answered without the message: {status} {body}")
                 continue
             results[kind].append(returned - ledger.scheduled[client_id])
+            if client_id in ledger.acked_at:
+                after_ack[kind].append(max(0.0, returned - ledger.acked_at[client_id]))
             ledger.delivered_at[client_id] = returned
             ledger.outstanding -= 1
             after = body["events"][-1]["pos"]
@@ -567,6 +574,8 @@ def workload_wake(spec: dict) -> dict:
         "params": {"samples": samples, "pairs": len(pairs)},
         "cross_process_ms": percentiles(results["cross"]),
         "same_process_ms": percentiles(results["same"]),
+        "cross_process_after_ack_ms": percentiles(after_ack["cross"]),
+        "same_process_after_ack_ms": percentiles(after_ack["same"]),
         "checks": checks,
         "errors": ledger.errors,
         "cpu_secs": cpu,

@@ -73,9 +73,12 @@ def _row(result: dict) -> list[str]:
     else:
         c, s = result["cross_process_ms"], result["same_process_ms"]
         what = f"samples={params['samples']}"
+        w = result["cross_process_after_ack_ms"]
         numbers = (
-            f"cross-process p50/p99/max {_ms(c, 'p50')}/{_ms(c, 'p99')}/{_ms(c, 'max')} ms; "
-            f"same-process p50/p99 {_ms(s, 'p50')}/{_ms(s, 'p99')} ms"
+            f"send -> woken poll answered: cross-process p50/p99/max "
+            f"{_ms(c, 'p50')}/{_ms(c, 'p99')}/{_ms(c, 'max')} ms, "
+            f"same instance p50/p99 {_ms(s, 'p50')}/{_ms(s, 'p99')} ms; "
+            f"201 -> cross-process poll answered p50/p99 {_ms(w, 'p50')}/{_ms(w, 'p99')} ms"
         )
     return [workload, what, numbers, cpu_text, str(cpu["load_average_before"][0]), status]
 

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -109,7 +110,7 @@ class Chat:
         self._wakeups = wakeups
         self._publish = publish
         if db.is_postgresql:
-            event.listen(db.engine, "connect", _prepare_send)
+            event.listen(db.engine, "connect", _prepare_statements)
 
     # Accounts and tokens -------------------------------------------------
 
@@ -455,23 +456,49 @@ class Chat:
 # transaction on every poll (measured in docs/performance.md).
 ACKED_POS_LAZY_STEP = 64
 
+
 # Hot-path statements, built once and run as Core statements: building and
 # running an ORM statement per call cost several times the database's own
 # time (docs/performance.md).
-_AUTHENTICATE = (
+class _Hot:
+    """A hot-path statement: a Core statement, which PostgreSQL also plans once per connection.
+
+    Planning these statements cost PostgreSQL about as much as running them,
+    and psycopg2 never prepares on its own; so every pooled PostgreSQL
+    connection PREPAREs each of them once (`_prepare_statements`) and runs
+    `EXECUTE name (...)`. SQLite runs the Core statement.
+    """
+
+    all: list[_Hot] = []
+
+    def __init__(self, name: str, statement: Any) -> None:
+        self.statement = statement
+        compiled = statement.compile(dialect=_PG_NUMBERED)
+        self.prepare = f"PREPARE {name} AS {compiled.string}"
+        # Literal values in the statement (e.g. a kind) became parameters too.
+        self.defaults = {key: value for key, value in compiled.params.items() if value is not None}
+        self.execute = text(f"EXECUTE {name} (" + ", ".join(f":{key}" for key in compiled.positiontup) + ")")
+        _Hot.all.append(self)
+
+
+_PG_NUMBERED = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
+
+_AUTHENTICATE = _Hot(
+    "chatapi_authenticate",
     select(User.id, User.username)
     .join(Token, Token.user_id == User.id)
-    .where(Token.token_hash == bindparam("token_hash"))
+    .where(Token.token_hash == bindparam("token_hash")),
 )
-_EVENT_HEAD = select(User.event_head).where(User.id == bindparam("user_id"))
-_ACK_CURSOR = select(User.acked_pos, User.event_head).where(User.id == bindparam("user_id"))
+_EVENT_HEAD = _Hot("chatapi_event_head", select(User.event_head).where(User.id == bindparam("user_id")))
+_ACK_CURSOR = _Hot("chatapi_ack_cursor", select(User.acked_pos, User.event_head).where(User.id == bindparam("user_id")))
 _PEER = case(
     (Conversation.user_low_id == bindparam("user_id"), Conversation.user_high_id),
     else_=Conversation.user_low_id,
 )
 # Per conversation, the newest message from the peer among the caller's
 # events in (acked, after]: how far delivery has now reached.
-_NEWLY_DELIVERED = (
+_NEWLY_DELIVERED = _Hot(
+    "chatapi_newly_delivered",
     select(Message.conversation_id, func.max(Message.seq), _PEER)
     .join(Event, Event.message_id == Message.id)
     .join(Conversation, Conversation.id == Message.conversation_id)
@@ -483,7 +510,7 @@ _NEWLY_DELIVERED = (
         Message.sender_id != bindparam("user_id"),
     )
     .group_by(Message.conversation_id, _PEER)
-    .order_by(Message.conversation_id)
+    .order_by(Message.conversation_id),
 )
 
 # _append_events: move a user's event head by `count` (and its delivery cursor).
@@ -493,9 +520,11 @@ _BUMP_HEAD = (
     .values(event_head=User.event_head + bindparam("count"))
     .returning(User.event_head)
 )
-_BUMP_HEAD_AND_ACK = _BUMP_HEAD.values(
-    acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)
+_BUMP_HEAD_AND_ACK = _Hot(
+    "chatapi_bump_head_and_ack",
+    _BUMP_HEAD.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
 )
+_BUMP_HEAD = _Hot("chatapi_bump_head", _BUMP_HEAD)
 _INSERT_EVENTS = insert(Event)
 
 
@@ -519,13 +548,16 @@ def _advance_statement(*, read: bool) -> Any:
 
 
 # _advance: the conditional UPDATE that grows a member's marks.
-_ADVANCE_DELIVERED = _advance_statement(read=False)
-_ADVANCE_READ = _advance_statement(read=True)
+_ADVANCE_DELIVERED = _Hot("chatapi_advance_delivered", _advance_statement(read=False))
+_ADVANCE_READ = _Hot("chatapi_advance_read", _advance_statement(read=True))
 
 
-def _core(session: Session, statement: Any, **params: Any) -> Any:
-    """Run a prebuilt statement on the session's connection, skipping the ORM layer."""
-    return session.connection().execute(statement, params)
+def _core(session: Session, hot: _Hot, **params: Any) -> Any:
+    """Run a hot-path statement on the session's connection, skipping the ORM layer."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        return connection.execute(hot.execute, {**hot.defaults, **params})
+    return connection.execute(hot.statement, params)
 
 
 # The send transaction of `Chat._store_message` in one statement, for
@@ -576,7 +608,7 @@ FROM head, message
 """
 )
 # Planning that statement cost about as much as running it, so every pooled
-# connection prepares it once (`_prepare_send`) and sends run the prepared plan.
+# connection prepares it once (`_prepare_statements`) and sends run the prepared plan.
 _SEND_PG_PARAMS = ("conversation_id", "sender_id", "text", "client_id", "now")
 
 
@@ -591,10 +623,12 @@ _PREPARE_SEND_PG = "PREPARE chatapi_send (bigint, bigint, text, varchar, timesta
 _EXECUTE_SEND_PG = text("EXECUTE chatapi_send (" + ", ".join(f":{name}" for name in _SEND_PG_PARAMS) + ")")
 
 
-def _prepare_send(dbapi_connection: Any, _record: Any) -> None:
-    """On each new PostgreSQL connection: prepare the send statement (it lives as long as the session)."""
+def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
+    """On each new PostgreSQL connection: prepare the hot statements (they live as long as the session)."""
     with dbapi_connection.cursor() as cursor:
         cursor.execute(_PREPARE_SEND_PG)
+        for hot in _Hot.all:
+            cursor.execute(hot.prepare)
     # psycopg2 opened a transaction for the PREPARE; end it, the statement stays.
     dbapi_connection.commit()
 
@@ -808,7 +842,7 @@ def _events_after_query():
     )
 
 
-_EVENTS_AFTER = _events_after_query()
+_EVENTS_AFTER = _Hot("chatapi_events_after", _events_after_query())
 
 
 def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
