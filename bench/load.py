@@ -508,6 +508,7 @@ def workload_idle(spec: dict) -> dict:
         "delivery_ms": percentiles(ledger.delivery_latency),
         "checks": checks,
         "errors": ledger.errors,
+        "samples": {"ack": ledger.ack_latency, "delivery": ledger.delivery_latency},
         "cpu_secs": cpu,
         "server_requests": window.requests_in_window,
     }

@@ -104,7 +104,9 @@ def plot_latency(results: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for result in series:
         params = result["params"]
-        label = f"R={params['rate']:g}/s P={params['pairs']}"
+        label = f"{result['workload']} R={params['rate']:g}/s P={params['pairs']}"
+        if result["workload"] == "idle":
+            label += f" beside {params['idle']} idle polls"
         for kind, style in (("delivery", "-"), ("ack", "--")):
             values = sorted(v * 1000 for v in result["samples"][kind])
             if not values:
@@ -117,7 +119,7 @@ def plot_latency(results: list[dict], path: Path) -> Path | None:
     ax.set_title("chatapi latency CDF (PostgreSQL, gunicorn+gevent, 2 cores shared with the load generator)")
     ax.title.set_fontsize(9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
