@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -108,6 +109,8 @@ class Chat:
         self._db = db
         self._wakeups = wakeups
         self._publish = publish
+        if db.is_postgresql:
+            event.listen(db.engine, "connect", _prepare_statements)
 
     # Accounts and tokens -------------------------------------------------
 
@@ -142,11 +145,7 @@ class Chat:
 
     def authenticate(self, token: str) -> Caller | None:
         with self._db.reading() as session:
-            row = session.execute(
-                select(User.id, User.username)
-                .join(Token, Token.user_id == User.id)
-                .where(Token.token_hash == auth.token_digest(token))
-            ).one_or_none()
+            row = _core(session, _AUTHENTICATE, token_hash=auth.token_digest(token)).one_or_none()
         return Caller(row.id, row.username) if row else None
 
     def revoke(self, token: str) -> None:
@@ -224,7 +223,10 @@ class Chat:
         now = utcnow()
         for attempt in (1, 2):
             try:
-                head, seq, message_id = self._store_message(caller, conversation_id, text_, client_id, now)
+                # PostgreSQL takes the common case in one statement; a replayed
+                # client_id fails its insert and the second attempt sorts it out.
+                store = self._store_message_pg if attempt == 1 and self._db.is_postgresql else self._store_message
+                head, seq, message_id = store(caller, conversation_id, text_, client_id, now)
                 break
             except _Replay as replay:
                 return replay.message, False
@@ -288,6 +290,32 @@ class Chat:
             _append_events(session, {head.user_low_id: events, head.user_high_id: events})
         return head, seq, message_id
 
+    def _store_message_pg(
+        self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
+    ) -> tuple[Any, int, int]:
+        """`_store_message` as one PostgreSQL statement: one round trip instead of seven.
+
+        Same steps, same locks, same order (see `_SEND_PG`). A replayed
+        client_id violates the unique constraint here (IntegrityError), and
+        `send` retries through `_store_message`, which answers the replay.
+        """
+        with self._db.writing() as session:
+            row = session.execute(
+                _EXECUTE_SEND_PG,
+                {
+                    "conversation_id": conversation_id,
+                    "sender_id": caller.id,
+                    "text": text_,
+                    "client_id": client_id,
+                    "now": now,
+                },
+            ).one_or_none()
+            if row is None:
+                raise _not_found()
+            if row.appended != 4:
+                raise RuntimeError(f"a send appended {row.appended} events instead of 4")
+        return row, row.last_seq, row.message_id
+
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as session:
             conversation = _membership(session, caller.id, conversation_id)
@@ -339,7 +367,7 @@ class Chat:
         self._acknowledge_events(caller, after)
 
         def check(session: Session) -> tuple[Page, bool]:
-            head = session.scalar(select(User.event_head).where(User.id == caller.id))
+            head = _core(session, _EVENT_HEAD, user_id=caller.id).scalar_one()
             if after >= head:
                 return Page([], head), after > head
             return Page(_events_after(session, caller.id, after, limit), head), True
@@ -387,32 +415,22 @@ class Chat:
             self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
 
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
-        """Every message event at pos <= `after` is now delivered to the caller."""
+        """Every message event at pos <= `after` is now delivered to the caller.
+
+        The scan for newly delivered messages is a read; a write transaction
+        follows only when a delivered mark can grow, or when the cursor has
+        moved `ACKED_POS_LAZY_STEP` positions without delivering anything.
+        """
         with self._db.reading() as session:
-            acked, head = session.execute(select(User.acked_pos, User.event_head).where(User.id == caller.id)).one()
-        after = min(after, head)
-        if after <= acked:
+            acked, head = _core(session, _ACK_CURSOR, user_id=caller.id).one()
+            after = min(after, head)
+            if after <= acked:
+                return
+            newest = _core(session, _NEWLY_DELIVERED, user_id=caller.id, acked=acked, after=after).all()
+        if not newest and after - acked < ACKED_POS_LAZY_STEP:
             return
         touched: set[int] = set()
         with self._db.writing() as session:
-            peer = case(
-                (Conversation.user_low_id == caller.id, Conversation.user_high_id),
-                else_=Conversation.user_low_id,
-            )
-            newest = session.execute(
-                select(Message.conversation_id, func.max(Message.seq), peer)
-                .join(Event, Event.message_id == Message.id)
-                .join(Conversation, Conversation.id == Message.conversation_id)
-                .where(
-                    Event.user_id == caller.id,
-                    Event.pos > acked,
-                    Event.pos <= after,
-                    Event.kind == "message",
-                    Message.sender_id != caller.id,
-                )
-                .group_by(Message.conversation_id, peer)
-                .order_by(Message.conversation_id)
-            ).all()
             receipts: dict[int, list[Json]] = {}
             for conversation_id, upto, peer_id in newest:
                 grown = _advance(session, caller.id, conversation_id, upto, read=False)
@@ -431,6 +449,188 @@ class Chat:
 
 
 # Queries and row-level steps ------------------------------------------------
+
+# A poll that delivers nothing new writes its cursor (users.acked_pos) only
+# once it has moved this many positions: re-scanning up to this many events,
+# none of them a new message from the peer, costs far less than a write
+# transaction on every poll (measured in docs/performance.md).
+ACKED_POS_LAZY_STEP = 64
+
+
+# Hot-path statements, built once and run as Core statements: building and
+# running an ORM statement per call cost several times the database's own
+# time (docs/performance.md).
+class _Hot:
+    """A hot-path statement: a Core statement, which PostgreSQL also plans once per connection.
+
+    Planning these statements cost PostgreSQL about as much as running them,
+    and psycopg2 never prepares on its own; so every pooled PostgreSQL
+    connection PREPAREs each of them once (`_prepare_statements`) and runs
+    `EXECUTE name (...)`. SQLite runs the Core statement.
+    """
+
+    all: list[_Hot] = []
+
+    def __init__(self, name: str, statement: Any) -> None:
+        self.statement = statement
+        compiled = statement.compile(dialect=_PG_NUMBERED)
+        self.prepare = f"PREPARE {name} AS {compiled.string}"
+        # Literal values in the statement (e.g. a kind) became parameters too.
+        self.defaults = {key: value for key, value in compiled.params.items() if value is not None}
+        self.execute = text(f"EXECUTE {name} (" + ", ".join(f":{key}" for key in compiled.positiontup) + ")")
+        _Hot.all.append(self)
+
+
+_PG_NUMBERED = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
+
+_AUTHENTICATE = _Hot(
+    "chatapi_authenticate",
+    select(User.id, User.username)
+    .join(Token, Token.user_id == User.id)
+    .where(Token.token_hash == bindparam("token_hash")),
+)
+_EVENT_HEAD = _Hot("chatapi_event_head", select(User.event_head).where(User.id == bindparam("user_id")))
+_ACK_CURSOR = _Hot("chatapi_ack_cursor", select(User.acked_pos, User.event_head).where(User.id == bindparam("user_id")))
+_PEER = case(
+    (Conversation.user_low_id == bindparam("user_id"), Conversation.user_high_id),
+    else_=Conversation.user_low_id,
+)
+# Per conversation, the newest message from the peer among the caller's
+# events in (acked, after]: how far delivery has now reached.
+_NEWLY_DELIVERED = _Hot(
+    "chatapi_newly_delivered",
+    select(Message.conversation_id, func.max(Message.seq), _PEER)
+    .join(Event, Event.message_id == Message.id)
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .where(
+        Event.user_id == bindparam("user_id"),
+        Event.pos > bindparam("acked"),
+        Event.pos <= bindparam("after"),
+        Event.kind == "message",
+        Message.sender_id != bindparam("user_id"),
+    )
+    .group_by(Message.conversation_id, _PEER)
+    .order_by(Message.conversation_id),
+)
+
+# _append_events: move a user's event head by `count` (and its delivery cursor).
+_BUMP_HEAD = (
+    update(User)
+    .where(User.id == bindparam("b_user_id"))
+    .values(event_head=User.event_head + bindparam("count"))
+    .returning(User.event_head)
+)
+_BUMP_HEAD_AND_ACK = _Hot(
+    "chatapi_bump_head_and_ack",
+    _BUMP_HEAD.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
+)
+_BUMP_HEAD = _Hot("chatapi_bump_head", _BUMP_HEAD)
+_INSERT_EVENTS = insert(Event)
+
+
+def _advance_statement(*, read: bool) -> Any:
+    mark = Member.read_seq if read else Member.delivered_seq
+    values: dict[str, Any] = {
+        "delivered_seq": case((Member.delivered_seq < bindparam("seq"), bindparam("seq")), else_=Member.delivered_seq)
+    }
+    if read:
+        values["read_seq"] = bindparam("seq")
+    return (
+        update(Member)
+        .where(
+            Member.conversation_id == bindparam("b_conversation_id"),
+            Member.user_id == bindparam("b_user_id"),
+            mark < bindparam("seq"),
+        )
+        .values(**values)
+        .returning(Member.delivered_seq, Member.read_seq)
+    )
+
+
+# _advance: the conditional UPDATE that grows a member's marks.
+_ADVANCE_DELIVERED = _Hot("chatapi_advance_delivered", _advance_statement(read=False))
+_ADVANCE_READ = _Hot("chatapi_advance_read", _advance_statement(read=True))
+
+
+def _core(session: Session, hot: _Hot, **params: Any) -> Any:
+    """Run a hot-path statement on the session's connection, skipping the ORM layer."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        return connection.execute(hot.execute, {**hot.defaults, **params})
+    return connection.execute(hot.statement, params)
+
+
+# The send transaction of `Chat._store_message` in one statement, for
+# PostgreSQL. Each CTE reads the one before it, so PostgreSQL runs them in
+# this order and the locks are taken in the global order: the conversation
+# row (`head`), then the sender's member row (`mark`), then both user rows in
+# ascending id order (`locked`: ORDER BY ... FOR UPDATE locks rows in sort
+# order), and only then are their event heads moved (`heads`). In READ
+# COMMITTED each UPDATE re-reads a row that a concurrent transaction changed
+# and committed, so `last_seq + 1` and `event_head + 2` use the latest values.
+_SEND_PG = text(
+    """
+WITH head AS (
+    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = :now
+    WHERE id = :conversation_id AND (user_low_id = :sender_id OR user_high_id = :sender_id)
+    RETURNING last_seq, user_low_id, user_high_id
+), message AS (
+    INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
+    SELECT :conversation_id, last_seq, :sender_id, :text, :client_id, :now FROM head
+    RETURNING id, seq
+), mark AS (
+    -- Sending counts as reading (and so as delivery) up to one's own message.
+    UPDATE members SET read_seq = message.seq, delivered_seq = message.seq FROM message
+    WHERE members.conversation_id = :conversation_id AND members.user_id = :sender_id
+    RETURNING members.user_id
+), locked AS (
+    SELECT users.id FROM users, head
+    WHERE users.id IN (head.user_low_id, head.user_high_id) AND EXISTS (SELECT FROM mark)
+    ORDER BY users.id
+    FOR UPDATE OF users
+), heads AS (
+    UPDATE users SET event_head = users.event_head + 2 FROM locked
+    WHERE users.id = locked.id
+    RETURNING users.id, users.event_head
+), appended AS (
+    -- Per user: the message at head - 1, the sender's receipt at head.
+    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+    SELECT heads.id, heads.event_head - 1, 'message', :conversation_id, message.id, NULL, NULL, NULL
+    FROM heads, message
+    UNION ALL
+    SELECT heads.id, heads.event_head, 'receipt', :conversation_id, NULL, :sender_id, message.seq, message.seq
+    FROM heads, message
+    RETURNING user_id
+)
+SELECT head.last_seq, head.user_low_id, head.user_high_id, message.id AS message_id,
+    (SELECT count(*) FROM appended) AS appended
+FROM head, message
+"""
+)
+# Planning that statement cost about as much as running it, so every pooled
+# connection prepares it once (`_prepare_statements`) and sends run the prepared plan.
+_SEND_PG_PARAMS = ("conversation_id", "sender_id", "text", "client_id", "now")
+
+
+def _numbered(sql: str) -> str:
+    """`sql` with the named parameters of `_SEND_PG` as PREPARE's $1, $2, ..."""
+    for number, name in enumerate(_SEND_PG_PARAMS, start=1):
+        sql = sql.replace(f":{name}", f"${number}")
+    return sql
+
+
+_PREPARE_SEND_PG = "PREPARE chatapi_send (bigint, bigint, text, varchar, timestamp) AS " + _numbered(str(_SEND_PG))
+_EXECUTE_SEND_PG = text("EXECUTE chatapi_send (" + ", ".join(f":{name}" for name in _SEND_PG_PARAMS) + ")")
+
+
+def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
+    """On each new PostgreSQL connection: prepare the hot statements (they live as long as the session)."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(_PREPARE_SEND_PG)
+        for hot in _Hot.all:
+            cursor.execute(hot.prepare)
+    # psycopg2 opened a transaction for the PREPARE; end it, the statement stays.
+    dbapi_connection.commit()
 
 
 def _username_taken() -> ApiError:
@@ -470,16 +670,14 @@ def _append_events(
     rows = []
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
-        values: dict[str, Any] = {"event_head": User.event_head + len(events)}
         if acked_pos is not None and acked_pos[0] == user_id:
-            values["acked_pos"] = case((User.acked_pos < acked_pos[1], acked_pos[1]), else_=User.acked_pos)
-        head = session.execute(
-            update(User).where(User.id == user_id).values(**values).returning(User.event_head)
-        ).scalar_one()
-        first = head - len(events) + 1
+            head = _core(session, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
+        else:
+            head = _core(session, _BUMP_HEAD, b_user_id=user_id, count=len(events))
+        first = head.scalar_one() - len(events) + 1
         rows.extend({**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events))
     if rows:
-        session.execute(insert(Event), rows)
+        session.connection().execute(_INSERT_EVENTS, rows)
 
 
 def _check_replay(session: Session, conversation_id: int, sender_id: int, client_id: str | None, text_: str) -> None:
@@ -524,16 +722,8 @@ def _advance(session: Session, user_id: int, conversation_id: int, seq: int, *, 
     Returns the new (delivered_seq, read_seq) if anything grew, else None.
     The conditional UPDATE makes concurrent calls emit one receipt per growth.
     """
-    mark = Member.read_seq if read else Member.delivered_seq
-    values: dict[str, Any] = {"delivered_seq": case((Member.delivered_seq < seq, seq), else_=Member.delivered_seq)}
-    if read:
-        values["read_seq"] = seq
-    row = session.execute(
-        update(Member)
-        .where(Member.conversation_id == conversation_id, Member.user_id == user_id, mark < seq)
-        .values(**values)
-        .returning(Member.delivered_seq, Member.read_seq)
-    ).one_or_none()
+    statement = _ADVANCE_READ if read else _ADVANCE_DELIVERED
+    row = _core(session, statement, b_conversation_id=conversation_id, b_user_id=user_id, seq=seq).one_or_none()
     return (row.delivered_seq, row.read_seq) if row else None
 
 
@@ -629,9 +819,9 @@ def _new_conversation_json(row: Any) -> Json:
     }
 
 
-def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
+def _events_after_query():
     subject = aliased(User, name="subject")
-    rows = session.execute(
+    return (
         select(
             Event.pos,
             Event.kind,
@@ -646,10 +836,17 @@ def _events_after(session: Session, user_id: int, after: int, limit: int) -> lis
         .outerjoin(_SENDER, _SENDER.id == Message.sender_id)
         .outerjoin(subject, subject.id == Event.subject_user_id)
         .outerjoin(Conversation, and_(Conversation.id == Event.conversation_id, Event.kind == "conversation"))
-        .where(Event.user_id == user_id, Event.pos > after)
+        .where(Event.user_id == bindparam("user_id"), Event.pos > bindparam("after"))
         .order_by(Event.pos)
-        .limit(limit)
+        .limit(bindparam("limit"))
     )
+
+
+_EVENTS_AFTER = _Hot("chatapi_events_after", _events_after_query())
+
+
+def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
+    rows = _core(session, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
     events = []
     for row in rows:
         if row.kind == "message":

@@ -10,11 +10,13 @@ take row locks inside each transaction.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import gevent.lock
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from chatapi.config import Settings
@@ -22,6 +24,11 @@ from chatapi.config import Settings
 # How long a SQLite connection waits for a lock held by another process
 # (a migration, a backup) before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# A pooled PostgreSQL connection that was idle longer than this is pinged
+# before use, so a database restart does not surface as a failed request.
+# One used more recently is assumed alive: pinging on every checkout
+# (pool_pre_ping) cost about 15% of a busy worker's CPU (docs/performance.md).
+PING_IF_IDLE_SECS = 1.0
 
 
 class Database:
@@ -29,12 +36,19 @@ class Database:
         self.is_postgresql = settings.is_postgresql
         self.engine = _make_engine(settings)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads run in autocommit on PostgreSQL: under READ COMMITTED every
+        # statement takes its own snapshot anyway, so a transaction around
+        # them only adds a BEGIN and a ROLLBACK round trip per unit of work.
+        reads_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgresql else self.engine
+        )
+        self._read_sessions = sessionmaker(reads_engine, expire_on_commit=False)
         self._write_lock = None if self.is_postgresql else gevent.lock.BoundedSemaphore(1)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
         """A session for reads; its connection goes back to the pool at the end."""
-        with self._sessions() as session:
+        with self._read_sessions() as session:
             yield session
 
     @contextlib.contextmanager
@@ -54,14 +68,15 @@ class Database:
 
 def _make_engine(settings: Settings) -> Engine:
     if settings.is_postgresql:
-        return create_engine(
+        engine = create_engine(
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
-            pool_pre_ping=True,
             pool_timeout=10,
             connect_args={"connect_timeout": 5},
         )
+        _ping_idle_connections(engine)
+        return engine
     engine = create_engine(settings.database_url, connect_args={"check_same_thread": False})
 
     @event.listens_for(engine, "connect")
@@ -81,3 +96,25 @@ def _make_engine(settings: Settings) -> Engine:
         conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only if it sat idle for `PING_IF_IDLE_SECS`.
+
+    A failed ping raises DisconnectionError, on which the pool discards the
+    connection and checks out (or opens) another one, as pool_pre_ping does.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_IF_IDLE_SECS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The benchmark: `bin/bench` (python -m bench); see docs/performance.md."""

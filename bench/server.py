@@ -1,0 +1,86 @@
+"""Start chatapi as in production: gunicorn, gevent workers, the shipped
+gunicorn.conf.py, only CHATAPI_RATE_LIMITS=off (and, for the idle workload,
+more worker connections) added to the environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.httpc import Connection
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    def __init__(self, database_url: str, port: int, log_path: Path, workers: int | None, env: dict[str, str]):
+        self.database_url = database_url
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.workers = workers
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Server:
+        env = {**os.environ, "CHATAPI_DATABASE_URL": self.database_url, "CHATAPI_RATE_LIMITS": "off", **self.env}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
+        if self.workers:
+            command += ["--workers", str(self.workers)]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [*command, "wsgi:app"], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server not ready after {timeout}s; see {self.log_path}")
+            time.sleep(0.1)
+        expected = self.workers or 2
+        while len(self.worker_pids()) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Every worker opens its LISTEN connection on its first request; warm them all.
+        for _ in range(4 * expected):
+            self._ready()
+        return self
+
+    def _ready(self) -> bool:
+        conn = Connection("127.0.0.1", self.port, timeout=2)
+        try:
+            return conn.request("GET", "/readyz")[0] == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [self.pid, *self.worker_pids()]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.wait(10)
