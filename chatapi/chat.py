@@ -357,7 +357,10 @@ class Chat:
                 .order_by(Message.seq)
                 .limit(limit)
             )
-            return Page([_message_json(row) for row in rows], head), True
+            messages = [_message_json(row) for row in rows]
+            # Each statement reads its own snapshot: more may have committed
+            # since the head was read, and the head is never below an item.
+            return Page(messages, max(head, messages[-1]["seq"] if messages else 0)), True
 
         return self._long_poll([conversation_key(conversation_id)], caller.id, timeout, check)
 
@@ -370,7 +373,8 @@ class Chat:
             head = _core(session, _EVENT_HEAD, user_id=caller.id).scalar_one()
             if after >= head:
                 return Page([], head), after > head
-            return Page(_events_after(session, caller.id, after, limit), head), True
+            events = _events_after(session, caller.id, after, limit)
+            return Page(events, max(head, events[-1]["pos"] if events else 0)), True
 
         return self._long_poll([user_key(caller.id)], caller.id, timeout, check)
 
