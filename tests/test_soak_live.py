@@ -108,6 +108,7 @@ def test_memory_and_file_descriptors_stay_flat_under_steady_traffic(postgres_url
     sent: list[int] = []
     failures: list[str] = []
     stopped_by = [float("inf")]  # the reader's deadline to catch up, once traffic stops
+    sender_finished = threading.Event()
 
     def send() -> None:
         client = Api(server.base_url, alice.token)
@@ -125,7 +126,7 @@ def test_memory_and_file_descriptors_stay_flat_under_steady_traffic(postgres_url
         client = Api(server.base_url, bob.token)
         pos, received = 0, 0
         for rounds in range(1_000_000):
-            if stop.is_set() and (received >= len(sent) or time.monotonic() > stopped_by[0]):
+            if sender_finished.is_set() and (received >= len(sent) or time.monotonic() > stopped_by[0]):
                 break
             page = client.events(after=pos, timeout=2)
             received += sum(1 for e in page["events"] if e["type"] == "message")
@@ -145,9 +146,10 @@ def test_memory_and_file_descriptors_stay_flat_under_steady_traffic(postgres_url
         samples.append((elapsed, {pid: (_rss_bytes(pid), _open_fds(pid)) for pid in pids}))
         assert sender.done is False and reader.done is False, "traffic stopped early"
         time.sleep(1)
-    stopped_by[0] = time.monotonic() + 30
     stop.set()
     sender.join(60)
+    stopped_by[0] = time.monotonic() + 30
+    sender_finished.set()
     received = reader.join(60)
     answers = idle.finish()
 
