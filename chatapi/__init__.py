@@ -81,9 +81,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.is_postgresql:
         from chatapi.notify_pg import PostgresNotifier
 
-        # libpq cannot parse SQLAlchemy's "postgresql+psycopg2://" scheme.
-        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        notifier = PostgresNotifier(dsn, wakeups)
+        # psycopg2 takes a libpq URI, without SQLAlchemy's "+driver" part.
+        libpq_uri = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        notifier = PostgresNotifier(libpq_uri, wakeups)
     else:
         notifier = LocalNotifier(wakeups)
     chat = Chat(db, wakeups, notifier.publish)

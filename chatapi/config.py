@@ -37,8 +37,8 @@ class Settings:
     rate_limit_storage_uri: str = "memory://"
     rate_limit_signin_per_username: str = "20/minute"
     rate_limit_signin_per_address: str = "100/minute"
-    rate_limit_registration_per_address: str = "30/hour"
-    rate_limit_send_per_user: str = "600/minute"
+    rate_limit_registration_per_address: str = "200/hour"
+    rate_limit_send_per_user: str = "100/second"
     trust_proxy_headers: int = 0
     db_pool_size: int = 10
     db_max_overflow: int = 30
@@ -51,6 +51,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         get = env.get
+        default = cls()
         database_url = get("CHATAPI_DATABASE_URL") or get("DATABASE_URL") or DEFAULT_DATABASE_URL
         database_url = _with_driver(database_url)
         return cls(
@@ -58,16 +59,22 @@ class Settings:
             registration_open=_flag(get("CHATAPI_REGISTRATION", "on"), "CHATAPI_REGISTRATION"),
             long_poll_default_secs=_number(get("CHATAPI_LONG_POLL_DEFAULT_SECS"), LONG_POLL_DEFAULT_SECS),
             long_poll_max_secs=_number(get("CHATAPI_LONG_POLL_MAX_SECS"), LONG_POLL_MAX_SECS),
-            max_waiters_per_user=int(_number(get("CHATAPI_MAX_WAITERS_PER_USER"), 8)),
+            max_waiters_per_user=int(_number(get("CHATAPI_MAX_WAITERS_PER_USER"), default.max_waiters_per_user)),
             rate_limits_enabled=_flag(get("CHATAPI_RATE_LIMITS", "on"), "CHATAPI_RATE_LIMITS"),
-            rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI", "memory://"),
-            rate_limit_signin_per_username=get("CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME", "20/minute"),
-            rate_limit_signin_per_address=get("CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS", "100/minute"),
-            rate_limit_registration_per_address=get("CHATAPI_RATE_LIMIT_REGISTRATION_PER_ADDRESS", "30/hour"),
-            rate_limit_send_per_user=get("CHATAPI_RATE_LIMIT_SEND_PER_USER", "600/minute"),
+            rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI", default.rate_limit_storage_uri),
+            rate_limit_signin_per_username=get(
+                "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME", default.rate_limit_signin_per_username
+            ),
+            rate_limit_signin_per_address=get(
+                "CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS", default.rate_limit_signin_per_address
+            ),
+            rate_limit_registration_per_address=get(
+                "CHATAPI_RATE_LIMIT_REGISTRATION_PER_ADDRESS", default.rate_limit_registration_per_address
+            ),
+            rate_limit_send_per_user=get("CHATAPI_RATE_LIMIT_SEND_PER_USER", default.rate_limit_send_per_user),
             trust_proxy_headers=int(_number(get("CHATAPI_TRUSTED_PROXIES"), 0)),
-            db_pool_size=int(_number(get("CHATAPI_DB_POOL_SIZE"), 10)),
-            db_max_overflow=int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), 30)),
+            db_pool_size=int(_number(get("CHATAPI_DB_POOL_SIZE"), default.db_pool_size)),
+            db_max_overflow=int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow)),
         )
 
 

@@ -20,7 +20,8 @@ target_metadata = Base.metadata
 
 
 def run_migrations_online() -> None:
-    url = config.attributes.get("database_url") or Settings.from_env().database_url
+    given = config.attributes.get("database_url")
+    url = Settings.from_env({"CHATAPI_DATABASE_URL": given} if given else None).database_url
     engine = create_engine(url)
     with engine.connect() as connection:
         is_postgresql = connection.dialect.name == "postgresql"

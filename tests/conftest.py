@@ -86,3 +86,23 @@ def live_server(request, start_server, tmp_path: Path) -> ServerProcess:
 def api(live_server: ServerProcess) -> Api:
     """An anonymous client of the live server."""
     return Api(live_server.base_url)
+
+
+class Accounts:
+    """Signs users up through the test client (flaskr's AuthActions)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def sign_up(self, username: str, password: str = "password123") -> dict[str, str]:
+        """Create `username`, sign in, and return its Authorization header."""
+        response = self._client.post("/api/v1/users", json={"username": username, "password": password})
+        assert response.status_code == 201, response.json
+        response = self._client.post("/api/v1/tokens", json={"username": username, "password": password})
+        assert response.status_code == 201, response.json
+        return {"Authorization": f"Bearer {response.json['token']}"}
+
+
+@pytest.fixture
+def accounts(client) -> Accounts:
+    return Accounts(client)

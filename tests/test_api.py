@@ -1,0 +1,481 @@
+"""The API contract through Flask's test client: shapes, status codes, error
+codes and the chat rules, one behaviour per test."""
+
+from __future__ import annotations
+
+import pytest
+
+API = "/api/v1"
+
+
+def error_code(response) -> str:
+    assert response.is_json, response.data
+    assert set(response.json) == {"error"} and set(response.json["error"]) == {"code", "message"}
+    return response.json["error"]["code"]
+
+
+@pytest.fixture
+def pair(client, accounts):
+    """alice and bob with a conversation: (alice headers, bob headers, conversation id)."""
+    alice = accounts.sign_up("alice")
+    bob = accounts.sign_up("bob")
+    conversation = client.post(f"{API}/conversations", json={"peer": "bob"}, headers=alice).json
+    return alice, bob, conversation["id"]
+
+
+def send(client, headers, conversation_id, text="hi", **extra):
+    return client.post(f"{API}/conversations/{conversation_id}/messages", json={"text": text, **extra}, headers=headers)
+
+
+def events(client, headers, after=0, **params):
+    response = client.get(f"{API}/events", query_string={"after": after, "timeout": 0, **params}, headers=headers)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+# Accounts and tokens -----------------------------------------------------------
+
+
+def test_register_lower_cases_and_hides_the_password(client) -> None:
+    response = client.post(f"{API}/users", json={"username": "Alice", "password": "password123"})
+    assert response.status_code == 201
+    assert response.json == {"id": response.json["id"], "username": "alice"}
+
+
+def test_username_taken_is_case_insensitive(client, accounts) -> None:
+    accounts.sign_up("alice")
+    response = client.post(f"{API}/users", json={"username": "ALICE", "password": "password123"})
+    assert response.status_code == 409 and error_code(response) == "username_taken"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"username": "a", "password": "password123"}, "invalid_username"),
+        ({"username": "alice", "password": "short"}, "invalid_password"),
+        ({"username": 5, "password": "password123"}, "invalid_request"),
+        ({"username": "alice", "password": ["x"]}, "invalid_request"),
+        ({"password": "password123"}, "invalid_request"),
+        ({"username": "alice"}, "invalid_request"),
+        ([], "invalid_request"),
+        ("alice", "invalid_request"),
+    ],
+)
+def test_register_bad_input(client, body, code) -> None:
+    response = client.post(f"{API}/users", json=body)
+    assert response.status_code == 400 and error_code(response) == code
+
+
+def test_sign_in_is_case_insensitive_and_token_works(client, accounts) -> None:
+    accounts.sign_up("alice")
+    response = client.post(f"{API}/tokens", json={"username": "AlIcE", "password": "password123"})
+    assert response.status_code == 201
+    assert response.json["user"]["username"] == "alice"
+    assert len(response.json["token"]) >= 43  # 32 bytes, base64url
+    me = client.get(f"{API}/me", headers={"Authorization": f"Bearer {response.json['token']}"})
+    assert me.status_code == 200 and me.json == response.json["user"]
+    assert me.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"username": "alice", "password": "wrong-password"},
+        {"username": "nobody", "password": "password123"},
+        {"username": "not a name!", "password": "password123"},
+    ],
+)
+def test_wrong_credentials(client, accounts, body) -> None:
+    accounts.sign_up("alice")
+    response = client.post(f"{API}/tokens", json=body)
+    assert response.status_code == 401 and error_code(response) == "invalid_credentials"
+
+
+def test_revoked_token_stops_working_at_once(client, accounts) -> None:
+    alice = accounts.sign_up("alice")
+    assert client.delete(f"{API}/tokens/current", headers=alice).status_code == 204
+    response = client.get(f"{API}/me", headers=alice)
+    assert response.status_code == 401 and error_code(response) == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer nonsense", "Basic YWxpY2U6cGFzc3dvcmQ=", "bearer  "])
+def test_bad_credentials_get_401_with_challenge(client, header) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = client.get(f"{API}/me", headers=headers)
+    assert response.status_code == 401 and error_code(response) == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_tokens_are_stored_only_hashed(app, client, accounts) -> None:
+    token = accounts.sign_up("alice")["Authorization"].split()[1]
+    with app.extensions["chatapi"].db.reading() as session:
+        from chatapi.models import Token, User
+
+        stored = [row.token_hash for row in session.query(Token)]
+        password_hash = session.query(User).one().password_hash
+    assert token not in stored and len(stored) == 1 and len(stored[0]) == 64
+    assert password_hash.startswith("$argon2id$") and "password123" not in password_hash
+
+
+# Conversations -----------------------------------------------------------------
+
+
+def test_either_side_starts_the_same_conversation(client, accounts) -> None:
+    alice = accounts.sign_up("alice")
+    bob = accounts.sign_up("bob")
+    first = client.post(f"{API}/conversations", json={"peer": "bob"}, headers=alice)
+    second = client.post(f"{API}/conversations", json={"peer": "ALICE"}, headers=bob)
+    assert first.status_code == 201 and second.status_code == 200
+    assert first.json["id"] == second.json["id"]
+    assert first.json["peer"] == "bob" and second.json["peer"] == "alice"
+    assert first.json == {
+        "id": first.json["id"],
+        "peer": "bob",
+        "created_at": first.json["created_at"],
+        "last_seq": 0,
+        "unread": 0,
+        "read_seq": 0,
+        "peer_delivered_seq": 0,
+        "peer_read_seq": 0,
+        "last_message": None,
+    }
+    assert first.json["created_at"].endswith("Z")
+
+
+def test_conversation_event_goes_to_both_once(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    client.post(f"{API}/conversations", json={"peer": "bob"}, headers=alice)  # asking again emits nothing
+    for headers, peer in ((alice, "bob"), (bob, "alice")):
+        stream = events(client, headers)
+        assert [e["type"] for e in stream["events"]] == ["conversation"]
+        assert stream["events"][0]["pos"] == 1 and stream["last_pos"] == 1
+        assert stream["events"][0]["conversation"]["id"] == conversation_id
+        assert stream["events"][0]["conversation"]["peer"] == peer
+
+
+@pytest.mark.parametrize(
+    ("peer", "status", "code"),
+    [
+        ("nobody", 404, "user_not_found"),
+        ("alice", 400, "invalid_peer"),
+        ("ALICE", 400, "invalid_peer"),
+        ("no such name!", 404, "user_not_found"),
+    ],
+)
+def test_start_conversation_errors(client, accounts, peer, status, code) -> None:
+    alice = accounts.sign_up("alice")
+    response = client.post(f"{API}/conversations", json={"peer": peer}, headers=alice)
+    assert response.status_code == status and error_code(response) == code
+
+
+@pytest.mark.parametrize("body", [{}, {"peer": 7}, {"peer": None}, [], {"peer": ["bob"]}])
+def test_start_conversation_bad_body(client, accounts, body) -> None:
+    alice = accounts.sign_up("alice")
+    response = client.post(f"{API}/conversations", json=body, headers=alice)
+    assert response.status_code == 400 and error_code(response) == "invalid_request"
+
+
+def test_conversations_most_recent_activity_first(client, accounts) -> None:
+    alice = accounts.sign_up("alice")
+    accounts.sign_up("bob")
+    accounts.sign_up("carol")
+    with_bob = client.post(f"{API}/conversations", json={"peer": "bob"}, headers=alice).json["id"]
+    with_carol = client.post(f"{API}/conversations", json={"peer": "carol"}, headers=alice).json["id"]
+    listed = client.get(f"{API}/conversations", headers=alice).json["conversations"]
+    assert [c["id"] for c in listed] == [with_carol, with_bob]
+    send(client, alice, with_bob)
+    listed = client.get(f"{API}/conversations", headers=alice).json["conversations"]
+    assert [c["id"] for c in listed] == [with_bob, with_carol]
+    assert listed[0]["last_message"]["text"] == "hi"
+
+
+def test_strangers_see_404_for_conversations(client, accounts, pair) -> None:
+    _, _, conversation_id = pair
+    eve = accounts.sign_up("eve")
+    for response in (
+        client.get(f"{API}/conversations/{conversation_id}", headers=eve),
+        client.get(f"{API}/conversations/{conversation_id}/messages", headers=eve),
+        send(client, eve, conversation_id),
+        client.post(f"{API}/conversations/{conversation_id}/read", json={"seq": 0}, headers=eve),
+        client.get(f"{API}/conversations/999999", headers=eve),
+    ):
+        assert response.status_code == 404 and error_code(response) == "conversation_not_found"
+    assert client.get(f"{API}/conversations", headers=eve).json == {"conversations": []}
+    assert events(client, eve)["events"] == []
+
+
+# Messages ----------------------------------------------------------------------
+
+
+def test_send_returns_the_message_with_its_seq(client, pair) -> None:
+    alice, _, conversation_id = pair
+    response = send(client, alice, conversation_id, "hello\n<b>bob</b>", client_id="m-1")
+    assert response.status_code == 201
+    assert response.json == {
+        "id": response.json["id"],
+        "conversation_id": conversation_id,
+        "seq": 1,
+        "sender": "alice",
+        "text": "hello\n<b>bob</b>",
+        "client_id": "m-1",
+        "created_at": response.json["created_at"],
+    }
+
+
+def test_retry_with_same_client_id_stores_one_message(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    first = send(client, alice, conversation_id, "once", client_id="abc")
+    again = send(client, alice, conversation_id, "once", client_id="abc")
+    assert first.status_code == 201 and again.status_code == 200 and again.json == first.json
+    # The same client_id from the other party is a different message.
+    assert send(client, bob, conversation_id, "once", client_id="abc").status_code == 201
+    messages = client.get(f"{API}/conversations/{conversation_id}/messages", headers=alice).json["messages"]
+    assert [m["seq"] for m in messages] == [1, 2]
+
+
+def test_client_id_reused_with_other_text_is_409(client, pair) -> None:
+    alice, _, conversation_id = pair
+    send(client, alice, conversation_id, "first", client_id="abc")
+    response = send(client, alice, conversation_id, "second", client_id="abc")
+    assert response.status_code == 409 and error_code(response) == "client_id_reused"
+    # The refused send left no gap.
+    assert send(client, alice, conversation_id, "third").json["seq"] == 2
+
+
+def test_null_client_id_is_like_absent(client, pair) -> None:
+    alice, _, conversation_id = pair
+    assert send(client, alice, conversation_id, "a", client_id=None).json["client_id"] is None
+    assert send(client, alice, conversation_id, "a", client_id=None).json["seq"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"text": ""}, "invalid_text"),
+        ({"text": "   \n"}, "invalid_text"),
+        ({"text": "x" * 4001}, "invalid_text"),
+        ({"text": "bell\x07"}, "invalid_text"),
+        ({"text": 5}, "invalid_request"),
+        ({}, "invalid_request"),
+        ({"text": "hi", "client_id": ""}, "invalid_client_id"),
+        ({"text": "hi", "client_id": "x" * 65}, "invalid_client_id"),
+        ({"text": "hi", "client_id": 12}, "invalid_request"),
+    ],
+)
+def test_send_bad_input(client, pair, body, code) -> None:
+    alice, _, conversation_id = pair
+    response = client.post(f"{API}/conversations/{conversation_id}/messages", json=body, headers=alice)
+    assert response.status_code == 400 and error_code(response) == code
+
+
+def test_lone_surrogate_text_is_refused(client, pair) -> None:
+    alice, _, conversation_id = pair
+    response = client.post(
+        f"{API}/conversations/{conversation_id}/messages",
+        data=b'{"text": "a\\ud800b"}',
+        headers={**alice, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400 and error_code(response) == "invalid_text"
+
+
+def test_history_latest_before_and_after(client, pair) -> None:
+    alice, _, conversation_id = pair
+    for i in range(1, 8):
+        send(client, alice, conversation_id, f"m{i}")
+    url = f"{API}/conversations/{conversation_id}/messages"
+
+    def seqs(**params):
+        body = client.get(url, query_string=params, headers=alice).json
+        assert body["last_seq"] == 7
+        return [m["seq"] for m in body["messages"]]
+
+    assert seqs() == [1, 2, 3, 4, 5, 6, 7]
+    assert seqs(limit=3) == [5, 6, 7]
+    assert seqs(before=5, limit=2) == [3, 4]
+    assert seqs(before=1) == []
+    assert seqs(before=10**12) == [1, 2, 3, 4, 5, 6, 7]
+    assert seqs(after=5, timeout=0) == [6, 7]
+    assert seqs(after=2, limit=2, timeout=0) == [3, 4]
+    assert seqs(after=7, timeout=0) == []
+    # Beyond the head: answered at once (no wait even with a timeout) with the head.
+    assert seqs(after=99, timeout=30) == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "after=1&before=2",
+        "after=",
+        "after=-1",
+        "after=x",
+        "limit=0",
+        "limit=1001",
+        "limit=",
+        "timeout=-1",
+        "timeout=abc",
+        "before=1.5",
+        "timeout=",
+    ],
+)
+def test_bad_query_parameters(client, pair, query) -> None:
+    alice, _, conversation_id = pair
+    response = client.get(f"{API}/conversations/{conversation_id}/messages?{query}", headers=alice)
+    assert response.status_code == 400 and error_code(response) == "invalid_parameter"
+    if "before" not in query:
+        response = client.get(f"{API}/events?{query}", headers=alice)
+        assert response.status_code == 400 and error_code(response) == "invalid_parameter"
+
+
+# Events and receipts -----------------------------------------------------------
+
+
+def test_events_carry_messages_to_both_and_receipts(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    message = send(client, alice, conversation_id, "hello").json
+    for headers in (alice, bob):
+        stream = events(client, headers)
+        assert [e["pos"] for e in stream["events"]] == [1, 2, 3]
+        assert stream["events"][1] == {"pos": 2, "type": "message", "message": message}
+        assert stream["events"][2] == {
+            "pos": 3,
+            "type": "receipt",
+            "conversation_id": conversation_id,
+            "user": "alice",
+            "delivered_seq": 1,
+            "read_seq": 1,
+        }
+
+
+def test_cursor_acknowledges_delivery_once(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "hello")
+    head = events(client, bob)["last_pos"]
+    # Handing the event out is not delivery; asking after it is.
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 0
+    events(client, bob, after=head)
+    events(client, bob, after=head)
+    conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
+    assert conversation["peer_delivered_seq"] == 1 and conversation["peer_read_seq"] == 0
+    receipts = [e for e in events(client, alice)["events"] if e["type"] == "receipt" and e["user"] == "bob"]
+    assert [(r["delivered_seq"], r["read_seq"]) for r in receipts] == [(1, 0)]
+
+
+def test_messages_cursor_acknowledges_delivery(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "one")
+    send(client, alice, conversation_id, "two")
+    client.get(f"{API}/conversations/{conversation_id}/messages?after=1&timeout=0", headers=bob)
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
+    # after beyond the head delivers up to the head only.
+    client.get(f"{API}/conversations/{conversation_id}/messages?after=50&timeout=0", headers=bob)
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 2
+
+
+def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    for text in ("a", "b", "c"):
+        send(client, alice, conversation_id, text)
+    url = f"{API}/conversations/{conversation_id}/read"
+    response = client.post(url, json={"seq": 2}, headers=bob)
+    assert response.status_code == 200
+    assert (response.json["read_seq"], response.json["unread"]) == (2, 1)
+    before = events(client, alice)["last_pos"]
+    lower = client.post(url, json={"seq": 1}, headers=bob)
+    assert lower.status_code == 200 and lower.json["read_seq"] == 2
+    assert events(client, alice)["last_pos"] == before, "a lower read mark must emit no receipt"
+    conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
+    assert (conversation["peer_read_seq"], conversation["peer_delivered_seq"]) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"seq": 4}, "invalid_seq"),
+        ({"seq": -1}, "invalid_seq"),
+        ({"seq": "1"}, "invalid_request"),
+        ({"seq": True}, "invalid_request"),
+        ({"seq": 1.0}, "invalid_request"),
+        ({}, "invalid_request"),
+    ],
+)
+def test_read_bad_input(client, pair, body, code) -> None:
+    alice, bob, conversation_id = pair
+    for text in ("a", "b", "c"):
+        send(client, alice, conversation_id, text)
+    response = client.post(f"{API}/conversations/{conversation_id}/read", json=body, headers=bob)
+    assert response.status_code == 400 and error_code(response) == code
+
+
+def test_sending_counts_as_reading(client, pair) -> None:
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "question?")
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=bob).json["unread"] == 1
+    send(client, bob, conversation_id, "answer")
+    conversation = client.get(f"{API}/conversations/{conversation_id}", headers=bob).json
+    assert (conversation["read_seq"], conversation["unread"]) == (2, 0)
+
+
+def test_events_limit_and_head(client, pair) -> None:
+    alice, _, conversation_id = pair
+    for text in ("a", "b", "c"):
+        send(client, alice, conversation_id, text)
+    page = events(client, alice, limit=2)
+    assert [e["pos"] for e in page["events"]] == [1, 2] and page["last_pos"] == 7
+    page = events(client, alice, after=2, limit=1000)
+    assert [e["pos"] for e in page["events"]] == [3, 4, 5, 6, 7]
+    assert events(client, alice, after=500, timeout=30) == {"events": [], "last_pos": 7}
+
+
+# Error shapes for the whole surface --------------------------------------------
+
+
+def test_unknown_route_is_json_404(client) -> None:
+    for path in (f"{API}/nothing", "/nothing", f"{API}/conversations/abc", f"{API}/conversations/{'9' * 30}"):
+        response = client.get(path)
+        assert response.status_code == 404 and error_code(response) == "not_found", path
+
+
+def test_wrong_method_is_json_405(client) -> None:
+    response = client.put(f"{API}/users", json={})
+    assert response.status_code == 405 and error_code(response) == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+def test_non_json_body_is_415(client, accounts) -> None:
+    response = client.post(f"{API}/users", data="username=alice", content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 415 and error_code(response) == "unsupported_media_type"
+    response = client.post(f"{API}/users", data='{"username": "alice"}')
+    assert response.status_code == 415
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"{'a': 1}", b'{"a": NaN}', b"[" * 60_000])
+def test_malformed_json_is_400(client, raw) -> None:
+    response = client.post(f"{API}/users", data=raw, content_type="application/json")
+    assert response.status_code == 400 and error_code(response) == "invalid_json"
+
+
+def test_body_size_limit_is_64_kib(client, pair) -> None:
+    alice, _, conversation_id = pair
+    url = f"{API}/conversations/{conversation_id}/messages"
+    padding = '{"text": "ok", "pad": "%s"}'
+    exact = padding % ("x" * (65_536 - len(padding % "")))
+    assert len(exact) == 65_536
+    assert client.post(url, data=exact, content_type="application/json", headers=alice).status_code == 201
+    over = exact[:-2] + 'x"}'
+    response = client.post(url, data=over, content_type="application/json", headers=alice)
+    assert response.status_code == 413 and error_code(response) == "payload_too_large"
+
+
+def test_ops_endpoints(client) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and b"chatapi_http_requests_total" in metrics.data
+
+
+def test_web_page_is_served_with_a_strict_csp(client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in response.headers["Content-Security-Policy"]

@@ -1,0 +1,462 @@
+"""The web page in a real browser (Debian's Chromium driven by Playwright)
+against a real server: two people chatting live, an offline recipient, a
+server restart mid-conversation, markup shown as text, signing out and a
+revoked token. Screenshots land in test-artifacts/.
+
+Chromium must be at /usr/bin/chromium (`bin/test` installs Debian's package
+as root); without it these tests fail, they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
+
+from tests.support.api import PASSWORD, Api
+from tests.support.server import REPO, ServerProcess
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("CHATAPI_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = REPO / "test-artifacts"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 360, "height": 740}
+# Generous: the machine is shared with other test runs.
+WAIT_MS = 20_000
+MARKUP = "<img src=x onerror=alert(1)>"
+
+expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install Debian's 'chromium' package (bin/test does it as root)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server(start_server, tmp_path: Path) -> ServerProcess:
+    return start_server(f"sqlite:///{tmp_path / 'web.sqlite3'}", workers=1)
+
+
+@dataclass
+class Person:
+    """One browser profile (its own localStorage) with one tab on the page."""
+
+    name: str
+    context: BrowserContext
+    page: Page
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def message_texts(self) -> list[str]:
+        return self.page.get_by_test_id("message-text").all_text_contents()
+
+    def message(self, text: str):
+        return self.page.get_by_test_id("message").filter(
+            has=self.page.get_by_test_id("message-text").get_by_text(text, exact=True)
+        )
+
+    def send(self, text: str, *, acknowledged: bool = True) -> None:
+        """Types a message and presses Enter; by default waits until the server has acknowledged it
+        (it has a seq), so that the next message, from whichever side, comes after it."""
+        composer = self.page.get_by_test_id("composer")
+        composer.fill(text)
+        composer.press("Enter")
+        expect(composer).to_have_value("")
+        if acknowledged:
+            expect(self.message(text).last).to_have_attribute("data-seq", re.compile(r"^[0-9]+$"))
+
+    def conversation_with(self, peer: str):
+        return self.page.locator(f"[data-testid=conversation-item][data-peer='{peer}']")
+
+    def open_conversation(self, peer: str) -> None:
+        self.conversation_with(peer).click()
+        expect(self.page.get_by_test_id("conversation-title")).to_have_text(peer)
+
+    def token(self) -> str | None:
+        return self.page.evaluate("() => JSON.parse(localStorage.getItem('chatapi.session') || 'null')?.token ?? null")
+
+
+@pytest.fixture
+def people(browser: Browser, server: ServerProcess) -> Iterator[Callable[..., Person]]:
+    """Opens the page in a fresh browser profile; checks afterwards that no script error, CSP violation or
+    dialog happened."""
+    opened: list[Person] = []
+
+    def open_page(name: str, viewport: dict[str, int] = DESKTOP) -> Person:
+        context = browser.new_context(viewport=viewport)
+        context.set_default_timeout(WAIT_MS)
+        page = context.new_page()
+        person = Person(name, context, page)
+        page.on("pageerror", lambda error: person.errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: "Content Security Policy" in message.text and person.errors.append(message.text),
+        )
+        page.on("dialog", lambda dialog: (person.dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(server.base_url + "/")
+        opened.append(person)
+        return person
+
+    yield open_page
+    try:
+        for person in opened:
+            assert person.errors == [], f"script errors in {person.name}'s page: {person.errors}"
+            assert person.dialogs == [], f"dialogs in {person.name}'s page: {person.dialogs}"
+    finally:
+        for person in opened:
+            person.context.close()
+
+
+def sign_up(person: Person) -> None:
+    page = person.page
+    page.get_by_test_id("tab-signup").click()
+    page.get_by_label("Username", exact=True).fill(person.name)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_test_id("auth-submit").click()
+    expect(page.get_by_test_id("app-view")).to_be_visible()
+    expect(page.get_by_test_id("me-name")).to_have_text(person.name)
+
+
+def sign_in(person: Person) -> None:
+    page = person.page
+    expect(page.get_by_test_id("auth-view")).to_be_visible()
+    page.get_by_label("Username", exact=True).fill(person.name)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_test_id("auth-submit").click()
+    expect(page.get_by_test_id("app-view")).to_be_visible()
+    expect(page.get_by_test_id("me-name")).to_have_text(person.name)
+
+
+def start_chat(person: Person, peer: str) -> None:
+    person.page.get_by_label("Start a chat with a username").fill(peer)
+    person.page.get_by_test_id("new-chat-submit").click()
+    expect(person.page.get_by_test_id("conversation-title")).to_have_text(peer)
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / name)
+
+
+def test_two_people_chat_live_and_see_every_message_once_in_order(people, server: ServerProcess) -> None:
+    Api(server.base_url).signed_up("bob")
+    alice = people("alice")
+    bob = people("bob", PHONE)
+    sign_up(alice)
+    sign_in(bob)
+
+    # A username that does not exist is refused with a clear message.
+    bob.page.get_by_label("Start a chat with a username").fill("nobody")
+    bob.page.get_by_test_id("new-chat-submit").click()
+    expect(bob.page.get_by_test_id("new-chat-error")).to_have_text("There is no user called “nobody”.")
+
+    # Bob starts the chat; it shows up in alice's list without a reload.
+    start_chat(bob, "alice")
+    expect(alice.conversation_with("bob")).to_be_visible()
+
+    bob.send("Hi Alice! Are we still on for Saturday?")
+    mine = bob.message("Hi Alice! Are we still on for Saturday?")
+    # Alice's page is open, so her event loop acknowledges delivery; she has not read it yet.
+    expect(mine).to_have_attribute("data-state", "delivered")
+    expect(alice.conversation_with("bob").get_by_test_id("unread-badge")).to_have_text("1")
+    expect(alice.conversation_with("bob")).to_contain_text("Are we still on for Saturday?")
+
+    alice.open_conversation("bob")
+    expect(mine).to_have_attribute("data-state", "read")
+    expect(alice.conversation_with("bob").get_by_test_id("unread-badge")).to_be_hidden()
+
+    alice.send("Yes! 10:00 at the station.")
+    multiline = "I'll bring:\n- the map\n- sandwiches"
+    composer = alice.page.get_by_test_id("composer")
+    composer.fill("I'll bring:")
+    for line in ["- the map", "- sandwiches"]:
+        composer.press("Shift+Enter")
+        composer.press_sequentially(line)
+    expect(composer).to_have_value(multiline)
+    composer.press("Enter")
+    expect(alice.message(multiline)).to_have_attribute("data-seq", "3")
+    bob.send("Perfect, see you there")
+    alice.send("Don't be late this time :)")
+
+    expected = [
+        "Hi Alice! Are we still on for Saturday?",
+        "Yes! 10:00 at the station.",
+        multiline,
+        "Perfect, see you there",
+        "Don't be late this time :)",
+    ]
+    for person in (alice, bob):
+        expect(person.page.get_by_test_id("message-text")).to_have_count(len(expected))
+        assert person.message_texts() == expected, person.name
+    # Newlines are kept on screen.
+    assert alice.message(multiline).evaluate("el => getComputedStyle(el.querySelector('p')).whiteSpace") == "pre-wrap"
+    # Everyone reads everything at once, so every own message ends up read on both sides.
+    for person in (alice, bob):
+        for item in person.page.locator("[data-testid=message].message--mine").all():
+            expect(item).to_have_attribute("data-state", "read")
+
+    # The server agrees: each message once, in this order.
+    api_bob = Api(server.base_url, bob.token(), "bob")
+    conversation_id = api_bob.get("/api/v1/conversations").json()["conversations"][0]["id"]
+    stored = api_bob.messages(conversation_id)["messages"]
+    assert [m["text"] for m in stored] == expected
+    assert [m["seq"] for m in stored] == [1, 2, 3, 4, 5]
+
+    screenshot(alice.page, "desktop.png")
+    screenshot(bob.page, "phone.png")
+
+
+def test_offline_recipient_gets_everything_when_signing_in(people, server: ServerProcess) -> None:
+    Api(server.base_url).signed_up("bob")
+    alice = people("alice")
+    sign_up(alice)
+    start_chat(alice, "bob")
+    texts = [f"message {n} while bob is away" for n in range(1, 4)]
+    for text in texts:
+        alice.send(text)
+    # Nobody has fetched them: sent (acknowledged with a seq), not delivered.
+    for text in texts:
+        expect(alice.message(text)).to_have_attribute("data-state", "sent")
+        assert alice.message(text).get_attribute("data-seq")
+
+    bob = people("bob")
+    sign_in(bob)
+    expect(bob.conversation_with("alice").get_by_test_id("unread-badge")).to_have_text("3")
+    expect(bob.conversation_with("alice")).to_contain_text(texts[-1])
+    # Bob's page fetched the stream: delivered, but he has not opened the conversation yet.
+    for text in texts:
+        expect(alice.message(text)).to_have_attribute("data-state", "delivered")
+
+    # By keyboard this time: focus the conversation and press Enter.
+    bob.conversation_with("alice").focus()
+    bob.page.keyboard.press("Enter")
+    expect(bob.page.get_by_test_id("conversation-title")).to_have_text("alice")
+    expect(bob.page.get_by_test_id("composer")).to_be_focused()
+    expect(bob.page.get_by_test_id("message-text")).to_have_count(3)
+    assert bob.message_texts() == texts
+    for text in texts:
+        expect(alice.message(text)).to_have_attribute("data-state", "read")
+
+
+def test_server_restart_mid_conversation_loses_and_repeats_nothing(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    alice = people("alice")
+    bob = people("bob")
+    sign_in(alice)
+    sign_in(bob)
+    start_chat(alice, "bob")
+    bob.open_conversation("alice")
+    alice.send("before the restart")
+    expect(alice.message("before the restart")).to_have_attribute("data-state", "read")
+
+    server.stop()
+    status = alice.page.get_by_test_id("connection-status")
+    expect(status).to_be_visible()
+    expect(status).to_contain_text("Reconnecting")
+
+    # Typed while the server is down: shown at once as pending.
+    alice.send("typed while the server was down", acknowledged=False)
+    down = alice.message("typed while the server was down")
+    expect(down).to_have_attribute("data-state", "pending")
+    screenshot(alice.page, "reconnecting.png")
+
+    server.start()
+    expect(status).to_be_hidden()
+    expect(bob.page.get_by_test_id("connection-status")).to_be_hidden()
+    expect(down).to_have_attribute("data-state", "read")
+    alice.send("after the restart")
+    expected = ["before the restart", "typed while the server was down", "after the restart"]
+    for person in (alice, bob):
+        expect(person.page.get_by_test_id("message-text")).to_have_count(3)
+        assert person.message_texts() == expected, person.name
+
+    # The server stored it exactly once.
+    api_alice = Api(server.base_url, alice.token(), "alice")
+    conversation_id = api_alice.get("/api/v1/conversations").json()["conversations"][0]["id"]
+    assert [m["text"] for m in api_alice.messages(conversation_id)["messages"]] == expected
+
+
+def test_failed_and_lost_sends_are_retried_with_the_same_client_id_and_stored_once(
+    people, server: ServerProcess
+) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    alice = people("alice")
+    sign_in(alice)
+    start_chat(alice, "bob")
+
+    # The first attempt meets a 503; the second reaches the server but its answer is lost.
+    attempts: list[dict] = []
+
+    def flaky(route: Route) -> None:
+        if route.request.method != "POST":
+            return route.continue_()
+        attempts.append(route.request.post_data_json)
+        if len(attempts) == 1:
+            return route.fulfill(
+                status=503,
+                content_type="application/json",
+                body='{"error": {"code": "service_unavailable", "message": "try again"}}',
+            )
+        if len(attempts) == 2:
+            route.fetch()
+            return route.abort("connectionreset")
+        return route.continue_()
+
+    alice.page.route("**/api/v1/conversations/*/messages", flaky)
+    alice.send("through thick and thin", acknowledged=False)
+    expect(alice.message("through thick and thin")).to_have_attribute("data-state", "sent")
+    assert len(attempts) >= 2
+    assert len({attempt["client_id"] for attempt in attempts}) == 1
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(1)
+
+    conversation_id = api_bob.start("alice")["id"]
+    assert [m["text"] for m in api_bob.messages(conversation_id)["messages"]] == ["through thick and thin"]
+
+    # Unsent messages survive a reload of the page, and go out once the server answers again.
+    alice.page.unroute("**/api/v1/conversations/*/messages")
+    alice.page.route(
+        "**/api/v1/conversations/*/messages",
+        lambda route: route.abort("connectionrefused") if route.request.method == "POST" else route.continue_(),
+    )
+    alice.send("survives a reload", acknowledged=False)
+    expect(alice.message("survives a reload")).to_have_attribute("data-state", "pending")
+    alice.page.reload()
+    expect(alice.message("survives a reload")).to_have_attribute("data-state", "pending")
+    alice.page.unroute("**/api/v1/conversations/*/messages")
+    expect(alice.message("survives a reload")).to_have_attribute("data-state", "sent")
+    texts = [m["text"] for m in api_bob.messages(conversation_id)["messages"]]
+    assert texts == ["through thick and thin", "survives a reload"]
+
+
+def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    alice_elsewhere = api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    alice = people("alice")
+    sign_in(alice)
+    start_chat(alice, "bob")
+
+    alice.send(MARKUP)
+    conversation_id = api_bob.start("alice")["id"]
+    api_bob.send(conversation_id, "<script>alert(2)</script><b>bold?</b>")
+    # Alice's other device: her own message shows up here too, as hers.
+    alice_elsewhere.send(conversation_id, "a" * 300)
+
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(3)
+    assert alice.message_texts() == [MARKUP, "<script>alert(2)</script><b>bold?</b>", "a" * 300]
+    expect(alice.message("a" * 300)).to_have_class(re.compile(r"\bmessage--mine\b"))
+    expect(alice.message("<script>alert(2)</script><b>bold?</b>")).to_have_class(re.compile(r"\bmessage--theirs\b"))
+    messages = alice.page.get_by_test_id("message-list")
+    assert messages.locator("img, script, b").count() == 0
+    # A word longer than the bubble wraps instead of widening the page.
+    assert alice.page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    # Give a planted handler every chance to fire: one more round trip after it was rendered.
+    alice.send("still safe")
+    expect(alice.message("still safe")).to_have_attribute("data-state", "sent")
+    assert alice.dialogs == []
+
+    # The composer shows the limit and counts code points, not UTF-16 units.
+    composer = alice.page.get_by_test_id("composer")
+    composer.fill("😀" * 10)
+    expect(alice.page.get_by_test_id("composer-count")).to_have_text("10 / 4000")
+    composer.fill("x" * 4001)
+    expect(alice.page.get_by_test_id("composer-count")).to_contain_text("4001 / 4000")
+    expect(alice.page.get_by_test_id("send")).to_be_disabled()
+    composer.press("Enter")
+    composer.fill("")
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(4)
+
+
+def test_sign_out_and_revoked_token_lead_back_to_sign_in(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    alice = people("alice")
+    sign_in(alice)
+
+    alice.page.get_by_test_id("sign-out").click()
+    expect(alice.page.get_by_test_id("auth-view")).to_be_visible()
+    expect(alice.page.get_by_test_id("auth-notice")).to_contain_text("signed out")
+    assert alice.token() is None
+
+    # Wrong password: a clear message, still signed out.
+    alice.page.get_by_label("Username", exact=True).fill("alice")
+    alice.page.get_by_label("Password", exact=True).fill("not the password")
+    alice.page.get_by_test_id("auth-submit").click()
+    expect(alice.page.get_by_test_id("auth-error")).to_have_text("Wrong username or password.")
+
+    sign_in(alice)
+    token = alice.token()
+    assert token
+    assert Api(server.base_url, token).request("DELETE", "/api/v1/tokens/current").status_code == 204
+
+    # The next answer the page gets is a 401: back to sign-in, with a message. A new
+    # conversation wakes her waiting long-poll, so the page asks again at once.
+    api.signed_up("carol").start("alice")
+    expect(alice.page.get_by_test_id("auth-view")).to_be_visible()
+    expect(alice.page.get_by_test_id("auth-notice")).to_contain_text("Please sign in again")
+    assert alice.token() is None
+
+    # A reload with a dead token also lands on sign-in.
+    alice.page.evaluate(
+        "token => localStorage.setItem('chatapi.session', JSON.stringify({token, username: 'alice'}))", token
+    )
+    alice.page.reload()
+    expect(alice.page.get_by_test_id("auth-notice")).to_contain_text("Please sign in again")
+
+
+def test_older_history_loads_when_scrolling_up(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api_alice = api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_alice.start("bob")["id"]
+    total = 130
+    for n in range(1, total + 1):
+        (api_alice if n % 3 else api_bob).send(conversation_id, f"line {n}")
+
+    bob = people("bob")
+    sign_in(bob)
+    bob.open_conversation("alice")
+    texts = bob.page.get_by_test_id("message-text")
+    expect(texts.last).to_have_text(f"line {total}")
+    shown = texts.count()
+    assert shown < total
+    scroller = bob.page.get_by_test_id("message-scroller")
+    while shown < total:
+        scroller.evaluate("el => { el.scrollTop = 0; }")
+        expect(texts).not_to_have_count(shown)
+        shown = texts.count()
+    expect(bob.page.get_by_text("This is the beginning of your conversation.")).to_be_visible()
+    assert bob.message_texts() == [f"line {n}" for n in range(1, total + 1)]
+
+    # Far up in the history, a button leads back to the newest message.
+    jump = bob.page.get_by_test_id("jump-to-latest")
+    expect(jump).to_be_visible()
+    jump.click()
+    expect(texts.last).to_be_in_viewport()
+    expect(jump).to_be_hidden()

@@ -1,0 +1,43 @@
+"""The README's curl walkthrough, run as written against a live server."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+from tests.support.server import REPO
+
+
+def walkthrough() -> str:
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- walkthrough:start -->\s*```sh\n(.*?)```\s*<!-- walkthrough:end -->", readme, re.S)
+    assert block, "README.md lost its walkthrough markers"
+    return block.group(1)
+
+
+def test_readme_walkthrough_works(start_server, tmp_path) -> None:
+    assert shutil.which("curl"), "curl is needed to run the README walkthrough"
+    server = start_server(f"sqlite:///{tmp_path / 'readme.sqlite3'}")
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", walkthrough()],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "API": server.base_url + "/api/v1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    documents = [json.loads(line) for line in lines[:-2]]
+    alice, bob, bob_starts, sent, bob_events, read, alice_events = documents
+    assert (alice["username"], bob["username"]) == ("alice", "bob")
+    assert bob_starts["peer"] == "alice" and bob_starts["last_seq"] == 0
+    assert sent["seq"] == 1 and sent["text"] == "Hi Bob!" and sent["client_id"] == "alice-1"
+    assert [e["message"] for e in bob_events["events"] if e["type"] == "message"] == [sent]
+    assert read["read_seq"] == 1 and read["unread"] == 0
+    bob_receipts = [e for e in alice_events["events"] if e["type"] == "receipt" and e["user"] == "bob"]
+    assert [(r["delivered_seq"], r["read_seq"]) for r in bob_receipts] == [(1, 1)]
+    assert lines[-2] == "204"
+    assert json.loads(lines[-1])["error"]["code"] == "unauthorized"

@@ -1,0 +1,56 @@
+"""The per-process waiter registry: who is woken, and the per-user cap."""
+
+from __future__ import annotations
+
+import gevent
+
+from chatapi.wakeups import Wakeups, conversation_key, user_key
+
+
+def test_only_the_concerned_waiters_wake() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with (
+        wakeups.listening([user_key(1)], 1) as alice,
+        wakeups.listening([user_key(2)], 2) as bob,
+        wakeups.listening([conversation_key(7)], 1) as alice_in_chat,
+    ):
+        assert wakeups.wake([user_key(2), conversation_key(7)]) == 2
+        assert bob._event.is_set() and alice_in_chat._event.is_set()
+        assert not alice._event.is_set()
+
+
+def test_a_wake_before_the_wait_is_not_lost() -> None:
+    """Registering before checking the database means a wake-up in between still counts."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with wakeups.listening([user_key(1)], 1) as waiter:
+        wakeups.wake([user_key(1)])
+        started = gevent.get_hub().loop.now()
+        waiter.wait(5)
+        assert gevent.get_hub().loop.now() - started < 1
+
+
+def test_new_waiter_beyond_the_cap_answers_the_oldest() -> None:
+    wakeups = Wakeups(max_waiters_per_user=2)
+    with wakeups.listening([user_key(1)], 1) as oldest, wakeups.listening([user_key(1)], 1) as middle:
+        assert not oldest.cut_short
+        with wakeups.listening([user_key(1)], 1) as newest:
+            assert oldest.cut_short and oldest._event.is_set()
+            assert not middle.cut_short and not newest.cut_short
+    assert wakeups.waiting == 0
+
+
+def test_drain_answers_everyone_and_refuses_new_waits() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with wakeups.listening([user_key(1)], 1) as waiting:
+        wakeups.drain()
+        assert waiting.cut_short and waiting._event.is_set()
+    with wakeups.listening([user_key(1)], 1) as late:
+        assert late.cut_short
+
+
+def test_waiting_gauge_follows_registrations() -> None:
+    changes: list[int] = []
+    wakeups = Wakeups(max_waiters_per_user=8, on_wait_change=changes.append)
+    with wakeups.listening([user_key(1)], 1):
+        assert wakeups.waiting == 1
+    assert changes == [1, -1] and wakeups.waiting == 0
