@@ -116,7 +116,9 @@ def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> Non
     assert stranger.status_code == 401 and stranger.headers["WWW-Authenticate"] == "Bearer"
     assert api.get("/api/v1/openapi.json").json()["openapi"].startswith("3.")
     assert api.get("/healthz").status_code == 200
-    assert api.get("/").status_code < 500
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
 
     # Sign-out through the proxy reaches every instance at once.
     assert alice.request("DELETE", "/api/v1/tokens/current").status_code == 204
