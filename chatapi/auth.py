@@ -34,11 +34,17 @@ def hash_password(password: str) -> str:
     return _in_thread(_hasher.hash, password)
 
 
-def verify_password(password_hash: str | None, password: str) -> bool:
+def _verify(password_hash: str, password: str) -> bool:
+    # Caught here, in the pool thread: gevent's thread pool logs a traceback
+    # for every exception that leaves it, i.e. for every failed sign-in.
     try:
-        return _in_thread(_hasher.verify, password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _hasher.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    return _in_thread(_verify, password_hash or _DUMMY_HASH, password) and password_hash is not None
 
 
 def new_token() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return response
 
 
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database cannot be reached (not a bug in a query)."""
+    if isinstance(error, (OperationalError, PoolTimeoutError)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
@@ -67,5 +76,12 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if database_unavailable(error):
+            # The database is down or restarting: the pool re-connects by
+            # itself, so this is temporary and the client should retry.
+            log.warning("database unavailable: %s", error.__class__.__name__)
+            return error_response(
+                503, "service_unavailable", "the database is unavailable; retry shortly", {"Retry-After": "1"}
+            )
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")

@@ -58,12 +58,17 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         swallow_errors=True,
     )
     views = app.view_functions
-    limiter.limit(settings.rate_limit_signin_per_username, key_func=_signin_username, deduct_when=_failed_signin)(
-        views["api.create_token"]
+    # Flask-Limiter checks a decorated limit inside the wrapper it returns, so
+    # the wrapper must replace the registered view (decorating alone does nothing).
+    views["api.create_token"] = limiter.limit(
+        settings.rate_limit_signin_per_username, key_func=_signin_username, deduct_when=_failed_signin
+    )(limiter.limit(settings.rate_limit_signin_per_address, deduct_when=_failed_signin)(views["api.create_token"]))
+    views["api.create_user"] = limiter.limit(settings.rate_limit_registration_per_address, deduct_when=_created)(
+        views["api.create_user"]
     )
-    limiter.limit(settings.rate_limit_signin_per_address, deduct_when=_failed_signin)(views["api.create_token"])
-    limiter.limit(settings.rate_limit_registration_per_address, deduct_when=_created)(views["api.create_user"])
-    limiter.limit(settings.rate_limit_send_per_user, key_func=_sending_user)(views["api.send_message"])
+    views["api.send_message"] = limiter.limit(settings.rate_limit_send_per_user, key_func=_sending_user)(
+        views["api.send_message"]
+    )
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(error: RateLimitExceeded) -> Response:

@@ -51,9 +51,17 @@ _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum
 _TIMEOUT = {
     "name": "timeout",
     "in": "query",
-    "description": "Seconds to wait when nothing is new (default 25, above 60 counts as 60, 0 = no wait)",
-    "schema": {"type": "number", "minimum": 0},
+    "description": "Seconds to wait when nothing is new (default 25, above 60 counts as 60, 0 = no wait); "
+    "digits with an optional decimal point, no exponent",
+    "schema": {"type": "string", "pattern": "^([0-9]+(\\.[0-9]*)?|\\.[0-9]+)$"},
 }
+
+# Message text (validation.message_text): no category Cc character but tab,
+# newline and carriage return, no lone surrogate, and at least one character
+# that is not white space (spelt out without a look-ahead, which generators
+# such as Hypothesis's from_regex do not honour).
+_TEXT_CHAR = r"\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F\uD800-\uDFFF"
+_TEXT_PATTERN = rf"^[^{_TEXT_CHAR}]*[^\s{_TEXT_CHAR}][^{_TEXT_CHAR}]*$"
 
 _TIME = {"type": "string", "format": "date-time"}
 _SEQ = {"type": "integer", "minimum": 0}
@@ -299,7 +307,14 @@ def document() -> Json:
                                 "type": "object",
                                 "required": ["text"],
                                 "properties": {
-                                    "text": {"type": "string", "minLength": 1, "maxLength": 4000},
+                                    "text": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 4000,
+                                        "description": "Plain text: not only white space; no control "
+                                        "characters other than tab, newline, carriage return",
+                                        "pattern": _TEXT_PATTERN,
+                                    },
                                     "client_id": {
                                         "type": ["string", "null"],
                                         "pattern": "^[A-Za-z0-9._:-]{1,64}$",
@@ -331,7 +346,13 @@ def document() -> Json:
                             {
                                 "type": "object",
                                 "required": ["seq"],
-                                "properties": {"seq": {"type": "integer", "minimum": 0}},
+                                "properties": {
+                                    "seq": {
+                                        "type": "integer",
+                                        "minimum": 0,
+                                        "description": "A JSON integer (no fraction part), at most last_seq",
+                                    }
+                                },
                             }
                         ),
                     },

@@ -1,0 +1,353 @@
+"""Real faults against real servers on PostgreSQL: kill -9 of every process
+during a send burst, a database restart under load, SIGTERM with waiting
+long-polls and a send in flight, and a crashed worker. Nothing acknowledged
+may be lost or duplicated, and the service must come back by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+import requests
+
+from tests.support.api import Api
+from tests.support.faults import Background, SendLog, retry_unacked, send_until_failure, stored_messages, wait_until
+from tests.support.postgres import PostgresCluster
+
+pytestmark = pytest.mark.postgres
+
+LONG = os.environ.get("CHATAPI_LONG_TESTS") == "1"
+# Crash-and-restart rounds of the kill -9 test.
+KILL_ROUNDS = 6 if LONG else 1
+
+
+def _assert_exactly_once_and_gapless(database_url: str, logs: list[SendLog]) -> None:
+    """Every client_id a client tried is stored exactly once, with the acknowledged seq, and seqs have no gaps."""
+    stored = stored_messages(database_url)
+    for log in logs:
+        rows = stored.get(log.conversation_id, [])
+        assert [seq for seq, _, _ in rows] == list(range(1, len(rows) + 1)), "seqs have a gap or a duplicate"
+        mine = [(seq, client_id, text) for seq, client_id, text in rows if client_id.startswith(log.prefix + "-")]
+        client_ids = [client_id for _, client_id, _ in mine]
+        assert len(client_ids) == len(set(client_ids)), f"{log.prefix}: a client_id is stored twice"
+        tried = set(log.acked) | set(log.unacked)
+        assert set(client_ids) == tried, f"{log.prefix}: stored {len(client_ids)} messages, tried {len(tried)}"
+        by_client_id = {client_id: (seq, text) for seq, client_id, text in mine}
+        for client_id, message in log.acked.items():
+            assert by_client_id[client_id] == (message["seq"], message["text"]), f"{client_id} changed after its ack"
+
+
+def _pairs(api: Api, count: int) -> list[tuple[Api, Api, int]]:
+    pairs = []
+    for _ in range(count):
+        alice, bob = api.signed_up(), api.signed_up()
+        pairs.append((alice, bob, alice.start(bob.username)["id"]))
+    return pairs
+
+
+def test_kill_9_of_every_process_during_a_send_burst_loses_no_acknowledged_message(
+    postgres_url: str, start_server
+) -> None:
+    server = start_server(postgres_url, workers=2)
+    api = Api(server.base_url)
+    clients: list[tuple[str, SendLog]] = []
+    for n, (alice, bob, conversation_id) in enumerate(_pairs(api, 4)):
+        for side, who in (("a", alice), ("b", bob)):
+            clients.append((who.token, SendLog(conversation_id, f"c{n}{side}")))
+    for _ in range(KILL_ROUNDS):
+        acked_so_far = sum(len(log.acked) for _, log in clients)
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=send_until_failure, args=(Api(server.base_url, token), log, stop), daemon=True)
+            for token, log in clients
+        ]
+        for thread in threads:
+            thread.start()
+        # Let the burst run until plenty is acknowledged, then pull the plug.
+        wait_until(
+            lambda n=acked_so_far: sum(len(log.acked) for _, log in clients) >= n + 150,
+            timeout=60,
+            what="150 acknowledged sends",
+        )
+        server.kill()
+        for thread in threads:
+            thread.join(30)
+        stop.set()
+        assert not any(t.is_alive() for t in threads)
+        acked_before_kill = {log.prefix: dict(log.acked) for _, log in clients}
+        assert all(log.unacked for _, log in clients), "every client was mid-burst when the server died"
+
+        # What the server acknowledged before it died is in the database, untouched.
+        stored = stored_messages(postgres_url)
+        for _, log in clients:
+            rows = {client_id: seq for seq, client_id, _ in stored[log.conversation_id]}
+            for client_id, message in acked_before_kill[log.prefix].items():
+                assert rows.get(client_id) == message["seq"], f"acknowledged {client_id} lost by kill -9"
+
+        # After a restart the clients retry what was never acknowledged, with the same client_id.
+        server = start_server(postgres_url, workers=2)
+        for token, log in clients:
+            retry_unacked(Api(server.base_url, token), log)
+            assert {k: log.acked[k] for k in acked_before_kill[log.prefix]} == acked_before_kill[log.prefix]
+            log.unacked.clear()
+        _assert_exactly_once_and_gapless(postgres_url, [log for _, log in clients])
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A cluster of this test's own, because the test restarts it."""
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+def _listening_connections(cluster: PostgresCluster) -> int:
+    conn = psycopg2.connect(cluster.url())
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chatapi-wakeups' "
+                "AND (query ILIKE 'LISTEN%%' OR query = 'SELECT 1')"
+            )
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _json_error_code(response: requests.Response) -> str:
+    assert response.headers.get("Content-Type", "").startswith("application/json"), response.text[:300]
+    return response.json()["error"]["code"]
+
+
+def test_postgres_restart_under_load_503s_cleanly_and_recovers_by_itself(own_postgres, start_server) -> None:
+    url = own_postgres.new_database()
+    server = start_server(url, workers=2)
+    api = Api(server.base_url)
+    (alice, bob, conversation), (carol, dave, load_conversation) = _pairs(api, 2)
+    head = bob.events()["last_pos"]
+
+    # Background load between two other users, recording every answer.
+    answers: list[tuple[int, str]] = []
+    load_log = SendLog(load_conversation, "load")
+    stop = threading.Event()
+
+    def load() -> None:
+        client = Api(server.base_url, carol.token)
+        for number in range(100_000):
+            if stop.is_set():
+                return
+            client_id = f"load-{number}"
+            try:
+                response = client.post(
+                    f"/api/v1/conversations/{load_conversation}/messages",
+                    {"text": f"text of {client_id}", "client_id": client_id},
+                    timeout=15,
+                )
+            except requests.RequestException:
+                load_log.unacked.append(client_id)
+                time.sleep(0.05)
+                continue
+            answers.append((response.status_code, response.headers.get("Content-Type", "")))
+            if response.status_code in (200, 201):
+                load_log.acked[client_id] = response.json()
+            else:
+                assert response.status_code == 503 and _json_error_code(response) == "service_unavailable"
+                load_log.unacked.append(client_id)
+                time.sleep(0.05)
+
+    loader = Background(load)
+
+    # Long-polls of bob's that wait through the whole outage (several, to land on both workers).
+    def waiting_poll(kind: str) -> tuple[dict, float]:
+        client = Api(server.base_url, bob.token)
+        if kind == "events":
+            body = client.events(after=head, timeout=50)
+        else:
+            body = client.messages(conversation, after=0, timeout=50)
+        return body, time.monotonic()
+
+    waiting = [Background(lambda k=kind: waiting_poll(k)) for kind in ("events", "messages") * 3]
+    wait_until(lambda: len(answers) >= 20, timeout=30, what="load before the outage")
+
+    own_postgres.stop("fast")
+    try:
+        # (A Response is falsy when its status is an error: hand back a tuple.)
+        (readyz,) = wait_until(
+            lambda: (r := requests.get(server.base_url + "/readyz", timeout=10)).status_code == 503 and (r,),
+            timeout=15,
+            what="/readyz 503",
+        )
+        assert _json_error_code(readyz) == "service_unavailable"
+        assert requests.get(server.base_url + "/healthz", timeout=10).status_code == 200
+        me = bob.get("/api/v1/me", timeout=15)
+        assert me.status_code == 503 and _json_error_code(me) == "service_unavailable"
+        assert me.headers.get("Retry-After")
+        send = alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": "during"}, timeout=15)
+        assert send.status_code == 503 and _json_error_code(send) == "service_unavailable"
+        time.sleep(1)
+        assert not any(w.done for w in waiting), "a waiting long-poll gave up during the outage"
+    finally:
+        own_postgres.pg_ctl("start")
+    restarted_at = time.monotonic()
+
+    wait_until(
+        lambda: requests.get(server.base_url + "/readyz", timeout=10).status_code == 200,
+        timeout=15,
+        what="/readyz 200 after the restart",
+    )
+    assert time.monotonic() - restarted_at < 10
+    wait_until(lambda: _listening_connections(own_postgres) >= 2, timeout=20, what="both workers LISTENing again")
+
+    # Long-polls started after recovery, and those that waited through it, get what is sent now.
+    fresh = [Background(lambda k=kind: waiting_poll(k)) for kind in ("events", "messages") * 2]
+    time.sleep(0.5)
+    sent = alice.send(conversation, "after recovery")
+    sent_at = time.monotonic()
+    for poll in waiting + fresh:
+        body, returned_at = poll.join(30)
+        items = body.get("events") or body.get("messages")
+        texts = [i["message"]["text"] if "message" in i else i.get("text") for i in items]
+        assert "after recovery" in texts, body
+        assert returned_at - sent_at < 5, f"woken {returned_at - sent_at:.2f} s after the send"
+    assert sent["seq"] == 1
+
+    stop.set()
+    loader.join(30)
+    assert all(status in (200, 201, 503) for status, _ in answers), sorted({s for s, _ in answers})
+    assert all(ctype.startswith("application/json") for _, ctype in answers)
+    assert any(status == 201 for status, _ in answers[-5:]), "the load did not recover"
+    # The load's unacknowledged sends are retried; everything is stored once, gapless.
+    retry_unacked(Api(server.base_url, carol.token), load_log)
+    _assert_exactly_once_and_gapless(url, [load_log])
+
+
+def _send_slowly(port: int, path: str, token: str, body: bytes) -> socket.socket:
+    """Open a connection and send a request with only half of its body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body[: len(body) // 2])
+    return sock
+
+
+def _finish(sock: socket.socket, body: bytes) -> tuple[int, dict]:
+    sock.sendall(body[len(body) // 2 :])
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+def test_sigterm_answers_waiting_long_polls_at_once_and_finishes_sends_in_flight(
+    postgres_url: str, start_server
+) -> None:
+    server = start_server(postgres_url, workers=2)
+    api = Api(server.base_url)
+    ((alice, bob, conversation),) = _pairs(api, 1)
+    head = bob.events()["last_pos"]
+    polls = [
+        Background(lambda: (Api(server.base_url, bob.token).events(after=head, timeout=50), time.monotonic()))
+        for _ in range(4)
+    ]
+    wait_until(lambda: _gauge(server.base_url, "chatapi_longpolls_waiting") >= 4, timeout=15, what="4 waiting")
+    body = json.dumps({"text": "in flight at SIGTERM", "client_id": "inflight-1"}).encode()
+    in_flight = _send_slowly(server.port, f"/api/v1/conversations/{conversation}/messages", alice.token, body)
+    time.sleep(0.5)
+
+    signalled_at = time.monotonic()
+    server.signal(signal.SIGTERM)
+    for poll in polls:
+        page, returned_at = poll.join(10)
+        assert page["events"] == [] and page["last_pos"] == head
+        assert returned_at - signalled_at < 2, f"long-poll answered {returned_at - signalled_at:.2f} s after SIGTERM"
+
+    time.sleep(0.5)
+    status, message = _finish(in_flight, body)
+    assert status == 201 and message["seq"] == 1 and message["text"] == "in flight at SIGTERM"
+    # Within gunicorn's graceful timeout (20 s), and cleanly.
+    assert server.process.wait(25) == 0
+    assert [(seq, cid) for seq, cid, _ in stored_messages(postgres_url)[conversation]] == [(1, "inflight-1")]
+
+
+def _gauge(base_url: str, name: str) -> float:
+    text = requests.get(base_url + "/metrics", timeout=10).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def test_a_killed_worker_is_replaced_and_clients_carry_on(postgres_url: str, start_server) -> None:
+    server = start_server(postgres_url, workers=2)
+    api = Api(server.base_url)
+    ((alice, bob, conversation),) = _pairs(api, 1)
+    logs = [SendLog(conversation, "alice"), SendLog(conversation, "bob")]
+    stop = threading.Event()
+
+    def keep_sending(who: Api, log: SendLog) -> None:
+        client = Api(server.base_url, who.token)
+        for _ in range(1000):
+            if stop.is_set():
+                return
+            send_until_failure(client, log, stop)
+            if log.unacked:
+                # A retry with the same client_id, as a real client would do.
+                retry_unacked(client, log)
+                log.unacked.clear()
+
+    def read_everything() -> list[dict]:
+        client = Api(server.base_url, bob.token)
+        seen: list[dict] = []
+        pos = 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                page = client.events(after=pos, timeout=2)
+            except (requests.RequestException, AssertionError):
+                time.sleep(0.1)
+                continue
+            seen.extend(e["message"] for e in page["events"] if e["type"] == "message")
+            pos = page["events"][-1]["pos"] if page["events"] else pos
+            if stop.is_set() and not page["events"] and len(seen) >= sum(len(log.acked) for log in logs):
+                return seen
+        raise AssertionError("the reader never caught up")
+
+    senders = [Background(lambda w=w, log=log: keep_sending(w, log)) for w, log in zip((alice, bob), logs, strict=True)]
+    reader = Background(read_everything)
+    wait_until(lambda: sum(len(log.acked) for log in logs) >= 30, timeout=30, what="traffic before the crash")
+
+    before = set(server.worker_pids())
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_until(
+        lambda: (pids := set(server.worker_pids())) and len(pids) == 2 and victim not in pids and pids,
+        timeout=30,
+        what="a replacement worker",
+    )
+    assert len(replaced - before) == 1
+    acked_at_replacement = sum(len(log.acked) for log in logs)
+    wait_until(
+        lambda: sum(len(log.acked) for log in logs) >= acked_at_replacement + 30,
+        timeout=30,
+        what="traffic after the crash",
+    )
+    stop.set()
+    for sender in senders:
+        sender.join(60)
+    seen = reader.join(90)
+    _assert_exactly_once_and_gapless(postgres_url, logs)
+    total = sum(len(log.acked) for log in logs)
+    assert [m["seq"] for m in seen] == list(range(1, total + 1)), "the reader missed or repeated a message"

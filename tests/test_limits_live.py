@@ -1,0 +1,209 @@
+"""Abuse limits on a live server: rate limits (Flask-Limiter) answer 429
+rate_limited with Retry-After, key on the real client address only when the
+proxy is trusted, and one user's waiting long-polls are capped."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from chatapi import Settings, create_app
+from tests.conftest import migrate
+from tests.support.api import PASSWORD, Api, unique_name
+from tests.support.faults import Background, wait_until
+from tests.support.nginx import NginxProcess
+from tests.support.server import ServerProcess
+
+LIMITS = {
+    "CHATAPI_RATE_LIMITS": "on",
+    "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "3/minute",
+    "CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS": "5/minute",
+    "CHATAPI_RATE_LIMIT_REGISTRATION_PER_ADDRESS": "4/hour",
+    "CHATAPI_RATE_LIMIT_SEND_PER_USER": "5/minute",
+}
+
+
+@pytest.fixture
+def limited_server(start_server, tmp_path: Path) -> ServerProcess:
+    return start_server(f"sqlite:///{tmp_path / 'limits.sqlite3'}", env=LIMITS)
+
+
+def _assert_rate_limited(response: requests.Response, max_retry_after: int) -> None:
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(response.headers["Retry-After"]) <= max_retry_after
+
+
+def _sign_in(api: Api, username: str, password: str) -> requests.Response:
+    return api.post("/api/v1/tokens", {"username": username, "password": password})
+
+
+def test_every_rate_limit_answers_429_with_retry_after(limited_server: ServerProcess) -> None:
+    api = Api(limited_server.base_url)
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+
+    # Registrations per address: 4 per hour, counting only accounts created.
+    assert api.post("/api/v1/users", {"username": alice.username, "password": PASSWORD}).status_code == 409
+    for _ in range(2):
+        assert api.post("/api/v1/users", {"username": unique_name(), "password": PASSWORD}).status_code == 201
+    _assert_rate_limited(api.post("/api/v1/users", {"username": unique_name(), "password": PASSWORD}), 3601)
+
+    # Failed sign-ins per username: 3 per minute; then even the right password waits.
+    for _ in range(3):
+        assert _sign_in(api, alice.username, "wrong password").status_code == 401
+    _assert_rate_limited(_sign_in(api, alice.username.upper(), PASSWORD), 61)
+    # Successful sign-ins do not count, and other accounts are not affected.
+    for _ in range(2):
+        assert _sign_in(api, bob.username, PASSWORD).status_code == 201
+
+    # Failed sign-ins per address: 5 per minute, whichever usernames are tried.
+    for _ in range(2):
+        assert _sign_in(api, unique_name(), "wrong password").status_code == 401
+    _assert_rate_limited(_sign_in(api, unique_name(), "wrong password"), 61)
+    _assert_rate_limited(_sign_in(api, bob.username, PASSWORD), 61)
+
+    # Sends per user: 5 per minute; the other party is not affected.
+    for n in range(5):
+        assert alice.send(conversation, f"message {n}")["seq"] == n + 1
+    _assert_rate_limited(alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": "one more"}), 61)
+    assert bob.send(conversation, "my own budget")["seq"] == 6
+    # Only acknowledged messages exist: the refused send stored nothing.
+    assert [m["text"] for m in bob.messages(conversation)["messages"]][-1] == "my own budget"
+
+
+def test_rate_limits_off_switches_every_limit_off(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'off.sqlite3'}"
+    migrate(url)
+    app = create_app(Settings.from_env({"CHATAPI_DATABASE_URL": url, **LIMITS, "CHATAPI_RATE_LIMITS": "off"}))
+    client = app.test_client()
+    for n in range(8):
+        assert client.post("/api/v1/users", json={"username": f"user{n}", "password": PASSWORD}).status_code == 201
+    for _ in range(8):
+        answer = client.post("/api/v1/tokens", json={"username": "user0", "password": "wrong password"})
+        assert answer.status_code == 401
+    token = client.post("/api/v1/tokens", json={"username": "user0", "password": PASSWORD}).get_json()["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    conversation = client.post("/api/v1/conversations", json={"peer": "user1"}, headers=headers).get_json()["id"]
+    for n in range(8):
+        answer = client.post(f"/api/v1/conversations/{conversation}/messages", json={"text": f"{n}"}, headers=headers)
+        assert answer.status_code == 201
+    app.extensions["chatapi"].db.dispose()
+
+
+# Trusted proxies --------------------------------------------------------------
+
+ADDRESS_LIMIT = {**LIMITS, "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "100/minute"}
+
+
+@pytest.fixture(scope="module")
+def proxied_and_direct(tmp_path_factory) -> Iterator[tuple[NginxProcess, ServerProcess, ServerProcess]]:
+    """nginx in front of an instance that trusts it, and an instance that trusts nobody."""
+    root = tmp_path_factory.mktemp("proxies")
+    trusting = ServerProcess(
+        f"sqlite:///{root / 'trusting.sqlite3'}",
+        env={**ADDRESS_LIMIT, "CHATAPI_TRUSTED_PROXIES": "1"},
+        log_path=root / "trusting.log",
+    )
+    direct = ServerProcess(f"sqlite:///{root / 'direct.sqlite3'}", env=ADDRESS_LIMIT, log_path=root / "direct.log")
+    nginx = None
+    try:
+        trusting.start()
+        direct.start()
+        nginx = NginxProcess([trusting.port]).start()
+        yield nginx, trusting, direct
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        trusting.stop()
+        direct.stop()
+
+
+def _failed_sign_in_from(source: str, port: int, forwarded_for: str | None = None) -> int:
+    """A failed sign-in sent from loopback address `source` (127.0.0.2, ...); returns the status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    headers = {"Content-Type": "application/json"}
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    try:
+        body = json.dumps({"username": unique_name(), "password": "wrong password"})
+        conn.request("POST", "/api/v1/tokens", body=body, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_behind_a_trusted_proxy_limits_key_on_the_real_client_address(proxied_and_direct) -> None:
+    nginx, _, _ = proxied_and_direct
+    for _ in range(5):
+        assert _failed_sign_in_from("127.0.0.2", nginx.port) == 401
+    assert _failed_sign_in_from("127.0.0.2", nginx.port) == 429
+    # Another client behind the same proxy is not limited...
+    assert _failed_sign_in_from("127.0.0.3", nginx.port) == 401
+    # ...and cannot borrow (or burn) someone else's budget with a made-up header:
+    # nginx appends the real address, and the app takes only the entry it added.
+    assert _failed_sign_in_from("127.0.0.3", nginx.port, forwarded_for="127.0.0.2") == 401
+    for _ in range(3):
+        assert _failed_sign_in_from("127.0.0.4", nginx.port, forwarded_for="127.0.0.9") == 401
+    assert _failed_sign_in_from("127.0.0.9", nginx.port) == 401
+
+
+def test_without_trusted_proxies_forwarded_headers_are_ignored(proxied_and_direct) -> None:
+    _, _, direct = proxied_and_direct
+    # Every request claims another address; all count against the real one.
+    for n in range(5):
+        assert _failed_sign_in_from("127.0.0.5", direct.port, forwarded_for=f"10.0.0.{n}") == 401
+    assert _failed_sign_in_from("127.0.0.5", direct.port, forwarded_for="10.0.0.99") == 429
+    assert _failed_sign_in_from("127.0.0.6", direct.port) == 401
+
+
+# Long-poll abuse ------------------------------------------------------------------
+
+
+def _waiting(base_url: str) -> float:
+    text = requests.get(base_url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("chatapi_longpolls_waiting"))
+
+
+def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) -> None:
+    _, _, server = proxied_and_direct  # CHATAPI_MAX_WAITERS_PER_USER: the default, 8
+    api = Api(server.base_url)
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = bob.start(alice.username)["id"]
+    head = alice.events()["last_pos"]
+
+    def poll() -> tuple[dict, float]:
+        return Api(server.base_url, alice.token).events(after=head, timeout=50), time.monotonic()
+
+    polls = []
+    for n in range(8):
+        polls.append(Background(poll))
+        wait_until(lambda n=n: _waiting(server.base_url) >= n + 1, timeout=15, what=f"{n + 1} waiting")
+    time.sleep(0.3)
+    assert not any(p.done for p in polls)
+
+    ninth_at = time.monotonic()
+    polls.append(Background(poll))
+    oldest, returned_at = polls[0].join(10)
+    assert oldest == {"events": [], "last_pos": head}
+    assert returned_at - ninth_at < 1
+    time.sleep(0.3)
+    assert not any(p.done for p in polls[1:]), "only the oldest may be answered"
+    assert _waiting(server.base_url) == 8
+
+    # Another user's long-polls are not affected by alice's cap.
+    bob_head = bob.events()["last_pos"]
+    bob_poll = Background(lambda: Api(server.base_url, bob.token).events(after=bob_head, timeout=50))
+    wait_until(lambda: _waiting(server.base_url) >= 9, timeout=15, what="bob waiting")
+
+    bob.send(conversation, "for everyone")
+    for p in polls[1:]:
+        page, _ = p.join(10)
+        assert page["events"][0]["message"]["text"] == "for everyone"
+    assert bob_poll.join(10)["events"][0]["message"]["text"] == "for everyone"

@@ -1,0 +1,142 @@
+"""Two chatapi instances (each its own gunicorn with 2 gevent workers) on one
+PostgreSQL database, behind the shipped nginx site: wake-ups cross instances,
+and the whole contract works through the proxy."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.support.api import Api
+from tests.support.faults import Background
+from tests.support.nginx import NginxProcess
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def instances(postgres, tmp_path_factory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Shared by this module's tests (starting them is the slow part); the last test stops them."""
+    url = postgres.new_database()
+    logs = tmp_path_factory.mktemp("instances")
+    env = {"CHATAPI_TRUSTED_PROXIES": "1"}
+    servers = [ServerProcess(url, workers=2, env=env, log_path=logs / f"instance-{n}.log") for n in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(instances: tuple[ServerProcess, ServerProcess]) -> Iterator[NginxProcess]:
+    nginx = NginxProcess([server.port for server in instances]).start()
+    yield nginx
+    nginx.stop()
+
+
+def _wait_and_send(waiter: Api, sender: Api, conversation: int, text: str, kind: str) -> float:
+    """Start a long-poll on `waiter`'s server, send through `sender`'s; return the wake-up delay."""
+    if kind == "events":
+        head = waiter.events()["last_pos"]
+        poll = Background(lambda: (waiter.events(after=head, timeout=30), time.monotonic()))
+    else:
+        head = waiter.messages(conversation)["last_seq"]
+        poll = Background(lambda: (waiter.messages(conversation, after=head, timeout=30), time.monotonic()))
+    time.sleep(0.5)
+    assert not poll.done, "the long-poll answered before anything was sent"
+    sender.send(conversation, text)
+    sent_at = time.monotonic()
+    body, returned_at = poll.join(30)
+    items = body.get("events") or body.get("messages")
+    assert text in json.dumps(items), body
+    return returned_at - sent_at
+
+
+def test_a_send_on_one_instance_wakes_a_long_poll_on_the_other(instances) -> None:
+    a, b = instances
+    alice_a = Api(a.base_url).signed_up()
+    bob_a = Api(a.base_url).signed_up()
+    conversation = alice_a.start(bob_a.username)["id"]
+    alice_b = Api(b.base_url, alice_a.token, alice_a.username)
+    # Both directions, both kinds of long-poll, a few times (each instance has 2 workers).
+    for round_ in range(3):
+        for waiter, sender, kind in ((alice_b, bob_a, "events"), (bob_a, alice_b, "messages")):
+            delay = _wait_and_send(waiter, sender, conversation, f"cross {round_} {kind}", kind)
+            assert delay < 1.0, f"woken {delay:.3f} s after the send on the other instance"
+
+
+def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> None:
+    api = Api(proxy.base_url)
+    alice, bob = api.signed_up(), api.signed_up()
+    assert alice.get("/api/v1/me").json() == {"id": alice.get("/api/v1/me").json()["id"], "username": alice.username}
+    created = alice.post("/api/v1/conversations", {"peer": bob.username})
+    assert created.status_code == 201
+    conversation = created.json()["id"]
+    assert bob.post("/api/v1/conversations", {"peer": alice.username}).status_code == 200
+
+    # Long-polls through the proxy wake at once (requests land on either instance).
+    for n in range(4):
+        assert _wait_and_send(bob, alice, conversation, f"via nginx {n}", "events") < 1.0
+        assert _wait_and_send(alice, bob, conversation, f"reply {n}", "messages") < 1.0
+
+    history = bob.get(f"/api/v1/conversations/{conversation}/messages", params={"limit": 100})
+    assert history.status_code == 200 and history.headers["Cache-Control"] == "no-store"
+    assert [m["seq"] for m in history.json()["messages"]] == list(range(1, 9))
+    read = bob.post(f"/api/v1/conversations/{conversation}/read", {"seq": 8})
+    assert read.status_code == 200 and read.json()["unread"] == 0
+    replay = alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": "once", "client_id": "k1"})
+    again = alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": "once", "client_id": "k1"})
+    assert (replay.status_code, again.status_code) == (201, 200) and again.json() == replay.json()
+
+    # Body size: 65,536 bytes reach the app (400: text too long), 65,537 get a JSON 413.
+    path = f"/api/v1/conversations/{conversation}/messages"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {alice.token}"}
+    filler = '{"text": "' + "x" * (65_536 - 12) + '"}'
+    assert len(filler.encode()) == 65_536
+    at_limit = requests.post(proxy.base_url + path, data=filler, headers=headers, timeout=30)
+    assert at_limit.status_code == 400 and at_limit.json()["error"]["code"] == "invalid_text"
+    over = '{"text": "' + "x" * (65_537 - 12) + '"}'
+    too_large = requests.post(proxy.base_url + path, data=over, headers=headers, timeout=30)
+    assert too_large.status_code == 413
+    assert too_large.headers["Content-Type"].startswith("application/json")
+    assert too_large.json()["error"]["code"] == "payload_too_large"
+
+    # Errors stay the app's JSON.
+    missing = api.get("/api/v1/no-such-thing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    stranger = api.get(f"/api/v1/conversations/{conversation}", headers={"Authorization": "Bearer nope"})
+    assert stranger.status_code == 401 and stranger.headers["WWW-Authenticate"] == "Bearer"
+    assert api.get("/api/v1/openapi.json").json()["openapi"].startswith("3.")
+    assert api.get("/healthz").status_code == 200
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+
+    # Sign-out through the proxy reaches every instance at once.
+    assert alice.request("DELETE", "/api/v1/tokens/current").status_code == 204
+    for _ in range(4):
+        assert alice.get("/api/v1/me").status_code == 401
+
+
+def test_nginx_skips_a_stopped_instance_and_answers_json_when_none_is_left(proxy: NginxProcess, instances) -> None:
+    # Last in this module: it stops the shared instances.
+    a, b = instances
+    api = Api(proxy.base_url)
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+    a.stop()
+    for n in range(8):
+        assert alice.send(conversation, f"still here {n}")["seq"] == n + 1
+        assert bob.get("/api/v1/me").status_code == 200
+    b.stop()
+    down = api.get("/api/v1/me")
+    assert down.status_code == 503 and down.json()["error"]["code"] == "service_unavailable"
+    assert down.headers.get("Retry-After") == "1"
