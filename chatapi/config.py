@@ -40,8 +40,13 @@ class Settings:
     rate_limit_registration_per_address: str = "200/hour"
     rate_limit_send_per_user: str = "100/second"
     trust_proxy_headers: int = 0
-    db_pool_size: int = 10
-    db_max_overflow: int = 30
+    # Connections kept open per worker. Overflow connections are closed when
+    # returned, and re-opening one (a new PostgreSQL backend, plus preparing
+    # the hot statements) cost more than the queries it served: with a pool
+    # of 10 + 30, 100 polling users at 50 messages/s saw delivery p99 of 1.2 s;
+    # with 30 + 10, 0.1 s (docs/performance.md, "Pool churn").
+    db_pool_size: int = 30
+    db_max_overflow: int = 10
 
     @property
     def is_postgresql(self) -> bool:
