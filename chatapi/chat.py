@@ -518,17 +518,17 @@ _NEWLY_DELIVERED = _Hot(
 )
 
 # _append_events: move a user's event head by `count` (and its delivery cursor).
-_BUMP_HEAD = (
+_bump_head = (
     update(User)
     .where(User.id == bindparam("b_user_id"))
     .values(event_head=User.event_head + bindparam("count"))
     .returning(User.event_head)
 )
+_BUMP_HEAD = _Hot("chatapi_bump_head", _bump_head)
 _BUMP_HEAD_AND_ACK = _Hot(
     "chatapi_bump_head_and_ack",
-    _BUMP_HEAD.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
+    _bump_head.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
 )
-_BUMP_HEAD = _Hot("chatapi_bump_head", _BUMP_HEAD)
 _INSERT_EVENTS = insert(Event)
 
 

@@ -18,7 +18,15 @@ import pytest
 import requests
 
 from tests.support.api import Api
-from tests.support.faults import Background, SendLog, retry_unacked, send_until_failure, stored_messages, wait_until
+from tests.support.faults import (
+    Background,
+    SendLog,
+    post_numbered,
+    retry_unacked,
+    send_until_failure,
+    stored_messages,
+    wait_until,
+)
 from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.postgres
@@ -146,11 +154,7 @@ def test_postgres_restart_under_load_503s_cleanly_and_recovers_by_itself(own_pos
                 return
             client_id = f"load-{number}"
             try:
-                response = client.post(
-                    f"/api/v1/conversations/{load_conversation}/messages",
-                    {"text": f"text of {client_id}", "client_id": client_id},
-                    timeout=15,
-                )
+                response = post_numbered(client, load_conversation, client_id, timeout=15)
             except requests.RequestException:
                 load_log.unacked.append(client_id)
                 time.sleep(0.05)

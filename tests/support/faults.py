@@ -26,6 +26,15 @@ class SendLog:
     errors: list[str] = field(default_factory=list)
 
 
+def post_numbered(client: Api, conversation_id: int, client_id: str, timeout: float = 10) -> requests.Response:
+    """Send the message named by `client_id`: the same text every time, so a retry is a replay."""
+    return client.post(
+        f"/api/v1/conversations/{conversation_id}/messages",
+        {"text": f"text of {client_id}", "client_id": client_id},
+        timeout=timeout,
+    )
+
+
 def send_until_failure(client: Api, log: SendLog, stop: threading.Event, max_sends: int = 10_000) -> None:
     """Send numbered messages with client_ids until `stop` or the first failure.
 
@@ -38,11 +47,7 @@ def send_until_failure(client: Api, log: SendLog, stop: threading.Event, max_sen
             return
         client_id = f"{log.prefix}-{number}"
         try:
-            response = client.post(
-                f"/api/v1/conversations/{log.conversation_id}/messages",
-                {"text": f"text of {client_id}", "client_id": client_id},
-                timeout=10,
-            )
+            response = post_numbered(client, log.conversation_id, client_id)
         except requests.RequestException as exc:
             log.unacked.append(client_id)
             log.errors.append(type(exc).__name__)
@@ -61,11 +66,7 @@ def retry_unacked(client: Api, log: SendLog, deadline_secs: float = 30) -> None:
     for client_id in log.unacked:
         while True:
             try:
-                response = client.post(
-                    f"/api/v1/conversations/{log.conversation_id}/messages",
-                    {"text": f"text of {client_id}", "client_id": client_id},
-                    timeout=10,
-                )
+                response = post_numbered(client, log.conversation_id, client_id)
                 if response.status_code in (200, 201):
                     log.acked[client_id] = response.json()
                     break

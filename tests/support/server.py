@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
-from tests.support.ports import free_port
+from tests.support.ports import free_port, wait_until_answering
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,19 +62,17 @@ class ServerProcess:
             stderr=log,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if requests.get(self.base_url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not ready after {timeout}s; see {self.log_path}")
-            time.sleep(0.05)
+        try:
+            wait_until_answering(
+                self.process,
+                self.base_url + "/readyz",
+                timeout,
+                ready=lambda response: response.status_code == 200,
+                describe=lambda: f"see {self.log_path}",
+            )
+        except TimeoutError:
+            self.stop()
+            raise
         # All workers booted: each answers readyz; give the others a moment.
         self.wait_workers()
         return self
