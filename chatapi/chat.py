@@ -110,7 +110,8 @@ class Chat:
         self._wakeups = wakeups
         self._publish = publish
         if db.is_postgresql:
-            event.listen(db.engine, "connect", _prepare_statements)
+            for engine in db.engines:
+                event.listen(engine, "connect", _prepare_statements)
 
     # Accounts and tokens -------------------------------------------------
 

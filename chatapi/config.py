@@ -40,13 +40,25 @@ class Settings:
     rate_limit_registration_per_address: str = "200/hour"
     rate_limit_send_per_user: str = "100/second"
     trust_proxy_headers: int = 0
-    # Connections kept open per worker. Overflow connections are closed when
-    # returned, and re-opening one (a new PostgreSQL backend, plus preparing
-    # the hot statements) cost more than the queries it served: with a pool
-    # of 10 + 30, 100 polling users at 50 messages/s saw delivery p99 of 1.2 s;
-    # with 30 + 10, 0.1 s (docs/performance.md, "Pool churn").
-    db_pool_size: int = 30
+    # Read connections kept open per worker. Overflow connections are closed
+    # when returned, and re-opening one (a new PostgreSQL backend, plus
+    # preparing the hot statements) cost more than the queries it served:
+    # with a pool of 10 + 30, 100 polling users at 50 messages/s saw delivery
+    # p99 of 1.2 s; with 30 + 10, 0.1 s (docs/performance.md, "Pool churn").
+    # 25 + 10 reads and 10 writes, plus 2 for wake-ups, keep two workers
+    # within PostgreSQL's default max_connections of 100.
+    db_pool_size: int = 25
     db_max_overflow: int = 10
+    # Write transactions are short (about a millisecond) and take row locks:
+    # a bounded pool without overflow queues a burst of them in the worker
+    # instead of opening connections that would only wait on each other.
+    db_write_pool_size: int = 10
+
+    def __post_init__(self) -> None:
+        # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
+        for name in ("db_pool_size", "db_write_pool_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CHATAPI_{name.upper()} must be at least 1")
 
     @property
     def is_postgresql(self) -> bool:
@@ -80,6 +92,7 @@ class Settings:
             trust_proxy_headers=int(_number(get("CHATAPI_TRUSTED_PROXIES"), 0)),
             db_pool_size=int(_number(get("CHATAPI_DB_POOL_SIZE"), default.db_pool_size)),
             db_max_overflow=int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow)),
+            db_write_pool_size=int(_number(get("CHATAPI_DB_WRITE_POOL_SIZE"), default.db_write_pool_size)),
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import gevent.lock
 from sqlalchemy import create_engine, event, text
@@ -34,16 +35,31 @@ PING_IF_IDLE_SECS = 1.0
 class Database:
     def __init__(self, settings: Settings) -> None:
         self.is_postgresql = settings.is_postgresql
-        self.engine = _make_engine(settings)
+        if self.is_postgresql:
+            # Two pools. Reads run in autocommit: under READ COMMITTED every
+            # statement takes its own snapshot anyway, so a transaction around
+            # them would only add a BEGIN and a ROLLBACK round trip. Their
+            # connections are autocommit from birth: switching connections of
+            # one pool per checkout costs a call at every checkout and checkin,
+            # and a reset that fails at checkin (the database just went away)
+            # escapes SQLAlchemy unwrapped and loses the pool slot for good.
+            self.engine = _make_postgresql_engine(settings, pool_size=settings.db_write_pool_size, max_overflow=0)
+            self.read_engine = _make_postgresql_engine(
+                settings,
+                pool_size=settings.db_pool_size,
+                max_overflow=settings.db_max_overflow,
+                isolation_level="AUTOCOMMIT",
+            )
+        else:
+            self.engine = self.read_engine = _make_sqlite_engine(settings)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Reads run in autocommit on PostgreSQL: under READ COMMITTED every
-        # statement takes its own snapshot anyway, so a transaction around
-        # them only adds a BEGIN and a ROLLBACK round trip per unit of work.
-        reads_engine = (
-            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgresql else self.engine
-        )
-        self._read_sessions = sessionmaker(reads_engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self._write_lock = None if self.is_postgresql else gevent.lock.BoundedSemaphore(1)
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """Every engine (one on SQLite; writes and reads on PostgreSQL)."""
+        return (self.engine,) if self.engine is self.read_engine else (self.engine, self.read_engine)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
@@ -59,24 +75,28 @@ class Database:
             yield session
 
     def ping(self) -> None:
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        for engine in self.engines:
+            engine.dispose()
 
 
-def _make_engine(settings: Settings) -> Engine:
-    if settings.is_postgresql:
-        engine = create_engine(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            pool_timeout=10,
-            connect_args={"connect_timeout": 5},
-        )
-        _ping_idle_connections(engine)
-        return engine
+def _make_postgresql_engine(settings: Settings, *, pool_size: int, max_overflow: int, **options: Any) -> Engine:
+    engine = create_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=10,
+        connect_args={"connect_timeout": 5},
+        **options,
+    )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _make_sqlite_engine(settings: Settings) -> Engine:
     engine = create_engine(settings.database_url, connect_args={"check_same_thread": False})
 
     @event.listens_for(engine, "connect")

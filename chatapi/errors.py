@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
+import psycopg2
 from flask import Flask, Response, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -49,6 +51,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def database_unavailable(error: BaseException) -> bool:
     """Whether `error` means the database cannot be reached (not a bug in a query)."""
     if isinstance(error, (OperationalError, PoolTimeoutError)):
+        return True
+    # The driver's own error, where SQLAlchemy did not wrap it (a pool hook).
+    if isinstance(error, (psycopg2.OperationalError, sqlite3.OperationalError)):
         return True
     return isinstance(error, DBAPIError) and error.connection_invalidated
 

@@ -36,7 +36,13 @@ def test_switches_and_limits() -> None:
 
 
 @pytest.mark.parametrize(
-    "env", [{"CHATAPI_RATE_LIMITS": "maybe"}, {"CHATAPI_LONG_POLL_MAX_SECS": "soon"}, {"CHATAPI_DB_POOL_SIZE": "-1"}]
+    "env",
+    [
+        {"CHATAPI_RATE_LIMITS": "maybe"},
+        {"CHATAPI_LONG_POLL_MAX_SECS": "soon"},
+        {"CHATAPI_DB_POOL_SIZE": "-1"},
+        {"CHATAPI_DB_WRITE_POOL_SIZE": "0"},
+    ],
 )
 def test_bad_values_are_refused_at_start(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
