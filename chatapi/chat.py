@@ -31,11 +31,12 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from chatapi import auth
-from chatapi.db import Database
+from chatapi.db import Database, Executor
 from chatapi.errors import ApiError
 from chatapi.models import Conversation, Event, Member, Message, Token, User
 from chatapi.wakeups import Wakeups, conversation_key, user_key
@@ -347,7 +348,7 @@ class Chat:
         if upto > conversation.delivered_seq:
             self._acknowledge_conversation(caller, conversation_id, upto)
 
-        def check(session: Session) -> tuple[Page, bool]:
+        def check(session: Executor) -> tuple[Page, bool]:
             head = session.scalar(select(Conversation.last_seq).where(Conversation.id == conversation_id))
             if after >= head:
                 return Page([], head), after > head
@@ -370,7 +371,7 @@ class Chat:
     def events(self, caller: Caller, *, after: int, limit: int, timeout: float) -> Page:
         self._acknowledge_events(caller, after)
 
-        def check(session: Session) -> tuple[Page, bool]:
+        def check(session: Executor) -> tuple[Page, bool]:
             head = _core(session, _EVENT_HEAD, user_id=caller.id).scalar_one()
             if after >= head:
                 return Page([], head), after > head
@@ -386,7 +387,7 @@ class Chat:
         keys: list[str],
         user_id: int,
         timeout: float,
-        check: Callable[[Session], tuple[Page, bool]],
+        check: Callable[[Executor], tuple[Page, bool]],
     ) -> Page:
         """Answer as soon as `check` has something, or with an empty page at the timeout.
 
@@ -557,9 +558,9 @@ _ADVANCE_DELIVERED = _Hot("chatapi_advance_delivered", _advance_statement(read=F
 _ADVANCE_READ = _Hot("chatapi_advance_read", _advance_statement(read=True))
 
 
-def _core(session: Session, hot: _Hot, **params: Any) -> Any:
+def _core(session: Executor, hot: _Hot, **params: Any) -> Any:
     """Run a hot-path statement on the session's connection, skipping the ORM layer."""
-    connection = session.connection()
+    connection = session if isinstance(session, Connection) else session.connection()
     if connection.dialect.name == "postgresql":
         return connection.execute(hot.execute, {**hot.defaults, **params})
     return connection.execute(hot.statement, params)
@@ -702,7 +703,7 @@ def _check_replay(session: Session, conversation_id: int, sender_id: int, client
     raise _Replay(_message_json(row))
 
 
-def _membership(session: Session, user_id: int, conversation_id: int) -> Any:
+def _membership(session: Executor, user_id: int, conversation_id: int) -> Any:
     """The conversation's head and the caller's progress, or 404 for non-members."""
     row = session.execute(
         select(
@@ -737,7 +738,7 @@ def _append_receipts(session: Session, user_id: int, conversation: Any, grown: t
     _append_events(session, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
 
 
-def _history(session: Session, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
+def _history(session: Executor, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
     query = (
         select(*_MESSAGE_COLUMNS)
         .join(_SENDER, _SENDER.id == Message.sender_id)
@@ -850,7 +851,7 @@ def _events_after_query():
 _EVENTS_AFTER = _Hot("chatapi_events_after", _events_after_query())
 
 
-def _events_after(session: Session, user_id: int, after: int, limit: int) -> list[Json]:
+def _events_after(session: Executor, user_id: int, after: int, limit: int) -> list[Json]:
     rows = _core(session, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
     events = []
     for row in rows:

@@ -4,6 +4,9 @@ codes and the chat rules, one behaviour per test."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
+
+from chatapi.models import Token, User
 
 API = "/api/v1"
 
@@ -109,11 +112,9 @@ def test_bad_credentials_get_401_with_challenge(client, header) -> None:
 
 def test_tokens_are_stored_only_hashed(app, client, accounts) -> None:
     token = accounts.sign_up("alice")["Authorization"].split()[1]
-    with app.extensions["chatapi"].db.reading() as session:
-        from chatapi.models import Token, User
-
-        stored = [row.token_hash for row in session.query(Token)]
-        password_hash = session.query(User).one().password_hash
+    with app.extensions["chatapi"].db.reading() as connection:
+        stored = list(connection.scalars(select(Token.token_hash)))
+        password_hash = connection.scalar(select(User.password_hash))
     assert token not in stored and len(stored) == 1 and len(stored[0]) == 64
     assert password_hash.startswith("$argon2id$") and "password123" not in password_hash
 
