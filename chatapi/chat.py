@@ -33,10 +33,10 @@ from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, 
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
 from chatapi import auth
-from chatapi.db import Database, Executor
+from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.models import Conversation, Event, Member, Message, Token, User
 from chatapi.wakeups import Wakeups, conversation_key, user_key
@@ -117,16 +117,18 @@ class Chat:
     # Accounts and tokens -------------------------------------------------
 
     def register(self, username: str, password: str) -> Json:
-        with self._db.reading() as session:
-            if session.scalar(select(User.id).where(User.username == username)) is not None:
+        with self._db.reading() as connection:
+            if connection.scalar(select(User.id).where(User.username == username)) is not None:
                 raise _username_taken()
         password_hash = auth.hash_password(password)
         try:
-            with self._db.writing() as session:
-                user = User(username=username, password_hash=password_hash, created_at=utcnow())
-                session.add(user)
-                session.flush()
-                return _user_json(user.id, user.username)
+            with self._db.writing() as connection:
+                user_id = connection.scalar(
+                    insert(User)
+                    .values(username=username, password_hash=password_hash, created_at=utcnow())
+                    .returning(User.id)
+                )
+                return _user_json(user_id, username)
         except IntegrityError:
             raise _username_taken() from None
 
@@ -134,54 +136,55 @@ class Chat:
         """A new token for valid credentials; 401 otherwise, after the same work."""
         row = None
         if username is not None:
-            with self._db.reading() as session:
-                row = session.execute(
+            with self._db.reading() as connection:
+                row = connection.execute(
                     select(User.id, User.username, User.password_hash).where(User.username == username)
                 ).one_or_none()
         if not auth.verify_password(row.password_hash if row else None, password) or row is None:
             raise ApiError(401, "invalid_credentials", "wrong username or password")
         token = auth.new_token()
-        with self._db.writing() as session:
-            session.add(Token(user_id=row.id, token_hash=auth.token_digest(token), created_at=utcnow()))
+        with self._db.writing() as connection:
+            connection.execute(
+                insert(Token).values(user_id=row.id, token_hash=auth.token_digest(token), created_at=utcnow())
+            )
         return {"token": token, "user": _user_json(row.id, row.username)}
 
     def authenticate(self, token: str) -> Caller | None:
-        with self._db.reading() as session:
-            row = _core(session, _AUTHENTICATE, token_hash=auth.token_digest(token)).one_or_none()
+        with self._db.reading() as connection:
+            row = _core(connection, _AUTHENTICATE, token_hash=auth.token_digest(token)).one_or_none()
         return Caller(row.id, row.username) if row else None
 
     def revoke(self, token: str) -> None:
-        with self._db.writing() as session:
-            session.execute(Token.__table__.delete().where(Token.token_hash == auth.token_digest(token)))
+        with self._db.writing() as connection:
+            connection.execute(Token.__table__.delete().where(Token.token_hash == auth.token_digest(token)))
 
     # Conversations --------------------------------------------------------
 
     def start_conversation(self, caller: Caller, peer_name: str | None) -> tuple[Json, bool]:
         """The conversation with `peer_name`, and whether this call created it."""
-        with self._db.reading() as session:
+        with self._db.reading() as connection:
             peer_id = None
             if peer_name is not None:
-                peer_id = session.scalar(select(User.id).where(User.username == peer_name))
+                peer_id = connection.scalar(select(User.id).where(User.username == peer_name))
             if peer_id is None:
                 raise ApiError(404, "user_not_found", "no such user")
             if peer_id == caller.id:
                 raise ApiError(400, "invalid_peer", "you cannot start a conversation with yourself")
             low, high = sorted((caller.id, peer_id))
-            existing = session.scalar(
+            existing = connection.scalar(
                 select(Conversation.id).where(Conversation.user_low_id == low, Conversation.user_high_id == high)
             )
         if existing is not None:
             return self.conversation(caller, existing), False
         now = utcnow()
         try:
-            with self._db.writing() as session:
-                conversation = Conversation(
-                    user_low_id=low, user_high_id=high, created_at=now, last_activity_at=now, last_seq=0
+            with self._db.writing() as connection:
+                conversation_id = connection.scalar(
+                    insert(Conversation)
+                    .values(user_low_id=low, user_high_id=high, created_at=now, last_activity_at=now, last_seq=0)
+                    .returning(Conversation.id)
                 )
-                session.add(conversation)
-                session.flush()
-                conversation_id = conversation.id
-                session.execute(
+                connection.execute(
                     insert(Member),
                     [
                         {"conversation_id": conversation_id, "user_id": low, "delivered_seq": 0, "read_seq": 0},
@@ -189,7 +192,7 @@ class Chat:
                     ],
                 )
                 _append_events(
-                    session,
+                    connection,
                     {
                         low: [_event("conversation", conversation_id, subject_user_id=high)],
                         high: [_event("conversation", conversation_id, subject_user_id=low)],
@@ -197,8 +200,8 @@ class Chat:
                 )
         except IntegrityError:
             # The other party created it at the same moment.
-            with self._db.reading() as session:
-                conversation_id = session.scalar(
+            with self._db.reading() as connection:
+                conversation_id = connection.scalar(
                     select(Conversation.id).where(Conversation.user_low_id == low, Conversation.user_high_id == high)
                 )
             return self.conversation(caller, conversation_id), False
@@ -206,12 +209,12 @@ class Chat:
         return self.conversation(caller, conversation_id), True
 
     def conversations(self, caller: Caller) -> list[Json]:
-        with self._db.reading() as session:
-            return [_conversation_json(row) for row in session.execute(_conversation_query(caller.id))]
+        with self._db.reading() as connection:
+            return [_conversation_json(row) for row in connection.execute(_conversation_query(caller.id))]
 
     def conversation(self, caller: Caller, conversation_id: int) -> Json:
-        with self._db.reading() as session:
-            row = session.execute(
+        with self._db.reading() as connection:
+            row = connection.execute(
                 _conversation_query(caller.id).where(Conversation.id == conversation_id)
             ).one_or_none()
         if row is None:
@@ -252,8 +255,8 @@ class Chat:
     def _store_message(
         self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
     ) -> tuple[Any, int, int]:
-        with self._db.writing() as session:
-            head = session.execute(
+        with self._db.writing() as connection:
+            head = connection.execute(
                 update(Conversation)
                 .where(
                     Conversation.id == conversation_id,
@@ -265,9 +268,9 @@ class Chat:
             if head is None:
                 raise _not_found()
             if client_id is not None:
-                _check_replay(session, conversation_id, caller.id, client_id, text_)
+                _check_replay(connection, conversation_id, caller.id, client_id, text_)
             seq = head.last_seq
-            message_id = session.scalar(
+            message_id = connection.scalar(
                 insert(Message)
                 .values(
                     conversation_id=conversation_id,
@@ -280,7 +283,7 @@ class Chat:
                 .returning(Message.id)
             )
             # Sending counts as reading (and so as delivery) up to one's own message.
-            session.execute(
+            connection.execute(
                 update(Member)
                 .where(Member.conversation_id == conversation_id, Member.user_id == caller.id)
                 .values(read_seq=seq, delivered_seq=seq)
@@ -289,7 +292,7 @@ class Chat:
                 _event("message", conversation_id, message_id=message_id),
                 _event("receipt", conversation_id, caller.id, delivered_seq=seq, read_seq=seq),
             ]
-            _append_events(session, {head.user_low_id: events, head.user_high_id: events})
+            _append_events(connection, {head.user_low_id: events, head.user_high_id: events})
         return head, seq, message_id
 
     def _store_message_pg(
@@ -301,8 +304,8 @@ class Chat:
         client_id violates the unique constraint here (IntegrityError), and
         `send` retries through `_store_message`, which answers the replay.
         """
-        with self._db.writing() as session:
-            row = session.execute(
+        with self._db.writing() as connection:
+            row = connection.execute(
                 _EXECUTE_SEND_PG,
                 {
                     "conversation_id": conversation_id,
@@ -319,13 +322,13 @@ class Chat:
         return row, row.last_seq, row.message_id
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
-        with self._db.writing() as session:
-            conversation = _membership(session, caller.id, conversation_id)
+        with self._db.writing() as connection:
+            conversation = _membership(connection, caller.id, conversation_id)
             if seq > conversation.last_seq:
                 raise ApiError(400, "invalid_seq", f"seq must be at most last_seq ({conversation.last_seq})")
-            grown = _advance(session, caller.id, conversation_id, seq, read=True)
+            grown = _advance(connection, caller.id, conversation_id, seq, read=True)
             if grown:
-                _append_receipts(session, caller.id, conversation, grown)
+                _append_receipts(connection, caller.id, conversation, grown)
         if grown:
             self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
         return self.conversation(caller, conversation_id)
@@ -340,19 +343,19 @@ class Chat:
         limit: int,
         timeout: float,
     ) -> Page:
-        with self._db.reading() as session:
-            conversation = _membership(session, caller.id, conversation_id)
+        with self._db.reading() as connection:
+            conversation = _membership(connection, caller.id, conversation_id)
             if after is None:
-                return _history(session, conversation_id, before, limit, conversation.last_seq)
+                return _history(connection, conversation_id, before, limit, conversation.last_seq)
         upto = min(after, conversation.last_seq)
         if upto > conversation.delivered_seq:
             self._acknowledge_conversation(caller, conversation_id, upto)
 
-        def check(session: Executor) -> tuple[Page, bool]:
-            head = session.scalar(select(Conversation.last_seq).where(Conversation.id == conversation_id))
+        def check(connection: Connection) -> tuple[Page, bool]:
+            head = connection.scalar(select(Conversation.last_seq).where(Conversation.id == conversation_id))
             if after >= head:
                 return Page([], head), after > head
-            rows = session.execute(
+            rows = connection.execute(
                 select(*_MESSAGE_COLUMNS)
                 .join(_SENDER, _SENDER.id == Message.sender_id)
                 .where(Message.conversation_id == conversation_id, Message.seq > after)
@@ -371,11 +374,11 @@ class Chat:
     def events(self, caller: Caller, *, after: int, limit: int, timeout: float) -> Page:
         self._acknowledge_events(caller, after)
 
-        def check(session: Executor) -> tuple[Page, bool]:
-            head = _core(session, _EVENT_HEAD, user_id=caller.id).scalar_one()
+        def check(connection: Connection) -> tuple[Page, bool]:
+            head = _core(connection, _EVENT_HEAD, user_id=caller.id).scalar_one()
             if after >= head:
                 return Page([], head), after > head
-            events = _events_after(session, caller.id, after, limit)
+            events = _events_after(connection, caller.id, after, limit)
             return Page(events, max(head, events[-1]["pos"] if events else 0)), True
 
         return self._long_poll([user_key(caller.id)], caller.id, timeout, check)
@@ -387,7 +390,7 @@ class Chat:
         keys: list[str],
         user_id: int,
         timeout: float,
-        check: Callable[[Executor], tuple[Page, bool]],
+        check: Callable[[Connection], tuple[Page, bool]],
     ) -> Page:
         """Answer as soon as `check` has something, or with an empty page at the timeout.
 
@@ -397,13 +400,13 @@ class Chat:
         is held while waiting.
         """
         if timeout <= 0 or self._wakeups.draining:
-            with self._db.reading() as session:
-                return check(session)[0]
+            with self._db.reading() as connection:
+                return check(connection)[0]
         deadline = time.monotonic() + timeout
         with self._wakeups.listening(keys, user_id) as waiter:
             while True:
-                with self._db.reading() as session:
-                    page, ready = check(session)
+                with self._db.reading() as connection:
+                    page, ready = check(connection)
                 remaining = deadline - time.monotonic()
                 if ready or waiter.cut_short or remaining <= 0:
                     return page
@@ -412,11 +415,11 @@ class Chat:
     # Delivery receipts ----------------------------------------------------
 
     def _acknowledge_conversation(self, caller: Caller, conversation_id: int, upto: int) -> None:
-        with self._db.writing() as session:
-            conversation = _membership(session, caller.id, conversation_id)
-            grown = _advance(session, caller.id, conversation_id, upto, read=False)
+        with self._db.writing() as connection:
+            conversation = _membership(connection, caller.id, conversation_id)
+            grown = _advance(connection, caller.id, conversation_id, upto, read=False)
             if grown:
-                _append_receipts(session, caller.id, conversation, grown)
+                _append_receipts(connection, caller.id, conversation, grown)
         if grown:
             self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
 
@@ -427,19 +430,19 @@ class Chat:
         follows only when a delivered mark can grow, or when the cursor has
         moved `ACKED_POS_LAZY_STEP` positions without delivering anything.
         """
-        with self._db.reading() as session:
-            acked, head = _core(session, _ACK_CURSOR, user_id=caller.id).one()
+        with self._db.reading() as connection:
+            acked, head = _core(connection, _ACK_CURSOR, user_id=caller.id).one()
             after = min(after, head)
             if after <= acked:
                 return
-            newest = _core(session, _NEWLY_DELIVERED, user_id=caller.id, acked=acked, after=after).all()
+            newest = _core(connection, _NEWLY_DELIVERED, user_id=caller.id, acked=acked, after=after).all()
         if not newest and after - acked < ACKED_POS_LAZY_STEP:
             return
         touched: set[int] = set()
-        with self._db.writing() as session:
+        with self._db.writing() as connection:
             receipts: dict[int, list[Json]] = {}
             for conversation_id, upto, peer_id in newest:
-                grown = _advance(session, caller.id, conversation_id, upto, read=False)
+                grown = _advance(connection, caller.id, conversation_id, upto, read=False)
                 if grown:
                     receipt = _event("receipt", conversation_id, caller.id, *grown)
                     receipts.setdefault(caller.id, []).append(receipt)
@@ -448,8 +451,8 @@ class Chat:
             if not receipts and self._db.is_postgresql:
                 # Only the cursor moves: losing it in a crash just means the
                 # range is scanned again, so this need not wait for the disk.
-                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            _append_events(session, receipts, acked_pos=(caller.id, after))
+                connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            _append_events(connection, receipts, acked_pos=(caller.id, after))
         if touched:
             self._publish([user_key(user_id) for user_id in touched])
 
@@ -558,9 +561,8 @@ _ADVANCE_DELIVERED = _Hot("chatapi_advance_delivered", _advance_statement(read=F
 _ADVANCE_READ = _Hot("chatapi_advance_read", _advance_statement(read=True))
 
 
-def _core(session: Executor, hot: _Hot, **params: Any) -> Any:
-    """Run a hot-path statement on the session's connection, skipping the ORM layer."""
-    connection = session if isinstance(session, Connection) else session.connection()
+def _core(connection: Connection, hot: _Hot, **params: Any) -> Any:
+    """Run a hot-path statement: its prepared plan on PostgreSQL, the Core statement on SQLite."""
     if connection.dialect.name == "postgresql":
         return connection.execute(hot.execute, {**hot.defaults, **params})
     return connection.execute(hot.statement, params)
@@ -630,7 +632,7 @@ _EXECUTE_SEND_PG = text("EXECUTE chatapi_send (" + ", ".join(f":{name}" for name
 
 
 def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
-    """On each new PostgreSQL connection: prepare the hot statements (they live as long as the session)."""
+    """On each new PostgreSQL connection: prepare the hot statements, which live as long as it does."""
     with dbapi_connection.cursor() as cursor:
         cursor.execute(_PREPARE_SEND_PG)
         for hot in _Hot.all:
@@ -662,7 +664,7 @@ def _event(
 
 
 def _append_events(
-    session: Session, events_by_user: dict[int, list[Json]], acked_pos: tuple[int, int] | None = None
+    connection: Connection, events_by_user: dict[int, list[Json]], acked_pos: tuple[int, int] | None = None
 ) -> None:
     """Give each user's new events the next positions of its stream and store them.
 
@@ -677,17 +679,19 @@ def _append_events(
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
         if acked_pos is not None and acked_pos[0] == user_id:
-            head = _core(session, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
+            head = _core(connection, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
         else:
-            head = _core(session, _BUMP_HEAD, b_user_id=user_id, count=len(events))
+            head = _core(connection, _BUMP_HEAD, b_user_id=user_id, count=len(events))
         first = head.scalar_one() - len(events) + 1
         rows.extend({**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events))
     if rows:
-        session.connection().execute(_INSERT_EVENTS, rows)
+        connection.execute(_INSERT_EVENTS, rows)
 
 
-def _check_replay(session: Session, conversation_id: int, sender_id: int, client_id: str | None, text_: str) -> None:
-    row = session.execute(
+def _check_replay(
+    connection: Connection, conversation_id: int, sender_id: int, client_id: str | None, text_: str
+) -> None:
+    row = connection.execute(
         select(*_MESSAGE_COLUMNS)
         .join(_SENDER, _SENDER.id == Message.sender_id)
         .where(
@@ -703,9 +707,9 @@ def _check_replay(session: Session, conversation_id: int, sender_id: int, client
     raise _Replay(_message_json(row))
 
 
-def _membership(session: Executor, user_id: int, conversation_id: int) -> Any:
+def _membership(connection: Connection, user_id: int, conversation_id: int) -> Any:
     """The conversation's head and the caller's progress, or 404 for non-members."""
-    row = session.execute(
+    row = connection.execute(
         select(
             Conversation.id.label("conversation_id"),
             Conversation.last_seq,
@@ -722,23 +726,25 @@ def _membership(session: Executor, user_id: int, conversation_id: int) -> Any:
     return row
 
 
-def _advance(session: Session, user_id: int, conversation_id: int, seq: int, *, read: bool) -> tuple[int, int] | None:
+def _advance(
+    connection: Connection, user_id: int, conversation_id: int, seq: int, *, read: bool
+) -> tuple[int, int] | None:
     """Move the user's delivered (and read) marks up to `seq`, never down.
 
     Returns the new (delivered_seq, read_seq) if anything grew, else None.
     The conditional UPDATE makes concurrent calls emit one receipt per growth.
     """
     statement = _ADVANCE_READ if read else _ADVANCE_DELIVERED
-    row = _core(session, statement, b_conversation_id=conversation_id, b_user_id=user_id, seq=seq).one_or_none()
+    row = _core(connection, statement, b_conversation_id=conversation_id, b_user_id=user_id, seq=seq).one_or_none()
     return (row.delivered_seq, row.read_seq) if row else None
 
 
-def _append_receipts(session: Session, user_id: int, conversation: Any, grown: tuple[int, int]) -> None:
+def _append_receipts(connection: Connection, user_id: int, conversation: Any, grown: tuple[int, int]) -> None:
     receipt = _event("receipt", conversation.conversation_id, user_id, *grown)
-    _append_events(session, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
+    _append_events(connection, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
 
 
-def _history(session: Executor, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
+def _history(connection: Connection, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
     query = (
         select(*_MESSAGE_COLUMNS)
         .join(_SENDER, _SENDER.id == Message.sender_id)
@@ -748,7 +754,7 @@ def _history(session: Executor, conversation_id: int, before: int | None, limit:
     )
     if before is not None:
         query = query.where(Message.seq < min(before, head + 1))
-    rows = list(session.execute(query))
+    rows = list(connection.execute(query))
     rows.reverse()
     return Page([_message_json(row) for row in rows], head)
 
@@ -851,8 +857,8 @@ def _events_after_query():
 _EVENTS_AFTER = _Hot("chatapi_events_after", _events_after_query())
 
 
-def _events_after(session: Executor, user_id: int, after: int, limit: int) -> list[Json]:
-    rows = _core(session, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
+def _events_after(connection: Connection, user_id: int, after: int, limit: int) -> list[Json]:
+    rows = _core(connection, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
     events = []
     for row in rows:
         if row.kind == "message":

@@ -18,12 +18,8 @@ import gevent.lock
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.orm import Session, sessionmaker
 
 from chatapi.config import Settings
-
-# What the chat rules run statements on: a read connection or a write session.
-Executor = Connection | Session
 
 # How long a SQLite connection waits for a lock held by another process
 # (a migration, a backup) before giving up.
@@ -55,7 +51,6 @@ class Database:
             )
         else:
             self.engine = self.read_engine = _make_sqlite_engine(settings)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = None if self.is_postgresql else gevent.lock.BoundedSemaphore(1)
 
     @property
@@ -63,22 +58,22 @@ class Database:
         """Every engine (one on SQLite; writes and reads on PostgreSQL)."""
         return (self.engine,) if self.engine is self.read_engine else (self.engine, self.read_engine)
 
+    # Units of work get Core connections, not ORM sessions: the chat rules
+    # select columns and write with Core statements, never entities, and a
+    # session per unit of work cost more CPU than its queries.
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[Connection]:
-        """A connection for reads; it goes back to the pool at the end.
-
-        A Core connection, not an ORM session: reads select columns, never
-        entities, and a session per read cost more CPU than the query.
-        """
+        """A connection for reads; it goes back to the pool at the end."""
         with self.read_engine.connect() as connection:
             yield connection
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[Session]:
+    def writing(self) -> Iterator[Connection]:
         """One unit of work: commits at the end of the block, rolls back on error."""
         lock = self._write_lock or contextlib.nullcontext()
-        with lock, self._sessions() as session, session.begin():
-            yield session
+        with lock, self.engine.begin() as connection:
+            yield connection
 
     def ping(self) -> None:
         with self.read_engine.connect() as conn:
