@@ -5,6 +5,7 @@ may be lost or duplicated, and the service must come back by itself."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,10 +14,16 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycogreen.gevent
 import psycopg2
+import psycopg2.extensions
 import pytest
 import requests
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from chatapi.config import Settings
+from chatapi.db import PING_IF_IDLE_SECS, Database
 from tests.support.api import Api
 from tests.support.faults import (
     Background,
@@ -355,3 +362,34 @@ def test_a_killed_worker_is_replaced_and_clients_carry_on(postgres_url: str, sta
     _assert_exactly_once_and_gapless(postgres_url, logs)
     total = sum(len(log.acked) for log in logs)
     assert [m["seq"] for m in seen] == list(range(1, total + 1)), "the reader missed or repeated a message"
+
+
+@pytest.mark.parametrize("unit_of_work", ["reading", "writing"])
+def test_a_connection_returned_while_the_database_is_down_keeps_its_pool_slot(own_postgres, unit_of_work) -> None:
+    """With one pooled connection, a slot lost at the outage would leave every later request waiting."""
+    settings = Settings.from_env(
+        {
+            "CHATAPI_DATABASE_URL": own_postgres.new_database(),
+            "CHATAPI_DB_POOL_SIZE": "1",
+            "CHATAPI_DB_MAX_OVERFLOW": "0",
+            "CHATAPI_DB_WRITE_POOL_SIZE": "1",
+        }
+    )
+    # As in a gunicorn worker (gunicorn.conf.py): psycopg2 waits through gevent.
+    psycogreen.gevent.patch_psycopg()
+    db = Database(settings)
+    engine = db.read_engine if unit_of_work == "reading" else db.engine
+    try:
+        # The database goes away after the work and before the connection is returned.
+        with contextlib.suppress(DBAPIError), getattr(db, unit_of_work)() as connection:
+            connection.execute(text("SELECT 1"))
+            own_postgres.stop("fast")
+        own_postgres.pg_ctl("start")
+        assert engine.pool.checkedout() == 0
+        # Idle this long, the dead pooled connection is pinged and replaced at checkout.
+        time.sleep(PING_IF_IDLE_SECS + 0.1)
+        with getattr(db, unit_of_work)() as connection:
+            assert connection.scalar(text("SELECT 1")) == 1
+    finally:
+        db.dispose()
+        psycopg2.extensions.set_wait_callback(None)
