@@ -32,7 +32,9 @@ IDLE_POLLS_PER_USER = 3
 IDLE_TIMEOUT_SECS = 7
 RSS_TOLERANCE_BYTES = 8 * 2**20
 RSS_TOLERANCE_RATIO = 0.10
-FD_TOLERANCE = 6
+# Open descriptors are compared summed over the workers: an idle client that
+# reconnects may be accepted by the other worker, which moves its socket.
+FD_TOLERANCE = 8
 
 
 def _rss_bytes(pid: int) -> int:
@@ -177,7 +179,10 @@ def test_memory_and_file_descriptors_stay_flat_under_steady_traffic(postgres_url
             f"worker {pid}: RSS {rss_warm / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB, fds {fds_warm} -> {fds_end}"
         )
         assert rss_end <= rss_warm * (1 + RSS_TOLERANCE_RATIO) + RSS_TOLERANCE_BYTES, report
-        assert fds_end <= fds_warm + FD_TOLERANCE, report
+    fds_warm = statistics.median(sum(s[pid][1] for pid in pids) for s in warm)
+    fds_end = statistics.median(sum(s[pid][1] for pid in pids) for s in end)
+    report.append(f"workers' fds {fds_warm} -> {fds_end}")
+    assert fds_end <= fds_warm + FD_TOLERANCE, report
     print(f"{len(sent)} messages, {answers.get(200, 0)} idle long-poll rounds; " + "; ".join(report))
     metrics = requests.get(server.base_url + "/metrics", timeout=10).text
     assert 'status="5' not in metrics
