@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from chatapi import validation
-from chatapi.chat import Caller, Chat, Page
+from chatapi.chat import Caller, Chat, Page, unauthorized
 from chatapi.errors import ApiError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -27,7 +27,7 @@ def current_caller() -> Caller:
         token = bearer_token()
         caller = chat().authenticate(token) if token else None
         if caller is None:
-            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+            raise unauthorized()
         g.caller = caller
     return g.caller
 
@@ -146,11 +146,16 @@ def list_messages(conversation_id: int) -> Response:
 
 @bp.get("/events")
 def list_events() -> Response:
-    caller = current_caller()
-    after = validation.int_param(request.args, "after", low=0) or 0
-    limit = validation.limit_param(request.args)
-    timeout = _long_poll_timeout()
-    page = chat().events(caller, after=after, limit=limit, timeout=timeout)
+    # The token is checked together with the first query (Chat.events); a
+    # bad token still wins over bad parameters, as on every other endpoint.
+    try:
+        after = validation.int_param(request.args, "after", low=0) or 0
+        limit = validation.limit_param(request.args)
+        timeout = _long_poll_timeout()
+    except ApiError:
+        current_caller()
+        raise
+    page = chat().events(bearer_token(), after=after, limit=limit, timeout=timeout)
     return respond({"events": page.items, "last_pos": page.head})
 
 

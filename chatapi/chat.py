@@ -73,6 +73,10 @@ def rfc3339(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized", "a valid bearer token is required")
+
+
 def _not_found() -> ApiError:
     return ApiError(404, "conversation_not_found", "no such conversation")
 
@@ -298,15 +302,15 @@ class Chat:
     def _store_message_pg(
         self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
     ) -> tuple[Any, int, int]:
-        """`_store_message` as one PostgreSQL statement: one round trip instead of seven.
+        """`_store_message` in one round trip: the function `chatapi_send` (see `_SEND_FUNCTION`).
 
-        Same steps, same locks, same order (see `_SEND_PG`). A replayed
-        client_id violates the unique constraint here (IntegrityError), and
-        `send` retries through `_store_message`, which answers the replay.
+        A replayed client_id violates the unique constraint there
+        (IntegrityError), and `send` retries through `_store_message`, which
+        answers the replay.
         """
-        with self._db.writing() as connection:
+        with self._db.autocommit() as connection:
             row = connection.execute(
-                _EXECUTE_SEND_PG,
+                _CALL_SEND,
                 {
                     "conversation_id": conversation_id,
                     "sender_id": caller.id,
@@ -315,10 +319,8 @@ class Chat:
                     "now": now,
                 },
             ).one_or_none()
-            if row is None:
-                raise _not_found()
-            if row.appended != 4:
-                raise RuntimeError(f"a send appended {row.appended} events instead of 4")
+        if row is None:
+            raise _not_found()
         return row, row.last_seq, row.message_id
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
@@ -371,7 +373,20 @@ class Chat:
 
     # The event stream -----------------------------------------------------
 
-    def events(self, caller: Caller, *, after: int, limit: int, timeout: float) -> Page:
+    def events(self, token: str | None, *, after: int, limit: int, timeout: float) -> Page:
+        """The events of the token's user after `after`, long-polling up to `timeout`; 401 for a bad token.
+
+        Takes the token, not a Caller: on PostgreSQL the token lookup, the
+        acknowledgement and the first check are one round trip
+        (`_POLL_FUNCTION`), the hottest path of the service.
+        """
+        if token is None:
+            raise unauthorized()
+        if self._db.is_postgresql:
+            return self._events_pg(token, after, limit, timeout)
+        caller = self.authenticate(token)
+        if caller is None:
+            raise unauthorized()
         self._acknowledge_events(caller, after)
 
         def check(connection: Connection) -> tuple[Page, bool]:
@@ -382,6 +397,30 @@ class Chat:
             return Page(events, max(head, events[-1]["pos"] if events else 0)), True
 
         return self._long_poll([user_key(caller.id)], caller.id, timeout, check)
+
+    def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
+        params = {
+            "token_hash": auth.token_digest(token),
+            "after": after,
+            "limit": limit,
+            "lazy_step": ACKED_POS_LAZY_STEP,
+            "acknowledge": True,
+        }
+        since = self._wakeups.sequence
+        with self._db.reading() as connection:
+            rows = connection.execute(_CALL_POLL, params).all()
+        if not rows:
+            raise unauthorized()
+        caller_id, woken = rows[0].caller_id, rows[0].woken
+        if woken:
+            self._publish([user_key(user_id) for user_id in woken])
+        page, ready = _poll_page(rows, after)
+        params["acknowledge"] = False
+
+        def check(connection: Connection) -> tuple[Page, bool]:
+            return _poll_page(connection.execute(_CALL_POLL, params).all(), after)
+
+        return self._wait([user_key(caller_id)], caller_id, timeout, check, since, page, ready)
 
     # Long-polling ---------------------------------------------------------
 
@@ -394,23 +433,42 @@ class Chat:
     ) -> Page:
         """Answer as soon as `check` has something, or with an empty page at the timeout.
 
-        `check` returns the page and whether to answer now. The waiter is
-        registered before the first check, and every wake-up re-checks: no
-        wake-up is lost, and a spurious one costs one query. No connection
-        is held while waiting.
+        `check` returns the page and whether to answer now.
         """
-        if timeout <= 0 or self._wakeups.draining:
-            with self._db.reading() as connection:
-                return check(connection)[0]
+        since = self._wakeups.sequence
+        with self._db.reading() as connection:
+            page, ready = check(connection)
+        return self._wait(keys, user_id, timeout, check, since, page, ready)
+
+    def _wait(
+        self,
+        keys: list[str],
+        user_id: int,
+        timeout: float,
+        check: Callable[[Connection], tuple[Page, bool]],
+        since: int,
+        page: Page,
+        ready: bool,
+    ) -> Page:
+        """The rest of a long-poll whose first check gave `page`, noted at wake-up number `since`.
+
+        Every wake-up of `keys` after `since` re-checks, so none is lost
+        between the first check and the waiter's registration (wakeups.py);
+        a spurious one costs one query. No connection is held while waiting.
+        """
+        if ready or timeout <= 0 or self._wakeups.draining:
+            return page
         deadline = time.monotonic() + timeout
-        with self._wakeups.listening(keys, user_id) as waiter:
+        with self._wakeups.listening(keys, user_id, since=since) as waiter:
             while True:
-                with self._db.reading() as connection:
-                    page, ready = check(connection)
                 remaining = deadline - time.monotonic()
-                if ready or waiter.cut_short or remaining <= 0:
+                if waiter.cut_short or remaining <= 0:
                     return page
                 waiter.wait(remaining)
+                with self._db.reading() as connection:
+                    page, ready = check(connection)
+                if ready:
+                    return page
 
     # Delivery receipts ----------------------------------------------------
 
@@ -426,6 +484,7 @@ class Chat:
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
         """Every message event at pos <= `after` is now delivered to the caller.
 
+        On SQLite; PostgreSQL runs `_ACKNOWLEDGE_FUNCTION` instead.
         The scan for newly delivered messages is a read; a write transaction
         follows only when a delivered mark can grow, or when the cursor has
         moved `ACKED_POS_LAZY_STEP` positions without delivering anything.
@@ -448,10 +507,6 @@ class Chat:
                     receipts.setdefault(caller.id, []).append(receipt)
                     receipts.setdefault(peer_id, []).append(receipt)
                     touched.update((caller.id, peer_id))
-            if not receipts and self._db.is_postgresql:
-                # Only the cursor moves: losing it in a crash just means the
-                # range is scanned again, so this need not wait for the disk.
-                connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
             _append_events(connection, receipts, acked_pos=(caller.id, after))
         if touched:
             self._publish([user_key(user_id) for user_id in touched])
@@ -568,76 +623,220 @@ def _core(connection: Connection, hot: _Hot, **params: Any) -> Any:
     return connection.execute(hot.statement, params)
 
 
-# The send transaction of `Chat._store_message` in one statement, for
-# PostgreSQL. Each CTE reads the one before it, so PostgreSQL runs them in
-# this order and the locks are taken in the global order: the conversation
-# row (`head`), then the sender's member row (`mark`), then both user rows in
-# ascending id order (`locked`: ORDER BY ... FOR UPDATE locks rows in sort
-# order), and only then are their event heads moved (`heads`). In READ
-# COMMITTED each UPDATE re-reads a row that a concurrent transaction changed
-# and committed, so `last_seq + 1` and `event_head + 2` use the latest values.
-_SEND_PG = text(
-    """
-WITH head AS (
-    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = :now
-    WHERE id = :conversation_id AND (user_low_id = :sender_id OR user_high_id = :sender_id)
-    RETURNING last_seq, user_low_id, user_high_id
-), message AS (
+# The hot units of work on PostgreSQL, as server-side functions: one round
+# trip each instead of five to eight, and, called on an autocommit connection,
+# each is one transaction without a BEGIN or COMMIT round trip (an error
+# anywhere in it rolls all of it back). They are created in `pg_temp` on each
+# new connection (`_prepare_statements`), so they live as long as the
+# connection and always match the code that calls them: no migration, and a
+# rolling deploy never runs one version's Python against another's SQL.
+# They follow the Python steps above (used on SQLite) statement for
+# statement: same locks, same order, same events; the API tests run both.
+
+# `Chat._store_message` without the replay check: a replayed client_id
+# violates the unique constraint here (IntegrityError), and `send` retries
+# through `_store_message`, which answers the replay. No row: not a member.
+_SEND_FUNCTION = """
+CREATE FUNCTION pg_temp.chatapi_send(
+    p_conversation_id bigint, p_sender_id bigint, p_text text, p_client_id varchar, p_now timestamp
+) RETURNS TABLE (last_seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    new_seq bigint;
+    low_id bigint;
+    high_id bigint;
+    new_message_id bigint;
+    member_id bigint;
+    new_head bigint;
+BEGIN
+    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_now
+    WHERE id = p_conversation_id AND p_sender_id IN (user_low_id, user_high_id)
+    RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
     INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
-    SELECT :conversation_id, last_seq, :sender_id, :text, :client_id, :now FROM head
-    RETURNING id, seq
-), mark AS (
+    VALUES (p_conversation_id, new_seq, p_sender_id, p_text, p_client_id, p_now)
+    RETURNING id INTO new_message_id;
     -- Sending counts as reading (and so as delivery) up to one's own message.
-    UPDATE members SET read_seq = message.seq, delivered_seq = message.seq FROM message
-    WHERE members.conversation_id = :conversation_id AND members.user_id = :sender_id
-    RETURNING members.user_id
-), locked AS (
-    SELECT users.id FROM users, head
-    WHERE users.id IN (head.user_low_id, head.user_high_id) AND EXISTS (SELECT FROM mark)
-    ORDER BY users.id
-    FOR UPDATE OF users
-), heads AS (
-    UPDATE users SET event_head = users.event_head + 2 FROM locked
-    WHERE users.id = locked.id
-    RETURNING users.id, users.event_head
-), appended AS (
-    -- Per user: the message at head - 1, the sender's receipt at head.
-    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
-    SELECT heads.id, heads.event_head - 1, 'message', :conversation_id, message.id, NULL, NULL, NULL
-    FROM heads, message
-    UNION ALL
-    SELECT heads.id, heads.event_head, 'receipt', :conversation_id, NULL, :sender_id, message.seq, message.seq
-    FROM heads, message
-    RETURNING user_id
-)
-SELECT head.last_seq, head.user_low_id, head.user_high_id, message.id AS message_id,
-    (SELECT count(*) FROM appended) AS appended
-FROM head, message
+    UPDATE members SET read_seq = new_seq, delivered_seq = new_seq
+    WHERE conversation_id = p_conversation_id AND user_id = p_sender_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'conversation % has no member row for user %', p_conversation_id, p_sender_id;
+    END IF;
+    -- Both users, in ascending id order: the message at head - 1, the sender's receipt at head.
+    FOREACH member_id IN ARRAY ARRAY[low_id, high_id] LOOP
+        UPDATE users SET event_head = event_head + 2 WHERE id = member_id RETURNING event_head INTO new_head;
+        INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+        VALUES (member_id, new_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
+               (member_id, new_head, 'receipt', p_conversation_id, NULL, p_sender_id, new_seq, new_seq);
+    END LOOP;
+    RETURN QUERY SELECT new_seq, low_id, high_id, new_message_id;
+END
+$$
 """
+
+# `Chat._acknowledge_events` after its arguments are known: returns the ids
+# of the users whose streams grew (to wake them), empty if none did.
+_ACKNOWLEDGE_FUNCTION = """
+CREATE FUNCTION pg_temp.chatapi_acknowledge(p_user_id bigint, p_after bigint, p_lazy_step bigint)
+RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    cursor_pos bigint;
+    stream_head bigint;
+    upto_pos bigint;
+    delivery record;
+    grown record;
+    conversation_ids bigint[] := '{}';
+    peer_ids bigint[] := '{}';
+    delivered_seqs bigint[] := '{}';
+    read_seqs bigint[] := '{}';
+    member_id bigint;
+    received bigint;
+    new_head bigint;
+BEGIN
+    SELECT acked_pos, event_head INTO cursor_pos, stream_head FROM users WHERE id = p_user_id;
+    upto_pos := least(p_after, stream_head);
+    IF upto_pos <= cursor_pos THEN
+        RETURN '{}';
+    END IF;
+    -- Per conversation, the newest message from the peer among the events in
+    -- (cursor_pos, upto_pos]: how far delivery has now reached. Member rows
+    -- are locked in ascending conversation id order.
+    FOR delivery IN
+        SELECT m.conversation_id,
+            max(m.seq) AS upto,
+            CASE WHEN c.user_low_id = p_user_id THEN c.user_high_id ELSE c.user_low_id END AS peer_id
+        FROM events e
+        JOIN messages m ON m.id = e.message_id
+        JOIN conversations c ON c.id = m.conversation_id
+        WHERE e.user_id = p_user_id AND e.pos > cursor_pos AND e.pos <= upto_pos
+            AND e.kind = 'message' AND m.sender_id <> p_user_id
+        GROUP BY m.conversation_id, 3
+        ORDER BY m.conversation_id
+    LOOP
+        UPDATE members SET delivered_seq = delivery.upto
+        WHERE conversation_id = delivery.conversation_id AND user_id = p_user_id AND delivered_seq < delivery.upto
+        RETURNING delivered_seq, read_seq INTO grown;
+        IF FOUND THEN
+            conversation_ids := conversation_ids || delivery.conversation_id;
+            peer_ids := peer_ids || delivery.peer_id;
+            delivered_seqs := delivered_seqs || grown.delivered_seq;
+            read_seqs := read_seqs || grown.read_seq;
+        END IF;
+    END LOOP;
+    IF cardinality(conversation_ids) = 0 THEN
+        IF upto_pos - cursor_pos < p_lazy_step THEN
+            RETURN '{}';
+        END IF;
+        -- Only the cursor moves: losing it in a crash just means the range
+        -- is scanned again, so this need not wait for the disk.
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    -- Each receipt goes to the caller's stream and to its peer's; users are
+    -- locked in ascending id order, and the caller's cursor moves under its lock.
+    FOR member_id IN SELECT DISTINCT u FROM unnest(peer_ids || p_user_id) AS u ORDER BY u LOOP
+        received := CASE WHEN member_id = p_user_id THEN cardinality(peer_ids)
+            ELSE (SELECT count(*) FROM unnest(peer_ids) AS p WHERE p = member_id) END;
+        UPDATE users SET event_head = event_head + received,
+            acked_pos = CASE WHEN id = p_user_id THEN greatest(acked_pos, upto_pos) ELSE acked_pos END
+        WHERE id = member_id
+        RETURNING event_head INTO new_head;
+        INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+        SELECT member_id, new_head - received + row_number() OVER (ORDER BY r.n), 'receipt', r.c, NULL, p_user_id,
+            r.d, r.rd
+        FROM unnest(conversation_ids, peer_ids, delivered_seqs, read_seqs) WITH ORDINALITY AS r (c, p, d, rd, n)
+        WHERE member_id = p_user_id OR r.p = member_id;
+    END LOOP;
+    IF cardinality(conversation_ids) = 0 THEN
+        RETURN '{}';
+    END IF;
+    RETURN ARRAY(SELECT DISTINCT u FROM unnest(peer_ids || p_user_id) AS u ORDER BY u);
+END
+$$
+"""
+
+# `Chat.events` on PostgreSQL: the token lookup, the acknowledgement (when
+# `p_acknowledge`) and the long-poll check (`check` in `Chat.events`) in one
+# round trip. No row: the token is not valid. Otherwise the first row carries
+# the caller, the users woken by the acknowledgement and the stream's head,
+# and the rows carry the events after `p_after` (the event columns are NULL
+# when there are none), with the columns of `_events_after_query`. The head is
+# read in the same statement as the events, so it is never below one of them.
+_POLL_FUNCTION = """
+CREATE FUNCTION pg_temp.chatapi_poll(
+    p_token_hash varchar, p_after bigint, p_limit integer, p_lazy_step bigint, p_acknowledge boolean
+) RETURNS TABLE (
+    caller_id bigint, caller_name varchar, woken bigint[], head bigint,
+    pos bigint, kind varchar, event_conversation_id bigint, delivered_seq bigint, read_seq bigint,
+    subject varchar, conversation_created_at timestamp,
+    id bigint, conversation_id bigint, seq bigint, sender varchar, text text, client_id varchar,
+    created_at timestamp
 )
-# Planning that statement cost about as much as running it, so every pooled
-# connection prepares it once (`_prepare_statements`) and sends run the prepared plan.
-_SEND_PG_PARAMS = ("conversation_id", "sender_id", "text", "client_id", "now")
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    the_caller record;
+    the_woken bigint[] := '{}';
+BEGIN
+    SELECT users.id, users.username INTO the_caller
+    FROM tokens JOIN users ON users.id = tokens.user_id
+    WHERE tokens.token_hash = p_token_hash;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF p_acknowledge THEN
+        the_woken := pg_temp.chatapi_acknowledge(the_caller.id, p_after, p_lazy_step);
+    END IF;
+    RETURN QUERY
+    SELECT the_caller.id, the_caller.username, the_woken, u.event_head, page.*
+    FROM users u
+    LEFT JOIN LATERAL (
+        SELECT e.pos, e.kind, e.conversation_id, e.delivered_seq, e.read_seq,
+            subject.username, c.created_at,
+            m.id, m.conversation_id, m.seq, sender.username, m.text, m.client_id, m.created_at
+        FROM events e
+        LEFT JOIN messages m ON m.id = e.message_id
+        LEFT JOIN users sender ON sender.id = m.sender_id
+        LEFT JOIN users subject ON subject.id = e.subject_user_id
+        LEFT JOIN conversations c ON c.id = e.conversation_id AND e.kind = 'conversation'
+        WHERE e.user_id = u.id AND e.pos > p_after
+        ORDER BY e.pos
+        LIMIT p_limit
+    ) AS page ON true
+    WHERE u.id = the_caller.id
+    ORDER BY page.pos;
+END
+$$
+"""
 
-
-def _numbered(sql: str) -> str:
-    """`sql` with the named parameters of `_SEND_PG` as PREPARE's $1, $2, ..."""
-    for number, name in enumerate(_SEND_PG_PARAMS, start=1):
-        sql = sql.replace(f":{name}", f"${number}")
-    return sql
-
-
-_PREPARE_SEND_PG = "PREPARE chatapi_send (bigint, bigint, text, varchar, timestamp) AS " + _numbered(str(_SEND_PG))
-_EXECUTE_SEND_PG = text("EXECUTE chatapi_send (" + ", ".join(f":{name}" for name in _SEND_PG_PARAMS) + ")")
+# Each connection also prepares the calls, so their plans are made once.
+_PREPARE_CALLS = (
+    "PREPARE chatapi_send (bigint, bigint, text, varchar, timestamp) AS "
+    "SELECT * FROM pg_temp.chatapi_send($1, $2, $3, $4, $5)",
+    "PREPARE chatapi_poll (varchar, bigint, integer, bigint, boolean) AS "
+    "SELECT * FROM pg_temp.chatapi_poll($1, $2, $3, $4, $5)",
+)
+_CALL_SEND = text("EXECUTE chatapi_send (:conversation_id, :sender_id, :text, :client_id, :now)")
+_CALL_POLL = text("EXECUTE chatapi_poll (:token_hash, :after, :limit, :lazy_step, :acknowledge)")
 
 
 def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
-    """On each new PostgreSQL connection: prepare the hot statements, which live as long as it does."""
+    """On each new PostgreSQL connection: create the functions and prepare the hot statements.
+
+    Both live as long as the connection does.
+    """
     with dbapi_connection.cursor() as cursor:
-        cursor.execute(_PREPARE_SEND_PG)
+        cursor.execute(_SEND_FUNCTION)
+        cursor.execute(_ACKNOWLEDGE_FUNCTION)
+        cursor.execute(_POLL_FUNCTION)
+        for statement in _PREPARE_CALLS:
+            cursor.execute(statement)
         for hot in _Hot.all:
             cursor.execute(hot.prepare)
-    # psycopg2 opened a transaction for the PREPARE; end it, the statement stays.
+    # psycopg2 opened a transaction for these on a non-autocommit connection; end it.
     dbapi_connection.commit()
 
 
@@ -858,22 +1057,28 @@ _EVENTS_AFTER = _Hot("chatapi_events_after", _events_after_query())
 
 
 def _events_after(connection: Connection, user_id: int, after: int, limit: int) -> list[Json]:
-    rows = _core(connection, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
-    events = []
-    for row in rows:
-        if row.kind == "message":
-            events.append({"pos": row.pos, "type": "message", "message": _message_json(row)})
-        elif row.kind == "receipt":
-            events.append(
-                {
-                    "pos": row.pos,
-                    "type": "receipt",
-                    "conversation_id": row.event_conversation_id,
-                    "user": row.subject,
-                    "delivered_seq": row.delivered_seq,
-                    "read_seq": row.read_seq,
-                }
-            )
-        else:
-            events.append({"pos": row.pos, "type": "conversation", "conversation": _new_conversation_json(row)})
-    return events
+    return [_event_json(row) for row in _core(connection, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)]
+
+
+def _poll_page(rows: list[Any], after: int) -> tuple[Page, bool]:
+    """The page of a `chatapi_poll` answer, and whether to answer now (`check` in `Chat.events`)."""
+    head = rows[0].head
+    if after >= head:
+        return Page([], head), after > head
+    events = [_event_json(row) for row in rows if row.pos is not None]
+    return Page(events, max(head, events[-1]["pos"] if events else 0)), True
+
+
+def _event_json(row: Any) -> Json:
+    if row.kind == "message":
+        return {"pos": row.pos, "type": "message", "message": _message_json(row)}
+    if row.kind == "receipt":
+        return {
+            "pos": row.pos,
+            "type": "receipt",
+            "conversation_id": row.event_conversation_id,
+            "user": row.subject,
+            "delivered_seq": row.delivered_seq,
+            "read_seq": row.read_seq,
+        }
+    return {"pos": row.pos, "type": "conversation", "conversation": _new_conversation_json(row)}

@@ -35,28 +35,30 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.is_postgresql = settings.is_postgresql
         if self.is_postgresql:
-            # Two pools. Reads run in autocommit: under READ COMMITTED every
-            # statement takes its own snapshot anyway, so a transaction around
-            # them would only add a BEGIN and a ROLLBACK round trip. Their
+            # Two pools. Reads, and units of work that are one statement (the
+            # hot paths call server-side functions, see chat.py), run in
+            # autocommit: under READ COMMITTED every statement takes its own
+            # snapshot anyway, and a single statement is its own transaction,
+            # so BEGIN and COMMIT would only add round trips. Those
             # connections are autocommit from birth: switching connections of
             # one pool per checkout costs a call at every checkout and checkin,
             # and a reset that fails at checkin (the database just went away)
             # escapes SQLAlchemy unwrapped and loses the pool slot for good.
             self.engine = _make_postgresql_engine(settings, pool_size=settings.db_write_pool_size, max_overflow=0)
-            self.read_engine = _make_postgresql_engine(
+            self.autocommit_engine = _make_postgresql_engine(
                 settings,
                 pool_size=settings.db_pool_size,
                 max_overflow=settings.db_max_overflow,
                 isolation_level="AUTOCOMMIT",
             )
         else:
-            self.engine = self.read_engine = _make_sqlite_engine(settings)
+            self.engine = self.autocommit_engine = _make_sqlite_engine(settings)
         self._write_lock = None if self.is_postgresql else gevent.lock.BoundedSemaphore(1)
 
     @property
     def engines(self) -> tuple[Engine, ...]:
         """Every engine (one on SQLite; writes and reads on PostgreSQL)."""
-        return (self.engine,) if self.engine is self.read_engine else (self.engine, self.read_engine)
+        return (self.engine,) if self.engine is self.autocommit_engine else (self.engine, self.autocommit_engine)
 
     # Units of work get Core connections, not ORM sessions: the chat rules
     # select columns and write with Core statements, never entities, and a
@@ -65,7 +67,18 @@ class Database:
     @contextlib.contextmanager
     def reading(self) -> Iterator[Connection]:
         """A connection for reads; it goes back to the pool at the end."""
-        with self.read_engine.connect() as connection:
+        with self.autocommit_engine.connect() as connection:
+            yield connection
+
+    @contextlib.contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """PostgreSQL only: a connection on which every statement commits on its own.
+
+        For a unit of work that is one statement: it is atomic and durable
+        without a BEGIN and a COMMIT round trip.
+        """
+        assert self.is_postgresql, "SQLite serialises writes through writing()"
+        with self.autocommit_engine.connect() as connection:
             yield connection
 
     @contextlib.contextmanager
@@ -76,7 +89,7 @@ class Database:
             yield connection
 
     def ping(self) -> None:
-        with self.read_engine.connect() as conn:
+        with self.autocommit_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:

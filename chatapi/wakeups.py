@@ -1,13 +1,19 @@
 """Waking the long-polls that new data concerns.
 
-Design (docs/design.md, "Wake-ups"): every waiting request registers a
-`Waiter` under the keys it cares about (`u:<user id>` for a user's event
-stream, `c:<conversation id>` for one conversation's messages) *before* it
-checks the database, then sleeps on its own gevent Event. A commit wakes the
-keys it touched; the woken request re-queries and sleeps again if there is
-still nothing new. Registration before the check means a wake-up can never
-fall between "checked: nothing" and "started waiting"; a spurious wake-up
-costs one query. Waiters hold no database connection while they sleep.
+Design (docs/design.md, "Wake-ups"): a long-poll checks the database once;
+if there is nothing for it, it registers a `Waiter` under the keys it cares
+about (`u:<user id>` for a user's event stream, `c:<conversation id>` for one
+conversation's messages) and sleeps on its own gevent Event. A commit wakes
+the keys it touched; the woken request re-queries and sleeps again if there
+is still nothing new. Waiters hold no database connection while they sleep.
+
+No wake-up is lost between "checked: nothing" and "started waiting": every
+wake-up gets a sequence number, the request notes `sequence` before its
+check, and `listening(..., since=...)` wakes the new waiter at once if one of
+its keys was woken since (or if too many wake-ups happened to tell). A
+spurious wake-up costs one query. Checking before registering lets the
+first check also find out who the caller is (the event stream's token
+lookup is part of it, see chat.py).
 
 This module is per process. `chatapi.notify_pg` carries the same keys across
 processes and hosts through PostgreSQL LISTEN/NOTIFY.
@@ -15,13 +21,16 @@ processes and hosts through PostgreSQL LISTEN/NOTIFY.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import gevent.event
 
 WAKE_ALL = "*"
+# How many recent wake-ups are remembered for `listening(..., since=...)`.
+# A request that checked more wake-ups ago than this is woken to re-check.
+RECENT_WAKEUPS = 1024
 
 
 def user_key(user_id: int) -> str:
@@ -70,13 +79,22 @@ class Wakeups:
         self._on_wait_change = on_wait_change
         self._on_wake = on_wake
         self.draining = False
+        # The number of the latest wake-up, and the recent ones' keys.
+        self.sequence = 0
+        self._recent: deque[tuple[int, tuple[str, ...]]] = deque(maxlen=RECENT_WAKEUPS)
 
     @contextmanager
-    def listening(self, keys: Iterable[str], user_id: int) -> Iterator[Waiter]:
-        """Register a waiter for `keys` for the duration of the block."""
+    def listening(self, keys: Iterable[str], user_id: int, since: int | None = None) -> Iterator[Waiter]:
+        """Register a waiter for `keys` for the duration of the block.
+
+        `since`: the `sequence` noted before the caller checked the database;
+        the waiter starts woken if one of its keys was woken after that.
+        """
         waiter = Waiter(tuple(keys), user_id)
         if self.draining:
             waiter.cut_short = True
+        if since is not None and self._woken_since(waiter.keys, since):
+            waiter.wake()
         mine = self._by_user.setdefault(user_id, OrderedDict())
         mine[waiter] = None
         while len(mine) > self._max_per_user:
@@ -102,14 +120,30 @@ class Wakeups:
                 if not mine:
                     del self._by_user[user_id]
 
+    def _woken_since(self, keys: tuple[str, ...], since: int) -> bool:
+        if since >= self.sequence:
+            return False
+        if not self._recent or self._recent[0][0] > since + 1:
+            return True  # Some wake-ups since `since` are forgotten: assume one was ours.
+        for sequence, woken_keys in reversed(self._recent):
+            if sequence <= since:
+                return False
+            if WAKE_ALL in woken_keys or any(key in woken_keys for key in keys):
+                return True
+        return False
+
     def wake(self, keys: Iterable[str]) -> int:
-        """Wake the waiters registered under any of `keys`; return how many."""
+        """Wake the waiters registered under any of `keys` (WAKE_ALL: every waiter); return how many."""
         keys = tuple(keys)
-        if WAKE_ALL in keys:
-            return self.wake_all()
+        self.sequence += 1
+        self._recent.append((self.sequence, keys))
         woken: set[Waiter] = set()
-        for key in keys:
-            woken.update(self._by_key.get(key, ()))
+        if WAKE_ALL in keys:
+            for waiters in self._by_key.values():
+                woken.update(waiters)
+        else:
+            for key in keys:
+                woken.update(self._by_key.get(key, ()))
         for waiter in woken:
             waiter.wake()
         if woken:
@@ -118,7 +152,7 @@ class Wakeups:
 
     def wake_all(self) -> int:
         """Wake every waiter to re-check, e.g. after notifications may have been missed."""
-        return self.wake(tuple(self._by_key))
+        return self.wake((WAKE_ALL,))
 
     def drain(self) -> None:
         """On shutdown: answer every waiting request now, and let no new one wait."""

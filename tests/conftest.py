@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
+from flask import Flask
 
 from chatapi import Settings, create_app
 from tests.support.api import Api
@@ -28,14 +29,20 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'chat.sqlite3'}"
 
 
-@pytest.fixture
-def app(sqlite_url: str):
-    """The Flask app on a fresh, migrated SQLite file (for unit tests)."""
-    migrate(sqlite_url)
-    app = create_app(Settings(database_url=sqlite_url, rate_limits_enabled=False))
+def make_app(database_url: str) -> Iterator[Flask]:
+    """The Flask app on a fresh, migrated database, rate limits off (for unit tests)."""
+    migrate(database_url)
+    app = create_app(Settings.from_env({"CHATAPI_DATABASE_URL": database_url, "CHATAPI_RATE_LIMITS": "off"}))
     app.config["TESTING"] = True
     yield app
+    app.extensions["chatapi"].notifier.stop()
     app.extensions["chatapi"].db.dispose()
+
+
+@pytest.fixture
+def app(sqlite_url: str) -> Iterator[Flask]:
+    """The app on a fresh SQLite file."""
+    yield from make_app(sqlite_url)
 
 
 @pytest.fixture

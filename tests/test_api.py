@@ -3,10 +3,14 @@ codes and the chat rules, one behaviour per test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from flask import Flask
 from sqlalchemy import select
 
 from chatapi.models import Token, User
+from tests.conftest import make_app
 
 API = "/api/v1"
 
@@ -15,6 +19,14 @@ def error_code(response) -> str:
     assert response.is_json, response.data
     assert set(response.json) == {"error"} and set(response.json["error"]) == {"code", "message"}
     return response.json["error"]["code"]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def app(request) -> Iterator[Flask]:
+    """Every contract test runs on both databases: on PostgreSQL, sends and
+    acknowledgements run as server-side functions (chat.py), on SQLite as
+    Python steps, and both must behave the same."""
+    yield from make_app(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url"))
 
 
 @pytest.fixture

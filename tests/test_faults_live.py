@@ -378,7 +378,7 @@ def test_a_connection_returned_while_the_database_is_down_keeps_its_pool_slot(ow
     # As in a gunicorn worker (gunicorn.conf.py): psycopg2 waits through gevent.
     psycogreen.gevent.patch_psycopg()
     db = Database(settings)
-    engine = db.read_engine if unit_of_work == "reading" else db.engine
+    engine = db.autocommit_engine if unit_of_work == "reading" else db.engine
     try:
         # The database goes away after the work and before the connection is returned.
         with contextlib.suppress(DBAPIError), getattr(db, unit_of_work)() as connection:

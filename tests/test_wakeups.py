@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gevent
 
-from chatapi.wakeups import Wakeups, conversation_key, user_key
+from chatapi.wakeups import RECENT_WAKEUPS, Wakeups, conversation_key, user_key
 
 
 def test_only_the_concerned_waiters_wake() -> None:
@@ -19,14 +19,37 @@ def test_only_the_concerned_waiters_wake() -> None:
         assert not alice._event.is_set()
 
 
-def test_a_wake_before_the_wait_is_not_lost() -> None:
-    """Registering before checking the database means a wake-up in between still counts."""
+def test_a_wake_between_the_check_and_the_wait_is_not_lost() -> None:
+    """A request notes `sequence`, checks the database, then registers: a wake-up in between counts."""
     wakeups = Wakeups(max_waiters_per_user=8)
-    with wakeups.listening([user_key(1)], 1) as waiter:
-        wakeups.wake([user_key(1)])
+    since = wakeups.sequence
+    wakeups.wake([user_key(1)])  # the commit the check did not see yet
+    with wakeups.listening([user_key(1)], 1, since=since) as waiter:
         started = gevent.get_hub().loop.now()
         waiter.wait(5)
         assert gevent.get_hub().loop.now() - started < 1
+
+
+def test_a_wake_for_others_before_the_wait_is_not_a_wake() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    wakeups.wake([user_key(1)])
+    since = wakeups.sequence
+    wakeups.wake([user_key(2), conversation_key(1)])
+    with wakeups.listening([user_key(1)], 1, since=since) as waiter:
+        assert not waiter._event.is_set()
+
+
+def test_a_wake_all_or_forgotten_wakes_before_the_wait_count() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    since = wakeups.sequence
+    wakeups.wake_all()
+    with wakeups.listening([user_key(1)], 1, since=since) as waiter:
+        assert waiter._event.is_set()
+    since = wakeups.sequence
+    for other in range(2, 2 + RECENT_WAKEUPS + 1):
+        wakeups.wake([user_key(other)])
+    with wakeups.listening([user_key(1)], 1, since=since) as waiter:
+        assert waiter._event.is_set(), "too many wake-ups to tell: must re-check"
 
 
 def test_new_waiter_beyond_the_cap_answers_the_oldest() -> None:
