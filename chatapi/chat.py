@@ -308,20 +308,17 @@ class Chat:
         (IntegrityError), and `send` retries through `_store_message`, which
         answers the replay.
         """
-        with self._db.autocommit() as connection:
-            row = connection.execute(
-                _CALL_SEND,
-                {
-                    "conversation_id": conversation_id,
-                    "sender_id": caller.id,
-                    "text": text_,
-                    "client_id": client_id,
-                    "now": now,
-                },
-            ).one_or_none()
-        if row is None:
+        params = {
+            "conversation_id": conversation_id,
+            "sender_id": caller.id,
+            "text": text_,
+            "client_id": client_id,
+            "now": now,
+        }
+        rows = self._db.fetch_all(_CALL_SEND, params)
+        if not rows:
             raise _not_found()
-        return row, row.last_seq, row.message_id
+        return rows[0], rows[0].last_seq, rows[0].message_id
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as connection:
@@ -407,8 +404,7 @@ class Chat:
             "acknowledge": True,
         }
         since = self._wakeups.sequence
-        with self._db.reading() as connection:
-            rows = connection.execute(_CALL_POLL, params).all()
+        rows = self._db.fetch_all(_CALL_POLL, params)
         if not rows:
             raise unauthorized()
         caller_id, woken = rows[0].caller_id, rows[0].woken
@@ -417,8 +413,8 @@ class Chat:
         page, ready = _poll_page(rows, after)
         params["acknowledge"] = False
 
-        def check(connection: Connection) -> tuple[Page, bool]:
-            return _poll_page(connection.execute(_CALL_POLL, params).all(), after)
+        def check() -> tuple[Page, bool]:
+            return _poll_page(self._db.fetch_all(_CALL_POLL, params), after)
 
         return self._wait([user_key(caller_id)], caller_id, timeout, check, since, page, ready)
 
@@ -435,17 +431,21 @@ class Chat:
 
         `check` returns the page and whether to answer now.
         """
+
+        def check_now() -> tuple[Page, bool]:
+            with self._db.reading() as connection:
+                return check(connection)
+
         since = self._wakeups.sequence
-        with self._db.reading() as connection:
-            page, ready = check(connection)
-        return self._wait(keys, user_id, timeout, check, since, page, ready)
+        page, ready = check_now()
+        return self._wait(keys, user_id, timeout, check_now, since, page, ready)
 
     def _wait(
         self,
         keys: list[str],
         user_id: int,
         timeout: float,
-        check: Callable[[Connection], tuple[Page, bool]],
+        check: Callable[[], tuple[Page, bool]],
         since: int,
         page: Page,
         ready: bool,
@@ -465,8 +465,7 @@ class Chat:
                 if waiter.cut_short or remaining <= 0:
                     return page
                 waiter.wait(remaining)
-                with self._db.reading() as connection:
-                    page, ready = check(connection)
+                page, ready = check()
                 if ready:
                     return page
 
@@ -819,8 +818,9 @@ _PREPARE_CALLS = (
     "PREPARE chatapi_poll (varchar, bigint, integer, bigint, boolean) AS "
     "SELECT * FROM pg_temp.chatapi_poll($1, $2, $3, $4, $5)",
 )
-_CALL_SEND = text("EXECUTE chatapi_send (:conversation_id, :sender_id, :text, :client_id, :now)")
-_CALL_POLL = text("EXECUTE chatapi_poll (:token_hash, :after, :limit, :lazy_step, :acknowledge)")
+# Run with `Database.fetch_all` (psycopg2's parameter style).
+_CALL_SEND = "EXECUTE chatapi_send (%(conversation_id)s, %(sender_id)s, %(text)s, %(client_id)s, %(now)s)"
+_CALL_POLL = "EXECUTE chatapi_poll (%(token_hash)s, %(after)s, %(limit)s, %(lazy_step)s, %(acknowledge)s)"
 
 
 def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
