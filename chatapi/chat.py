@@ -118,6 +118,13 @@ class Chat:
             for engine in db.engines:
                 event.listen(engine, "connect", _prepare_statements)
 
+    def _read(self, hot: _Hot, **params: Any) -> list[Any]:
+        """The rows of one hot read, on PostgreSQL on a bare cursor (`Database.fetch_all`)."""
+        if self._db.is_postgresql:
+            return self._db.fetch_all(hot.call, {**hot.defaults, **params})
+        with self._db.reading() as connection:
+            return connection.execute(hot.statement, params).all()
+
     # Accounts and tokens -------------------------------------------------
 
     def register(self, username: str, password: str) -> Json:
@@ -154,9 +161,8 @@ class Chat:
         return {"token": token, "user": _user_json(row.id, row.username)}
 
     def authenticate(self, token: str) -> Caller | None:
-        with self._db.reading() as connection:
-            row = _core(connection, _AUTHENTICATE, token_hash=auth.token_digest(token)).one_or_none()
-        return Caller(row.id, row.username) if row else None
+        rows = self._read(_AUTHENTICATE, token_hash=auth.token_digest(token))
+        return Caller(rows[0].id, rows[0].username) if rows else None
 
     def revoke(self, token: str) -> None:
         with self._db.writing() as connection:
@@ -541,6 +547,8 @@ class _Hot:
         # Literal values in the statement (e.g. a kind) became parameters too.
         self.defaults = {key: value for key, value in compiled.params.items() if value is not None}
         self.execute = text(f"EXECUTE {name} (" + ", ".join(f":{key}" for key in compiled.positiontup) + ")")
+        # The same for `Database.fetch_all` (psycopg2's parameter style).
+        self.call = f"EXECUTE {name} (" + ", ".join(f"%({key})s" for key in compiled.positiontup) + ")"
         _Hot.all.append(self)
 
 
