@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
@@ -56,6 +56,16 @@ class Caller:
 class Page:
     items: list[Json]
     head: int
+
+
+class _Stored(NamedTuple):
+    """A message as stored: who sent it, the conversation's two users, its seq and id."""
+
+    sender: str
+    user_low_id: int
+    user_high_id: int
+    seq: int
+    message_id: int
 
 
 class _Replay(Exception):
@@ -233,29 +243,44 @@ class Chat:
 
     # Messages -------------------------------------------------------------
 
-    def send(self, caller: Caller, conversation_id: int, text_: str, client_id: str | None) -> tuple[Json, bool]:
-        """Store a message and return it with whether it is new (False: a replay)."""
+    def send(self, token: str | None, conversation_id: int, text_: str, client_id: str | None) -> tuple[Json, bool]:
+        """Store a message from the token's user; return it with whether it is new (False: a replay).
+
+        401 for a bad token, 404 unless the user is in the conversation.
+        Takes the token, not a Caller: on PostgreSQL the token lookup and
+        the whole send are one round trip (`_SEND_FUNCTION`).
+        """
+        if token is None:
+            raise unauthorized()
         now = utcnow()
-        for attempt in (1, 2):
+        stored = None
+        if self._db.is_postgresql:
             try:
-                # PostgreSQL takes the common case in one statement; a replayed
-                # client_id fails its insert and the second attempt sorts it out.
-                store = self._store_message_pg if attempt == 1 and self._db.is_postgresql else self._store_message
-                head, seq, message_id = store(caller, conversation_id, text_, client_id, now)
-                break
-            except _Replay as replay:
-                return replay.message, False
+                stored = self._store_message_pg(token, conversation_id, text_, client_id, now)
             except IntegrityError:
-                # A concurrent send with the same client_id won the race; the
-                # second attempt finds it under the lock and replays it.
-                if attempt == 2:
-                    raise
-        self._publish([user_key(head.user_low_id), user_key(head.user_high_id), conversation_key(conversation_id)])
+                pass  # A replayed client_id: the steps below answer it.
+        if stored is None:
+            caller = self.authenticate(token)
+            if caller is None:
+                raise unauthorized()
+            for attempt in (1, 2):
+                try:
+                    stored = self._store_message(caller, conversation_id, text_, client_id, now)
+                    break
+                except _Replay as replay:
+                    return replay.message, False
+                except IntegrityError:
+                    # A concurrent send with the same client_id won the race; the
+                    # second attempt finds it under the lock and replays it.
+                    if attempt == 2:
+                        raise
+        assert stored is not None
+        self._publish([user_key(stored.user_low_id), user_key(stored.user_high_id), conversation_key(conversation_id)])
         message = {
-            "id": message_id,
+            "id": stored.message_id,
             "conversation_id": conversation_id,
-            "seq": seq,
-            "sender": caller.username,
+            "seq": stored.seq,
+            "sender": stored.sender,
             "text": text_,
             "client_id": client_id,
             "created_at": rfc3339(now),
@@ -264,7 +289,7 @@ class Chat:
 
     def _store_message(
         self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
-    ) -> tuple[Any, int, int]:
+    ) -> _Stored:
         with self._db.writing() as connection:
             head = connection.execute(
                 update(Conversation)
@@ -303,28 +328,30 @@ class Chat:
                 _event("receipt", conversation_id, caller.id, delivered_seq=seq, read_seq=seq),
             ]
             _append_events(connection, {head.user_low_id: events, head.user_high_id: events})
-        return head, seq, message_id
+        return _Stored(caller.username, head.user_low_id, head.user_high_id, seq, message_id)
 
     def _store_message_pg(
-        self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
-    ) -> tuple[Any, int, int]:
+        self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
+    ) -> _Stored:
         """`_store_message` in one round trip: the function `chatapi_send` (see `_SEND_FUNCTION`).
 
         A replayed client_id violates the unique constraint there
-        (IntegrityError), and `send` retries through `_store_message`, which
-        answers the replay.
+        (IntegrityError), and `send` answers it through `_store_message`.
         """
         params = {
+            "token_hash": auth.token_digest(token),
             "conversation_id": conversation_id,
-            "sender_id": caller.id,
             "text": text_,
             "client_id": client_id,
             "now": now,
         }
         rows = self._db.fetch_all(_CALL_SEND, params)
         if not rows:
+            raise unauthorized()
+        row = rows[0]
+        if row.seq is None:
             raise _not_found()
-        return rows[0], rows[0].last_seq, rows[0].message_id
+        return _Stored(row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id)
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as connection:
@@ -640,16 +667,19 @@ def _core(connection: Connection, hot: _Hot, **params: Any) -> Any:
 # They follow the Python steps above (used on SQLite) statement for
 # statement: same locks, same order, same events; the API tests run both.
 
-# `Chat._store_message` without the replay check: a replayed client_id
-# violates the unique constraint here (IntegrityError), and `send` retries
-# through `_store_message`, which answers the replay. No row: not a member.
+# `Chat._store_message` without the replay check, after the token lookup: no
+# row for a bad token; a row with NULL seq when the user is not in the
+# conversation. A replayed client_id violates the unique constraint here
+# (IntegrityError), and `send` answers it through `_store_message`.
 _SEND_FUNCTION = """
 CREATE FUNCTION pg_temp.chatapi_send(
-    p_conversation_id bigint, p_sender_id bigint, p_text text, p_client_id varchar, p_now timestamp
-) RETURNS TABLE (last_seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint)
+    p_token_hash varchar, p_conversation_id bigint, p_text text, p_client_id varchar, p_now timestamp
+) RETURNS TABLE (sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    the_sender_id bigint;
+    the_sender varchar;
     new_seq bigint;
     low_id bigint;
     high_id bigint;
@@ -657,29 +687,36 @@ DECLARE
     member_id bigint;
     new_head bigint;
 BEGIN
-    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_now
-    WHERE id = p_conversation_id AND p_sender_id IN (user_low_id, user_high_id)
-    RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
+    SELECT users.id, users.username INTO the_sender_id, the_sender
+    FROM tokens JOIN users ON users.id = tokens.user_id
+    WHERE tokens.token_hash = p_token_hash;
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_now
+    WHERE id = p_conversation_id AND the_sender_id IN (user_low_id, user_high_id)
+    RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT the_sender, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint;
+        RETURN;
+    END IF;
     INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
-    VALUES (p_conversation_id, new_seq, p_sender_id, p_text, p_client_id, p_now)
+    VALUES (p_conversation_id, new_seq, the_sender_id, p_text, p_client_id, p_now)
     RETURNING id INTO new_message_id;
     -- Sending counts as reading (and so as delivery) up to one's own message.
     UPDATE members SET read_seq = new_seq, delivered_seq = new_seq
-    WHERE conversation_id = p_conversation_id AND user_id = p_sender_id;
+    WHERE conversation_id = p_conversation_id AND user_id = the_sender_id;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'conversation % has no member row for user %', p_conversation_id, p_sender_id;
+        RAISE EXCEPTION 'conversation % has no member row for user %', p_conversation_id, the_sender_id;
     END IF;
     -- Both users, in ascending id order: the message at head - 1, the sender's receipt at head.
     FOREACH member_id IN ARRAY ARRAY[low_id, high_id] LOOP
         UPDATE users SET event_head = event_head + 2 WHERE id = member_id RETURNING event_head INTO new_head;
         INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
         VALUES (member_id, new_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
-               (member_id, new_head, 'receipt', p_conversation_id, NULL, p_sender_id, new_seq, new_seq);
+               (member_id, new_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq);
     END LOOP;
-    RETURN QUERY SELECT new_seq, low_id, high_id, new_message_id;
+    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id;
 END
 $$
 """
@@ -821,13 +858,13 @@ $$
 
 # Each connection also prepares the calls, so their plans are made once.
 _PREPARE_CALLS = (
-    "PREPARE chatapi_send (bigint, bigint, text, varchar, timestamp) AS "
+    "PREPARE chatapi_send (varchar, bigint, text, varchar, timestamp) AS "
     "SELECT * FROM pg_temp.chatapi_send($1, $2, $3, $4, $5)",
     "PREPARE chatapi_poll (varchar, bigint, integer, bigint, boolean) AS "
     "SELECT * FROM pg_temp.chatapi_poll($1, $2, $3, $4, $5)",
 )
 # Run with `Database.fetch_all` (psycopg2's parameter style).
-_CALL_SEND = "EXECUTE chatapi_send (%(conversation_id)s, %(sender_id)s, %(text)s, %(client_id)s, %(now)s)"
+_CALL_SEND = "EXECUTE chatapi_send (%(token_hash)s, %(conversation_id)s, %(text)s, %(client_id)s, %(now)s)"
 _CALL_POLL = "EXECUTE chatapi_poll (%(token_hash)s, %(after)s, %(limit)s, %(lazy_step)s, %(acknowledge)s)"
 
 

@@ -45,6 +45,14 @@ def app(sqlite_url: str) -> Iterator[Flask]:
     yield from make_app(sqlite_url)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def app_on_each_database(request) -> Iterator[Flask]:
+    """The app once on SQLite and once on PostgreSQL, for modules whose
+    `app` fixture returns it: on PostgreSQL the hot paths run as server-side
+    functions (chat.py), on SQLite as Python steps, and both must behave the same."""
+    yield from make_app(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url"))
+
+
 @pytest.fixture
 def client(app):
     return app.test_client()

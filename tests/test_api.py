@@ -3,14 +3,11 @@ codes and the chat rules, one behaviour per test."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from flask import Flask
 from sqlalchemy import select
 
 from chatapi.models import Token, User
-from tests.conftest import make_app
 
 API = "/api/v1"
 
@@ -21,12 +18,10 @@ def error_code(response) -> str:
     return response.json["error"]["code"]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def app(request) -> Iterator[Flask]:
-    """Every contract test runs on both databases: on PostgreSQL, sends and
-    acknowledgements run as server-side functions (chat.py), on SQLite as
-    Python steps, and both must behave the same."""
-    yield from make_app(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url"))
+@pytest.fixture
+def app(app_on_each_database: Flask) -> Flask:
+    """Every contract test runs on both databases."""
+    return app_on_each_database
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ conversation may appear in any answer."""
 from __future__ import annotations
 
 import pytest
+from flask import Flask
 
 PASSWORD = "correct horse battery"
 SECRET = "the secret plan"
@@ -16,6 +17,12 @@ def _token(client, username: str) -> str:
     answer = client.post("/api/v1/tokens", json={"username": username, "password": PASSWORD})
     assert answer.status_code == 201
     return answer.get_json()["token"]
+
+
+@pytest.fixture
+def app(app_on_each_database: Flask) -> Flask:
+    """On both databases: PostgreSQL checks the token of a send or an event poll inside its query."""
+    return app_on_each_database
 
 
 @pytest.fixture
@@ -82,6 +89,28 @@ def test_every_authenticated_endpoint_refuses_missing_bad_and_revoked_tokens(cli
     alice = world["auth"]["alice"]
     history = client.get(f"/api/v1/conversations/{world['private']}/messages", headers=alice).get_json()
     assert [m["text"] for m in history["messages"]] == [SECRET]
+
+
+def test_bad_credentials_win_over_bad_input(client, world) -> None:
+    """A request that is both unauthenticated and malformed gets 401, on every endpoint that validates input."""
+    c = f"/api/v1/conversations/{world['private']}"
+    malformed = [
+        ("POST", "/api/v1/conversations", None, {"peer": 5}),
+        ("GET", c + "/messages", {"after": "x"}, None),
+        ("POST", c + "/messages", None, {"text": ""}),
+        ("POST", c + "/messages", None, {"text": "hi", "client_id": "bad id!"}),
+        ("POST", c + "/read", None, {"seq": -1}),
+        ("GET", "/api/v1/events", {"after": -1}, None),
+        ("GET", "/api/v1/events", {"limit": 0, "timeout": "soon"}, None),
+    ]
+    for label, headers in _bad_credentials(world).items():
+        for method, path, query, body in malformed:
+            answer = _call(client, method, path, query, body, headers)
+            assert answer.status_code == 401, f"{label}: {method} {path} {query or body}"
+    # With a valid token, the same requests are refused as bad input.
+    for method, path, query, body in malformed:
+        answer = _call(client, method, path, query, body, world["auth"]["alice"])
+        assert answer.status_code == 400, f"{method} {path} {query or body}"
 
 
 def test_a_stranger_gets_404_on_every_conversation_endpoint_exactly_as_for_no_conversation(client, world) -> None:
