@@ -444,6 +444,7 @@ class Chat:
         if woken:
             self._publish([user_key(user_id) for user_id in woken])
         page, ready = _poll_page(rows, after)
+        del rows  # Not kept alive while the request waits: idle long-polls are many.
         params["acknowledge"] = False
 
         def check() -> tuple[Page, bool]:

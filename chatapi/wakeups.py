@@ -21,7 +21,7 @@ processes and hosts through PostgreSQL LISTEN/NOTIFY.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -75,7 +75,7 @@ class Wakeups:
         self._max_per_user = max(1, max_waiters_per_user)
         self._by_key: dict[str, set[Waiter]] = {}
         # Per user, oldest first, to enforce the per-user cap.
-        self._by_user: dict[int, OrderedDict[Waiter, None]] = {}
+        self._by_user: dict[int, dict[Waiter, None]] = {}
         self._on_wait_change = on_wait_change
         self._on_wake = on_wake
         self.draining = False
@@ -95,10 +95,11 @@ class Wakeups:
             waiter.cut_short = True
         if since is not None and self._woken_since(waiter.keys, since):
             waiter.wake()
-        mine = self._by_user.setdefault(user_id, OrderedDict())
+        mine = self._by_user.setdefault(user_id, {})
         mine[waiter] = None
         while len(mine) > self._max_per_user:
-            oldest, _ = mine.popitem(last=False)
+            oldest = next(iter(mine))
+            del mine[oldest]
             oldest.cut_short = True
             oldest.wake()
         for key in waiter.keys:
