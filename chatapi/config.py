@@ -40,16 +40,19 @@ class Settings:
     rate_limit_registration_per_address: str = "200/hour"
     rate_limit_send_per_user: str = "100/second"
     trust_proxy_headers: int = 0
-    # Read connections kept open per worker. Overflow connections are closed
-    # when returned, and re-opening one (a new PostgreSQL backend, plus
-    # preparing the hot statements) cost more than the queries it served:
+    # Autocommit connections kept open per worker: reads, and the hot paths
+    # (a send, an event poll), which are one function call each. Overflow
+    # connections are closed when returned, and re-opening one (a new
+    # PostgreSQL backend, plus creating the functions and preparing the hot
+    # statements) cost more than the queries it served:
     # with a pool of 10 + 30, 100 polling users at 50 messages/s saw delivery
     # p99 of 1.2 s; with 30 + 10, 0.1 s (docs/performance.md, "Pool churn").
-    # 25 + 10 reads and 10 writes, plus 2 for wake-ups, keep two workers
+    # 25 + 10 autocommit and 10 writes, plus 2 for wake-ups, keep two workers
     # within PostgreSQL's default max_connections of 100.
     db_pool_size: int = 25
     db_max_overflow: int = 10
-    # Write transactions are short (about a millisecond) and take row locks:
+    # Multi-statement write transactions (sign-up, tokens, conversations,
+    # read marks) are short (about a millisecond) and take row locks:
     # a bounded pool without overflow queues a burst of them in the worker
     # instead of opening connections that would only wait on each other.
     db_write_pool_size: int = 10
