@@ -40,17 +40,19 @@ class Settings:
     rate_limit_registration_per_address: str = "200/hour"
     rate_limit_send_per_user: str = "100/second"
     trust_proxy_headers: int = 0
-    # Autocommit connections kept open per worker: reads, and the hot paths
-    # (a send, an event poll), which are one function call each. Overflow
-    # connections are closed when returned, and re-opening one (a new
-    # PostgreSQL backend, plus creating the functions and preparing the hot
-    # statements) cost more than the queries it served:
-    # with a pool of 10 + 30, 100 polling users at 50 messages/s saw delivery
-    # p99 of 1.2 s; with 30 + 10, 0.1 s (docs/performance.md, "Pool churn").
-    # 25 + 10 autocommit and 10 writes, plus 2 for wake-ups, keep two workers
+    # Autocommit connections per worker: reads, and the hot paths (a send,
+    # an event poll), which are one function call each. No overflow by
+    # default: an overflow connection is closed when it comes back, and
+    # re-opening it per burst (a new PostgreSQL backend, its functions and
+    # prepared statements) cost more than the queries it served: with
+    # 25 + 10, `throughput` opened about 6 backends a second and PostgreSQL
+    # spent 1.9-2.2 ms of CPU per message, with 35 + 0 1.6-1.7 ms
+    # (docs/performance.md, "Pool churn"). A request that finds the pool
+    # busy waits for a connection in the worker, which costs nothing.
+    # 35 autocommit and 10 writes, plus 2 for wake-ups, keep two workers
     # within PostgreSQL's default max_connections of 100.
-    db_pool_size: int = 25
-    db_max_overflow: int = 10
+    db_pool_size: int = 35
+    db_max_overflow: int = 0
     # Multi-statement write transactions (sign-up, tokens, conversations,
     # read marks) are short (about a millisecond) and take row locks:
     # a bounded pool without overflow queues a burst of them in the worker
