@@ -145,7 +145,9 @@ def list_messages(conversation_id: int) -> Response:
         raise ApiError(400, "invalid_parameter", "use either 'after' or 'before', not both")
     limit = validation.limit_param(request.args)
     timeout = _long_poll_timeout()
-    page: Page = chat().messages(caller, conversation_id, after=after, before=before, limit=limit, timeout=timeout)
+    page: Page = chat().messages(
+        caller, bearer_token(), conversation_id, after=after, before=before, limit=limit, timeout=timeout
+    )
     return respond({"messages": page.items, "last_seq": page.head})
 
 

@@ -39,7 +39,7 @@ from chatapi import auth
 from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.models import Conversation, Event, Member, Message, Token, User
-from chatapi.wakeups import Wakeups, conversation_key, user_key
+from chatapi.wakeups import Wakeups, conversation_key, tokens_key, user_key
 
 Json = dict[str, Any]
 
@@ -175,8 +175,13 @@ class Chat:
         return Caller(rows[0].id, rows[0].username) if rows else None
 
     def revoke(self, token: str) -> None:
+        """Delete the token; the long-polls waiting on it answer 401 at once."""
         with self._db.writing() as connection:
-            connection.execute(Token.__table__.delete().where(Token.token_hash == auth.token_digest(token)))
+            user_id = connection.scalar(
+                Token.__table__.delete().where(Token.token_hash == auth.token_digest(token)).returning(Token.user_id)
+            )
+        if user_id is not None:
+            self._publish([user_key(user_id), tokens_key(user_id)])
 
     # Conversations --------------------------------------------------------
 
@@ -368,6 +373,7 @@ class Chat:
     def messages(
         self,
         caller: Caller,
+        token: str,
         conversation_id: int,
         *,
         after: int | None,
@@ -383,7 +389,12 @@ class Chat:
         if upto > conversation.delivered_seq:
             self._acknowledge_conversation(caller, conversation_id, upto)
 
+        token_hash = auth.token_digest(token)
+
         def check(connection: Connection) -> tuple[Page, bool]:
+            # A waiting request answers 401 once its token is revoked (`revoke` wakes it).
+            if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
+                raise unauthorized()
             head = connection.scalar(select(Conversation.last_seq).where(Conversation.id == conversation_id))
             if after >= head:
                 return Page([], head), after > head
@@ -399,7 +410,7 @@ class Chat:
             # since the head was read, and the head is never below an item.
             return Page(messages, max(head, messages[-1]["seq"] if messages else 0)), True
 
-        return self._long_poll([conversation_key(conversation_id)], caller.id, timeout, check)
+        return self._long_poll([conversation_key(conversation_id), tokens_key(caller.id)], caller.id, timeout, check)
 
     # The event stream -----------------------------------------------------
 
@@ -418,8 +429,12 @@ class Chat:
         if caller is None:
             raise unauthorized()
         self._acknowledge_events(caller, after)
+        token_hash = auth.token_digest(token)
 
         def check(connection: Connection) -> tuple[Page, bool]:
+            # A waiting request answers 401 once its token is revoked (`revoke` wakes it).
+            if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
+                raise unauthorized()
             head = _core(connection, _EVENT_HEAD, user_id=caller.id).scalar_one()
             if after >= head:
                 return Page([], head), after > head
@@ -448,7 +463,10 @@ class Chat:
         params["acknowledge"] = False
 
         def check() -> tuple[Page, bool]:
-            return _poll_page(self._db.fetch_all(_CALL_POLL, params), after)
+            rows = self._db.fetch_all(_CALL_POLL, params)
+            if not rows:
+                raise unauthorized()  # Revoked while waiting (`revoke` wakes it).
+            return _poll_page(rows, after)
 
         return self._wait([user_key(caller_id)], caller_id, timeout, check, since, page, ready)
 

@@ -3,7 +3,7 @@
 Design (docs/design.md, "Wake-ups"): a long-poll checks the database once;
 if there is nothing for it, it registers a `Waiter` under the keys it cares
 about (`u:<user id>` for a user's event stream, `c:<conversation id>` for one
-conversation's messages) and sleeps on its own gevent Event. A commit wakes
+conversation's messages, `t:<user id>` for a revoked token) and sleeps on its own gevent Event. A commit wakes
 the keys it touched; the woken request re-queries and sleeps again if there
 is still nothing new. Waiters hold no database connection while they sleep.
 
@@ -39,6 +39,11 @@ def user_key(user_id: int) -> str:
 
 def conversation_key(conversation_id: int) -> str:
     return f"c:{conversation_id}"
+
+
+def tokens_key(user_id: int) -> str:
+    """Woken when one of the user's tokens is revoked: its waiting requests re-check it and answer 401."""
+    return f"t:{user_id}"
 
 
 class Waiter:

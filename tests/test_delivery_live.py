@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.support.api import Api
+from tests.support.api import PASSWORD, Api
 
 
 def test_message_round_trip_with_ack_and_receipts(api: Api) -> None:
@@ -84,3 +84,41 @@ def test_concurrent_senders_on_both_sides_get_gapless_seqs(api: Api) -> None:
     for t_name in {m["text"].rsplit("-", 1)[0] for m in history}:
         numbers = [int(m["text"].rsplit("-", 1)[1]) for m in history if m["text"].rsplit("-", 1)[0] == t_name]
         assert numbers == sorted(numbers)
+
+
+def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None:
+    """The token stops working at once, also for the long-polls already waiting on
+    it (in any worker); a long-poll on the user's other token keeps waiting."""
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+    signed_in = alice.post("/api/v1/tokens", {"username": alice.username, "password": PASSWORD})
+    other_device = Api(alice.base_url, signed_in.json()["token"], alice.username)
+    head = alice.events()["last_pos"]
+    last_seq = alice.messages(conversation)["last_seq"]
+    answers: dict[str, tuple[int, float]] = {}
+
+    def poll(name: str, client: Api, path: str, params: dict) -> None:
+        response = client.get(path, params=params)
+        answers[name] = (response.status_code, time.monotonic())
+
+    polls = {
+        "events": (alice, "/api/v1/events", {"after": head, "timeout": 20}),
+        "messages": (alice, f"/api/v1/conversations/{conversation}/messages", {"after": last_seq, "timeout": 20}),
+        "other device": (other_device, "/api/v1/events", {"after": head, "timeout": 3}),
+    }
+    started = time.monotonic()
+    threads = [threading.Thread(target=poll, args=(name, *args)) for name, args in polls.items()]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    assert answers == {}, "a long-poll answered before anything happened"
+    revoked_at = time.monotonic()
+    assert alice.request("DELETE", "/api/v1/tokens/current").status_code == 204
+    for thread in threads:
+        thread.join(25)
+    for name in ("events", "messages"):
+        status, answered_at = answers[name]
+        assert status == 401, name
+        assert answered_at - revoked_at < 2.0, f"{name} waited {answered_at - revoked_at:.2f} s after the revocation"
+    status, answered_at = answers["other device"]
+    assert status == 200 and answered_at - started > 2.5, "the other token's long-poll must wait for its timeout"
