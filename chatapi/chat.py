@@ -435,7 +435,7 @@ class Chat:
             # A waiting request answers 401 once its token is revoked (`revoke` wakes it).
             if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
                 raise unauthorized()
-            head = _core(connection, _EVENT_HEAD, user_id=caller.id).scalar_one()
+            head = connection.execute(_EVENT_HEAD, {"user_id": caller.id}).scalar_one()
             if after >= head:
                 return Page([], head), after > head
             events = _events_after(connection, caller.id, after, limit)
@@ -541,11 +541,12 @@ class Chat:
         moved `ACKED_POS_LAZY_STEP` positions without delivering anything.
         """
         with self._db.reading() as connection:
-            acked, head = _core(connection, _ACK_CURSOR, user_id=caller.id).one()
+            acked, head = connection.execute(_ACK_CURSOR, {"user_id": caller.id}).one()
             after = min(after, head)
             if after <= acked:
                 return
-            newest = _core(connection, _NEWLY_DELIVERED, user_id=caller.id, acked=acked, after=after).all()
+            params = {"user_id": caller.id, "acked": acked, "after": after}
+            newest = connection.execute(_NEWLY_DELIVERED, params).all()
         if not newest and after - acked < ACKED_POS_LAZY_STEP:
             return
         touched: set[int] = set()
@@ -606,16 +607,17 @@ _AUTHENTICATE = _Hot(
     .join(Token, Token.user_id == User.id)
     .where(Token.token_hash == bindparam("token_hash")),
 )
-_EVENT_HEAD = _Hot("chatapi_event_head", select(User.event_head).where(User.id == bindparam("user_id")))
-_ACK_CURSOR = _Hot("chatapi_ack_cursor", select(User.acked_pos, User.event_head).where(User.id == bindparam("user_id")))
+# The event stream's reads on SQLite, where the steps run in Python
+# (PostgreSQL runs them inside `chatapi_poll`).
+_EVENT_HEAD = select(User.event_head).where(User.id == bindparam("user_id"))
+_ACK_CURSOR = select(User.acked_pos, User.event_head).where(User.id == bindparam("user_id"))
 _PEER = case(
     (Conversation.user_low_id == bindparam("user_id"), Conversation.user_high_id),
     else_=Conversation.user_low_id,
 )
 # Per conversation, the newest message from the peer among the caller's
 # events in (acked, after]: how far delivery has now reached.
-_NEWLY_DELIVERED = _Hot(
-    "chatapi_newly_delivered",
+_NEWLY_DELIVERED = (
     select(Message.conversation_id, func.max(Message.seq), _PEER)
     .join(Event, Event.message_id == Message.id)
     .join(Conversation, Conversation.id == Message.conversation_id)
@@ -627,7 +629,7 @@ _NEWLY_DELIVERED = _Hot(
         Message.sender_id != bindparam("user_id"),
     )
     .group_by(Message.conversation_id, _PEER)
-    .order_by(Message.conversation_id),
+    .order_by(Message.conversation_id)
 )
 
 # _append_events: move a user's event head by `count` (and its delivery cursor).
@@ -1117,11 +1119,12 @@ def _events_after_query():
     )
 
 
-_EVENTS_AFTER = _Hot("chatapi_events_after", _events_after_query())
+_EVENTS_AFTER = _events_after_query()
 
 
 def _events_after(connection: Connection, user_id: int, after: int, limit: int) -> list[Json]:
-    return [_event_json(row) for row in _core(connection, _EVENTS_AFTER, user_id=user_id, after=after, limit=limit)]
+    rows = connection.execute(_EVENTS_AFTER, {"user_id": user_id, "after": after, "limit": limit})
+    return [_event_json(row) for row in rows]
 
 
 def _poll_page(rows: list[Any], after: int) -> tuple[Page, bool]:
