@@ -451,6 +451,7 @@ class Chat:
             "lazy_step": ACKED_POS_LAZY_STEP,
             "acknowledge": True,
         }
+        deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
         rows = self._db.fetch_all(_CALL_POLL, params)
         if not rows:
@@ -468,7 +469,7 @@ class Chat:
                 raise unauthorized()  # Revoked while waiting (`revoke` wakes it).
             return _poll_page(rows, after)
 
-        return self._wait([user_key(caller_id)], caller_id, timeout, check, since, page, ready)
+        return self._wait([user_key(caller_id)], caller_id, deadline, check, since, page, ready)
 
     # Long-polling ---------------------------------------------------------
 
@@ -488,15 +489,16 @@ class Chat:
             with self._db.reading() as connection:
                 return check(connection)
 
+        deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
         page, ready = check_now()
-        return self._wait(keys, user_id, timeout, check_now, since, page, ready)
+        return self._wait(keys, user_id, deadline, check_now, since, page, ready)
 
     def _wait(
         self,
         keys: list[str],
         user_id: int,
-        timeout: float,
+        deadline: float,
         check: Callable[[], tuple[Page, bool]],
         since: int,
         page: Page,
@@ -504,13 +506,14 @@ class Chat:
     ) -> Page:
         """The rest of a long-poll whose first check gave `page`, noted at wake-up number `since`.
 
+        It answers by `deadline` (time.monotonic()) at the latest.
+
         Every wake-up of `keys` after `since` re-checks, so none is lost
         between the first check and the waiter's registration (wakeups.py);
         a spurious one costs one query. No connection is held while waiting.
         """
-        if ready or timeout <= 0 or self._wakeups.draining:
+        if ready or deadline <= time.monotonic() or self._wakeups.draining:
             return page
-        deadline = time.monotonic() + timeout
         with self._wakeups.listening(keys, user_id, since=since) as waiter:
             while True:
                 remaining = deadline - time.monotonic()
