@@ -265,21 +265,10 @@ class Chat:
             except IntegrityError:
                 pass  # A replayed client_id: the steps below answer it.
         if stored is None:
-            caller = self.authenticate(token)
-            if caller is None:
-                raise unauthorized()
-            for attempt in (1, 2):
-                try:
-                    stored = self._store_message(caller, conversation_id, text_, client_id, now)
-                    break
-                except _Replay as replay:
-                    return replay.message, False
-                except IntegrityError:
-                    # A concurrent send with the same client_id won the race; the
-                    # second attempt finds it under the lock and replays it.
-                    if attempt == 2:
-                        raise
-        assert stored is not None
+            try:
+                stored = self._store_message_in_steps(token, conversation_id, text_, client_id, now)
+            except _Replay as replay:
+                return replay.message, False
         self._publish([user_key(stored.user_low_id), user_key(stored.user_high_id), conversation_key(conversation_id)])
         message = {
             "id": stored.message_id,
@@ -291,6 +280,20 @@ class Chat:
             "created_at": rfc3339(now),
         }
         return message, True
+
+    def _store_message_in_steps(
+        self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
+    ) -> _Stored:
+        """`_store_message` for the token's user; raises `_Replay` for a replayed client_id."""
+        caller = self.authenticate(token)
+        if caller is None:
+            raise unauthorized()
+        try:
+            return self._store_message(caller, conversation_id, text_, client_id, now)
+        except IntegrityError:
+            # A concurrent send with the same client_id won the race; a
+            # second attempt finds it under the lock and replays it.
+            return self._store_message(caller, conversation_id, text_, client_id, now)
 
     def _store_message(
         self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
