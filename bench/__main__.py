@@ -159,6 +159,7 @@ class Bench:
         spec_path.write_text(json.dumps(spec))
         bound = 240 + 2 * params.get("duration", 0) + params.get("idle", 0) / 50
         self.log(f"running {tag} (load average {report.loadavg()}) ...")
+        sessions_before = database_sessions(database_url)
         try:
             subprocess.run(
                 [sys.executable, "-m", "bench.load", str(spec_path), str(result_path)],
@@ -167,6 +168,8 @@ class Bench:
                 timeout=bound,
             )
             result = json.loads(result_path.read_text())
+            # Less the session of this count itself.
+            result["postgres_sessions_opened"] = database_sessions(database_url) - sessions_before - 1
         finally:
             for s in servers:
                 s.stop()
@@ -175,6 +178,22 @@ class Bench:
         result["tag"] = tag
         result["workers"] = len(spec["worker_pids"]) // len(servers)
         return result
+
+
+def database_sessions(database_url: str) -> int:
+    """Sessions ever opened to the database (pg_stat_database.sessions, this one included).
+
+    During a run, this is the pools growing, plus any churn: connections
+    closed and re-opened, each a new backend with its functions and
+    prepared statements (docs/performance.md, "Pool churn").
+    """
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
 
 
 def failures(result: dict) -> list[str]:

@@ -80,11 +80,12 @@ def _row(result: dict) -> list[str]:
             f"same instance p50/p99 {_ms(s, 'p50')}/{_ms(s, 'p99')} ms; "
             f"201 -> cross-process poll answered p50/p99 {_ms(w, 'p50')}/{_ms(w, 'p99')} ms"
         )
-    return [workload, what, numbers, cpu_text, str(cpu["load_average_before"][0]), status]
+    sessions = str(result.get("postgres_sessions_opened", "-"))
+    return [workload, what, numbers, cpu_text, sessions, str(cpu["load_average_before"][0]), status]
 
 
 def table(results: list[dict]) -> str:
-    header = ["workload", "parameters", "result", "CPU s client/server/pg", "load", "checks"]
+    header = ["workload", "parameters", "result", "CPU s client/server/pg", "PG sessions opened", "load", "checks"]
     rows = [header, *[_row(r) for r in results]]
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
