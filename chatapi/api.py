@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from chatapi import validation
@@ -30,6 +33,18 @@ def current_caller() -> Caller:
             raise unauthorized()
         g.caller = caller
     return g.caller
+
+
+@contextlib.contextmanager
+def token_checked_later() -> Iterator[None]:
+    """For views whose token is checked with their query (Chat.send, Chat.events):
+    input errors raised in the block still answer 401 first for a bad token,
+    as on every other endpoint."""
+    try:
+        yield
+    except ApiError:
+        current_caller()
+        raise
 
 
 def respond(body: dict, status: int = 200) -> Response:
@@ -116,15 +131,10 @@ def mark_read(conversation_id: int) -> Response:
 
 @bp.post("/conversations/<id:conversation_id>/messages")
 def send_message(conversation_id: int) -> Response:
-    # The token is checked together with the send (Chat.send); a bad token
-    # still wins over a bad body, as on every other endpoint.
-    try:
+    with token_checked_later():
         body = validation.json_body(request)
         text = validation.message_text(validation.field(body, "text", str))
         client_id = validation.client_id(validation.field(body, "client_id", str, required=False))
-    except ApiError:
-        current_caller()
-        raise
     message, created = chat().send(bearer_token(), conversation_id, text, client_id)
     if created:
         current_app.extensions["chatapi"].metrics.messages_sent.inc()
@@ -153,15 +163,10 @@ def list_messages(conversation_id: int) -> Response:
 
 @bp.get("/events")
 def list_events() -> Response:
-    # The token is checked together with the first query (Chat.events); a
-    # bad token still wins over bad parameters, as on every other endpoint.
-    try:
+    with token_checked_later():
         after = validation.int_param(request.args, "after", low=0) or 0
         limit = validation.limit_param(request.args)
         timeout = _long_poll_timeout()
-    except ApiError:
-        current_caller()
-        raise
     page = chat().events(bearer_token(), after=after, limit=limit, timeout=timeout)
     return respond({"events": page.items, "last_pos": page.head})
 

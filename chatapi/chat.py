@@ -392,28 +392,23 @@ class Chat:
         if upto > conversation.delivered_seq:
             self._acknowledge_conversation(caller, conversation_id, upto)
 
-        token_hash = auth.token_digest(token)
-
         def check(connection: Connection) -> tuple[Page, bool]:
-            # A waiting request answers 401 once its token is revoked (`revoke` wakes it).
-            if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
-                raise unauthorized()
             head = connection.scalar(select(Conversation.last_seq).where(Conversation.id == conversation_id))
-            if after >= head:
-                return Page([], head), after > head
-            rows = connection.execute(
-                select(*_MESSAGE_COLUMNS)
-                .join(_SENDER, _SENDER.id == Message.sender_id)
-                .where(Message.conversation_id == conversation_id, Message.seq > after)
-                .order_by(Message.seq)
-                .limit(limit)
-            )
-            messages = [_message_json(row) for row in rows]
-            # Each statement reads its own snapshot: more may have committed
-            # since the head was read, and the head is never below an item.
-            return Page(messages, max(head, messages[-1]["seq"] if messages else 0)), True
 
-        return self._long_poll([conversation_key(conversation_id), tokens_key(caller.id)], caller.id, timeout, check)
+            def messages() -> list[Json]:
+                rows = connection.execute(
+                    select(*_MESSAGE_COLUMNS)
+                    .join(_SENDER, _SENDER.id == Message.sender_id)
+                    .where(Message.conversation_id == conversation_id, Message.seq > after)
+                    .order_by(Message.seq)
+                    .limit(limit)
+                )
+                return [_message_json(row) for row in rows]
+
+            return _page_after(after, head, messages, "seq")
+
+        keys = [conversation_key(conversation_id), tokens_key(caller.id)]
+        return self._long_poll(keys, caller.id, token, timeout, check)
 
     # The event stream -----------------------------------------------------
 
@@ -432,19 +427,12 @@ class Chat:
         if caller is None:
             raise unauthorized()
         self._acknowledge_events(caller, after)
-        token_hash = auth.token_digest(token)
 
         def check(connection: Connection) -> tuple[Page, bool]:
-            # A waiting request answers 401 once its token is revoked (`revoke` wakes it).
-            if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
-                raise unauthorized()
             head = connection.execute(_EVENT_HEAD, {"user_id": caller.id}).scalar_one()
-            if after >= head:
-                return Page([], head), after > head
-            events = _events_after(connection, caller.id, after, limit)
-            return Page(events, max(head, events[-1]["pos"] if events else 0)), True
+            return _page_after(after, head, lambda: _events_after(connection, caller.id, after, limit), "pos")
 
-        return self._long_poll([user_key(caller.id)], caller.id, timeout, check)
+        return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check)
 
     def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
         params = {
@@ -480,22 +468,32 @@ class Chat:
         self,
         keys: list[str],
         user_id: int,
+        token: str,
         timeout: float,
         check: Callable[[Connection], tuple[Page, bool]],
     ) -> Page:
         """Answer as soon as `check` has something, or with an empty page at the timeout.
 
-        `check` returns the page and whether to answer now.
+        `check` returns the page and whether to answer now. The caller has
+        just checked `token`; every re-check after a wake-up checks it again,
+        so a waiting request answers 401 once it is revoked (`revoke` wakes it).
         """
+        token_hash = auth.token_digest(token)
 
         def check_now() -> tuple[Page, bool]:
             with self._db.reading() as connection:
                 return check(connection)
 
+        def recheck() -> tuple[Page, bool]:
+            with self._db.reading() as connection:
+                if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
+                    raise unauthorized()
+                return check(connection)
+
         deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
         page, ready = check_now()
-        return self._wait(keys, user_id, deadline, check_now, since, page, ready)
+        return self._wait(keys, user_id, deadline, recheck, since, page, ready)
 
     def _wait(
         self,
@@ -1135,11 +1133,21 @@ def _events_after(connection: Connection, user_id: int, after: int, limit: int) 
 
 def _poll_page(rows: list[Any], after: int) -> tuple[Page, bool]:
     """The page of a `chatapi_poll` answer, and whether to answer now (`check` in `Chat.events`)."""
-    head = rows[0].head
+    return _page_after(after, rows[0].head, lambda: [_event_json(row) for row in rows if row.pos is not None], "pos")
+
+
+def _page_after(after: int, head: int, items: Callable[[], list[Json]], position: str) -> tuple[Page, bool]:
+    """The answer to "what is after `after`" given the head, and whether to give it now.
+
+    At the head: nothing yet, so wait. Beyond it: answer at once with the
+    head, so the client can resynchronise. Below it: `items()`, answered at
+    once. Each statement reads its own snapshot: more may have committed
+    since the head was read, so the head answered is never below an item.
+    """
     if after >= head:
         return Page([], head), after > head
-    events = [_event_json(row) for row in rows if row.pos is not None]
-    return Page(events, max(head, events[-1]["pos"] if events else 0)), True
+    found = items()
+    return Page(found, max(head, found[-1][position] if found else 0)), True
 
 
 def _event_json(row: Any) -> Json:
