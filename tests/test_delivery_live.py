@@ -7,6 +7,7 @@ import threading
 import time
 
 from tests.support.api import PASSWORD, Api
+from tests.support.faults import Background
 
 
 def test_message_round_trip_with_ack_and_receipts(api: Api) -> None:
@@ -95,30 +96,23 @@ def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None
     other_device = Api(alice.base_url, signed_in.json()["token"], alice.username)
     head = alice.events()["last_pos"]
     last_seq = alice.messages(conversation)["last_seq"]
-    answers: dict[str, tuple[int, float]] = {}
-
-    def poll(name: str, client: Api, path: str, params: dict) -> None:
-        response = client.get(path, params=params)
-        answers[name] = (response.status_code, time.monotonic())
-
-    polls = {
-        "events": (alice, "/api/v1/events", {"after": head, "timeout": 20}),
-        "messages": (alice, f"/api/v1/conversations/{conversation}/messages", {"after": last_seq, "timeout": 20}),
-        "other device": (other_device, "/api/v1/events", {"after": head, "timeout": 3}),
-    }
     started = time.monotonic()
-    threads = [threading.Thread(target=poll, args=(name, *args)) for name, args in polls.items()]
-    for thread in threads:
-        thread.start()
+    polls = {
+        "events": Background(lambda: alice.get("/api/v1/events", params={"after": head, "timeout": 20})),
+        "messages": Background(
+            lambda: alice.get(
+                f"/api/v1/conversations/{conversation}/messages", params={"after": last_seq, "timeout": 20}
+            )
+        ),
+        "other device": Background(lambda: other_device.get("/api/v1/events", params={"after": head, "timeout": 3})),
+    }
     time.sleep(0.5)
-    assert answers == {}, "a long-poll answered before anything happened"
+    assert not any(poll.done for poll in polls.values()), "a long-poll answered before anything happened"
     revoked_at = time.monotonic()
     assert alice.request("DELETE", "/api/v1/tokens/current").status_code == 204
-    for thread in threads:
-        thread.join(25)
     for name in ("events", "messages"):
-        status, answered_at = answers[name]
-        assert status == 401, name
-        assert answered_at - revoked_at < 2.0, f"{name} waited {answered_at - revoked_at:.2f} s after the revocation"
-    status, answered_at = answers["other device"]
-    assert status == 200 and answered_at - started > 2.5, "the other token's long-poll must wait for its timeout"
+        assert polls[name].join(25).status_code == 401, name
+        waited = polls[name].finished_at - revoked_at
+        assert waited < 2.0, f"{name} waited {waited:.2f} s after the revocation"
+    assert polls["other device"].join(25).status_code == 200
+    assert polls["other device"].finished_at - started > 2.5, "the other token's long-poll must wait for its timeout"
