@@ -850,14 +850,24 @@ DECLARE
     the_caller record;
     the_woken bigint[] := '{}';
 BEGIN
-    SELECT users.id, users.username INTO the_caller
+    SELECT users.id, users.username, users.event_head, users.acked_pos INTO the_caller
     FROM tokens JOIN users ON users.id = tokens.user_id
     WHERE tokens.token_hash = p_token_hash;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    IF p_acknowledge THEN
+    -- Only when there is something to acknowledge (chatapi_acknowledge's own first test).
+    IF p_acknowledge AND least(p_after, the_caller.event_head) > the_caller.acked_pos THEN
         the_woken := pg_temp.chatapi_acknowledge(the_caller.id, p_after, p_lazy_step);
+    END IF;
+    -- Nothing after p_after (most calls: every poll that goes on to wait):
+    -- answer with the head just read, without planning the page's joins. An
+    -- acknowledgement that woke anyone added receipts, so it re-reads.
+    IF the_caller.event_head <= p_after AND cardinality(the_woken) = 0 THEN
+        RETURN QUERY SELECT the_caller.id, the_caller.username, the_woken, the_caller.event_head,
+            NULL::bigint, NULL::varchar, NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::timestamp,
+            NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::text, NULL::varchar, NULL::timestamp;
+        RETURN;
     END IF;
     RETURN QUERY
     SELECT the_caller.id, the_caller.username, the_woken, u.event_head, page.*
@@ -899,6 +909,12 @@ def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
     Both live as long as the connection does.
     """
     with dbapi_connection.cursor() as cursor:
+        # Plan the functions' statements and the prepared ones once per
+        # connection. Left to choose, PostgreSQL kept re-planning several
+        # of them on every call (pos ranges and LIMITs make a generic plan
+        # look dearer than it is); all of them are index lookups, whose
+        # generic plan is the plan (docs/performance.md, change 17).
+        cursor.execute("SET plan_cache_mode = force_generic_plan")
         cursor.execute(_SEND_FUNCTION)
         cursor.execute(_ACKNOWLEDGE_FUNCTION)
         cursor.execute(_POLL_FUNCTION)
