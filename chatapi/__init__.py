@@ -48,8 +48,8 @@ class LocalNotifier:
     def stop(self) -> None:
         pass
 
-    def publish(self, keys) -> None:
-        self._wakeups.wake(keys)
+    def publish(self, keys, pushed=None) -> None:
+        self._wakeups.wake(keys, pushed)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from chatapi import auth
 from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.models import Conversation, Event, Member, Message, Token, User
-from chatapi.wakeups import Wakeups, conversation_key, tokens_key, user_key
+from chatapi.wakeups import Pushed, Waiter, Wakeups, conversation_key, tokens_key, user_key
 
 Json = dict[str, Any]
 
@@ -59,13 +59,16 @@ class Page:
 
 
 class _Stored(NamedTuple):
-    """A message as stored: who sent it, the conversation's two users, its seq and id."""
+    """A message as stored: who sent it, the conversation's two users, its seq and id,
+    and the two users' stream heads after it (its receipt's pos; the message is just below)."""
 
     sender: str
     user_low_id: int
     user_high_id: int
     seq: int
     message_id: int
+    low_head: int
+    high_head: int
 
 
 class _Replay(Exception):
@@ -120,7 +123,7 @@ _MESSAGE_COLUMNS = (
 
 
 class Chat:
-    def __init__(self, db: Database, wakeups: Wakeups, publish: Callable[[Iterable[str]], None]):
+    def __init__(self, db: Database, wakeups: Wakeups, publish: Callable[[Iterable[str], Pushed | None], None]):
         self._db = db
         self._wakeups = wakeups
         self._publish = publish
@@ -269,7 +272,6 @@ class Chat:
                 stored = self._store_message_in_steps(token, conversation_id, text_, client_id, now)
             except _Replay as replay:
                 return replay.message, False
-        self._publish([user_key(stored.user_low_id), user_key(stored.user_high_id), conversation_key(conversation_id)])
         message = {
             "id": stored.message_id,
             "conversation_id": conversation_id,
@@ -279,6 +281,26 @@ class Chat:
             "client_id": client_id,
             "created_at": rfc3339(now),
         }
+        # Both streams got the message and, just above it, the sender's
+        # receipt: pushed with the wake-up, so a waiting poll answers
+        # without asking the database again.
+        pushed = {
+            user_id: [
+                {"pos": head - 1, "type": "message", "message": message},
+                {
+                    "pos": head,
+                    "type": "receipt",
+                    "conversation_id": conversation_id,
+                    "user": stored.sender,
+                    "delivered_seq": stored.seq,
+                    "read_seq": stored.seq,
+                },
+            ]
+            for user_id, head in ((stored.user_low_id, stored.low_head), (stored.user_high_id, stored.high_head))
+        }
+        self._publish(
+            [user_key(stored.user_low_id), user_key(stored.user_high_id), conversation_key(conversation_id)], pushed
+        )
         return message, True
 
     def _store_message_in_steps(
@@ -335,8 +357,16 @@ class Chat:
                 _event("message", conversation_id, message_id=message_id),
                 _event("receipt", conversation_id, caller.id, delivered_seq=seq, read_seq=seq),
             ]
-            _append_events(connection, {head.user_low_id: events, head.user_high_id: events})
-        return _Stored(caller.username, head.user_low_id, head.user_high_id, seq, message_id)
+            heads = _append_events(connection, {head.user_low_id: events, head.user_high_id: events})
+        return _Stored(
+            caller.username,
+            head.user_low_id,
+            head.user_high_id,
+            seq,
+            message_id,
+            heads[head.user_low_id],
+            heads[head.user_high_id],
+        )
 
     def _store_message_pg(
         self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
@@ -359,7 +389,9 @@ class Chat:
         row = rows[0]
         if row.seq is None:
             raise _not_found()
-        return _Stored(row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id)
+        return _Stored(
+            row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id, row.low_head, row.high_head
+        )
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as connection:
@@ -432,7 +464,7 @@ class Chat:
             head = connection.execute(_EVENT_HEAD, {"user_id": caller.id}).scalar_one()
             return _page_after(after, head, lambda: _events_after(connection, caller.id, after, limit), "pos")
 
-        return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check)
+        return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check, _pushed_events(after, limit))
 
     def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
         params = {
@@ -460,7 +492,9 @@ class Chat:
                 raise unauthorized()  # Revoked while waiting (`revoke` wakes it).
             return _poll_page(rows, after)
 
-        return self._wait([user_key(caller_id)], caller_id, deadline, check, since, page, ready)
+        return self._wait(
+            [user_key(caller_id)], caller_id, deadline, check, since, page, ready, _pushed_events(after, limit)
+        )
 
     # Long-polling ---------------------------------------------------------
 
@@ -471,6 +505,7 @@ class Chat:
         token: str,
         timeout: float,
         check: Callable[[Connection], tuple[Page, bool]],
+        pushed_page: Callable[[Waiter], Page | None] | None = None,
     ) -> Page:
         """Answer as soon as `check` has something, or with an empty page at the timeout.
 
@@ -493,7 +528,7 @@ class Chat:
         deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
         page, ready = check_now()
-        return self._wait(keys, user_id, deadline, recheck, since, page, ready)
+        return self._wait(keys, user_id, deadline, recheck, since, page, ready, pushed_page)
 
     def _wait(
         self,
@@ -504,6 +539,7 @@ class Chat:
         since: int,
         page: Page,
         ready: bool,
+        pushed_page: Callable[[Waiter], Page | None] | None = None,
     ) -> Page:
         """The rest of a long-poll whose first check gave `page`, noted at wake-up number `since`.
 
@@ -512,6 +548,8 @@ class Chat:
         Every wake-up of `keys` after `since` re-checks, so none is lost
         between the first check and the waiter's registration (wakeups.py);
         a spurious one costs one query. No connection is held while waiting.
+        `pushed_page` answers from the events a wake-up carried, when they
+        are enough, instead of re-checking.
         """
         if ready or deadline <= time.monotonic() or self._wakeups.draining:
             return page
@@ -521,6 +559,9 @@ class Chat:
                 if waiter.cut_short or remaining <= 0:
                     return page
                 waiter.wait(remaining)
+                pushed = pushed_page(waiter) if pushed_page is not None else None
+                if pushed is not None:
+                    return pushed
                 page, ready = check()
                 if ready:
                     return page
@@ -699,7 +740,10 @@ def _core(connection: Connection, hot: _Hot, **params: Any) -> Any:
 _SEND_FUNCTION = """
 CREATE FUNCTION pg_temp.chatapi_send(
     p_token_hash varchar, p_conversation_id bigint, p_text text, p_client_id varchar, p_now timestamp
-) RETURNS TABLE (sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint)
+) RETURNS TABLE (
+    sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint,
+    low_head bigint, high_head bigint
+)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -711,6 +755,7 @@ DECLARE
     new_message_id bigint;
     member_id bigint;
     new_head bigint;
+    heads bigint[] := '{}';
 BEGIN
     SELECT users.id, users.username INTO the_sender_id, the_sender
     FROM tokens JOIN users ON users.id = tokens.user_id
@@ -722,7 +767,8 @@ BEGIN
     WHERE id = p_conversation_id AND the_sender_id IN (user_low_id, user_high_id)
     RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT the_sender, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint;
+        RETURN QUERY SELECT the_sender, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+            NULL::bigint;
         RETURN;
     END IF;
     INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
@@ -740,8 +786,9 @@ BEGIN
         INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
         VALUES (member_id, new_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
                (member_id, new_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq);
+        heads := heads || new_head;
     END LOOP;
-    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id;
+    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id, heads[1], heads[2];
 END
 $$
 """
@@ -950,8 +997,8 @@ def _event(
 
 def _append_events(
     connection: Connection, events_by_user: dict[int, list[Json]], acked_pos: tuple[int, int] | None = None
-) -> None:
-    """Give each user's new events the next positions of its stream and store them.
+) -> dict[int, int]:
+    """Give each user's new events the next positions of its stream and store them; return the new heads.
 
     Users are locked in ascending id order (see the module docstring).
     `acked_pos` (user id, pos) also moves that user's delivery cursor under
@@ -961,16 +1008,19 @@ def _append_events(
     if acked_pos is not None:
         user_ids.add(acked_pos[0])
     rows = []
+    heads = {}
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
         if acked_pos is not None and acked_pos[0] == user_id:
             head = _core(connection, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
         else:
             head = _core(connection, _BUMP_HEAD, b_user_id=user_id, count=len(events))
-        first = head.scalar_one() - len(events) + 1
+        heads[user_id] = head.scalar_one()
+        first = heads[user_id] - len(events) + 1
         rows.extend({**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events))
     if rows:
         connection.execute(_INSERT_EVENTS, rows)
+    return heads
 
 
 def _check_replay(
@@ -1145,6 +1195,31 @@ _EVENTS_AFTER = _events_after_query()
 def _events_after(connection: Connection, user_id: int, after: int, limit: int) -> list[Json]:
     rows = connection.execute(_EVENTS_AFTER, {"user_id": user_id, "after": after, "limit": limit})
     return [_event_json(row) for row in rows]
+
+
+def _pushed_events(after: int, limit: int) -> Callable[[Waiter], Page | None]:
+    """An event poll's answer from the events pushed to its waiter, or None to re-check the database.
+
+    Only a run of events starting right after `after` will do: the one that
+    made it a run was committed after every position below it (positions are
+    handed out under the user's row lock), so the run is what the database
+    would answer, and the head is at least its last pos. A gap (an event
+    whose wake-up has not come, or came without its events) means re-check.
+    """
+
+    def page(waiter: Waiter) -> Page | None:
+        pushed = waiter.take_pushed()
+        if not pushed:
+            return None
+        by_pos = {event["pos"]: event for event in pushed}
+        run = []
+        while after + len(run) + 1 in by_pos:
+            run.append(by_pos[after + len(run) + 1])
+        if not run:
+            return None
+        return Page(run[:limit], run[-1]["pos"])
+
+    return page
 
 
 def _poll_page(rows: list[Any], after: int) -> tuple[Page, bool]:

@@ -3,7 +3,14 @@
 Each worker process keeps two dedicated connections outside the pool:
 - a listener, LISTENing on one channel; every notification names the keys to
   wake, and the listener wakes the matching local waiters;
-- a publisher, sending the keys of committed changes with pg_notify().
+- a publisher, sending the keys of committed changes with pg_notify(), and
+  the events they pushed (wakeups.py) when they fit.
+
+A payload is `origin|key,key,...` followed, when events are pushed, by
+`,{"<user id>": [events], ...}` (JSON, ASCII). Keys never contain `{`, and
+a listener of an older version reads the JSON as keys that match nobody,
+so its waiters still wake (and re-query) during a rolling deploy. A user's
+events that would not fit in one payload are left out: its waiters re-query.
 
 Notifications are sent after the data commits, not inside the data
 transaction: PostgreSQL serialises the commits of all transactions that ran
@@ -21,6 +28,7 @@ their next re-check (their timeout) instead of at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -32,7 +40,7 @@ import gevent.event
 import psycopg2
 from gevent.select import select
 
-from chatapi.wakeups import WAKE_ALL, Wakeups
+from chatapi.wakeups import WAKE_ALL, Pushed, Wakeups, add_pushed, key_user
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +61,43 @@ def _backoff(attempt: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
-def _payloads(origin: str, keys: Iterable[str]) -> list[str]:
-    """Pack keys into as few notification payloads as fit PostgreSQL's limit."""
+def _payloads(origin: str, keys: Iterable[str], pushed: Pushed) -> list[str]:
+    """Pack keys, and the events pushed for them, into as few payloads as fit PostgreSQL's limit."""
     payloads: list[str] = []
-    current: list[str] = []
-    size = len(origin) + 1
+    chunk_keys: list[str] = []
+    chunk_events: list[str] = []
+    empty = len(origin) + 1 + 2  # "origin|" and the braces
+    size = empty
     for key in keys:
-        if current and size + len(key) + 1 > MAX_PAYLOAD_BYTES:
-            payloads.append(origin + "|" + ",".join(current))
-            current, size = [], len(origin) + 1
-        current.append(key)
-        size += len(key) + 1
-    if current:
-        payloads.append(origin + "|" + ",".join(current))
+        user_id = key_user(key)
+        events = pushed.get(user_id) if user_id is not None else None
+        entry = f'"{user_id}":' + json.dumps(events, separators=(",", ":")) if events else None
+        cost = len(key) + 1 + (len(entry) + 1 if entry else 0)
+        if entry and empty + cost > MAX_PAYLOAD_BYTES:
+            entry, cost = None, len(key) + 1  # Too big to push: its waiters re-query.
+        if chunk_keys and size + cost > MAX_PAYLOAD_BYTES:
+            payloads.append(_payload(origin, chunk_keys, chunk_events))
+            chunk_keys, chunk_events, size = [], [], empty
+        chunk_keys.append(key)
+        if entry:
+            chunk_events.append(entry)
+        size += cost
+    if chunk_keys:
+        payloads.append(_payload(origin, chunk_keys, chunk_events))
     return payloads
+
+
+def _payload(origin: str, keys: list[str], events: list[str]) -> str:
+    text = origin + "|" + ",".join(keys)
+    return text + ",{" + ",".join(events) + "}" if events else text
+
+
+def _parse(payload: str) -> tuple[str, list[str], dict[int, list]]:
+    """A payload's origin, keys and pushed events (see the module docstring)."""
+    origin, _, body = payload.partition("|")
+    joined, brace, events = body.partition(",{")
+    pushed = {int(user_id): found for user_id, found in json.loads("{" + events).items()} if brace else {}
+    return origin, joined.split(","), pushed
 
 
 class PostgresNotifier:
@@ -79,6 +110,7 @@ class PostgresNotifier:
         # waiters were already woken directly at commit time.
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._pending: set[str] = set()
+        self._pending_pushed: dict[int, list | None] = {}
         self._has_pending = gevent.event.Event()
         self._started_in_pid: int | None = None
         self._greenlets: list[gevent.Greenlet] = []
@@ -97,12 +129,13 @@ class PostgresNotifier:
         self._greenlets = []
         self._started_in_pid = None
 
-    def publish(self, keys: Iterable[str]) -> None:
-        """Wake local waiters now and queue the keys for the other processes."""
+    def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None:
+        """Wake local waiters now and queue the keys (and pushed events) for the other processes."""
         keys = tuple(keys)
-        self._wakeups.wake(keys)
+        self._wakeups.wake(keys, pushed)
         self.start()
         self._pending.update(keys)
+        add_pushed(self._pending_pushed, keys, pushed)
         self._has_pending.set()
 
     def _connect(self):
@@ -117,6 +150,7 @@ class PostgresNotifier:
             self._has_pending.wait()
             self._has_pending.clear()
             keys, self._pending = self._pending, set()
+            pushed, self._pending_pushed = self._pending_pushed, {}
             try:
                 if conn is None:
                     conn = self._connect()
@@ -125,7 +159,7 @@ class PostgresNotifier:
                     if attempt:
                         keys.add(WAKE_ALL)
                 with conn.cursor() as cur:
-                    for payload in _payloads(self._origin, sorted(keys)):
+                    for payload in _payloads(self._origin, sorted(keys), pushed):
                         cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 attempt = 0
             except psycopg2.Error as exc:
@@ -133,7 +167,9 @@ class PostgresNotifier:
                 if conn is not None:
                     conn.close()
                 conn = None
+                # Re-sent without their events: other processes re-query.
                 self._pending.update(keys)
+                add_pushed(self._pending_pushed, keys, None)
                 self._has_pending.set()
                 gevent.sleep(_backoff(attempt))
                 attempt += 1
@@ -169,10 +205,12 @@ class PostgresNotifier:
 
     def _deliver(self, payloads: list[str]) -> None:
         keys: set[str] = set()
+        pushed: dict[int, list | None] = {}
         for payload in payloads:
-            origin, _, joined = payload.partition("|")
+            origin, payload_keys, payload_pushed = _parse(payload)
             if origin == self._origin:
                 continue
-            keys.update(joined.split(","))
+            keys.update(payload_keys)
+            add_pushed(pushed, payload_keys, payload_pushed)
         if keys:
-            self._wakeups.wake(keys)
+            self._wakeups.wake(keys, pushed)

@@ -7,6 +7,14 @@ conversation's messages, `t:<user id>` for a revoked token) and sleeps on its ow
 the keys it touched; the woken request re-queries and sleeps again if there
 is still nothing new. Waiters hold no database connection while they sleep.
 
+A wake-up may also carry the new events themselves ("pushed" events, per
+user): a send knows the two events it added to each stream and their
+positions. An event-stream waiter that is handed the events right after its
+cursor answers with them and skips the re-query; any wake-up of its key that
+carries none (a receipt, a revoked token, a reconnect) makes it re-query, as
+before. The database stays the source of truth: pushed events are only ever
+what was just committed, at the positions it was committed at.
+
 No wake-up is lost between "checked: nothing" and "started waiting": every
 wake-up gets a sequence number, the request notes `sequence` before its
 check, and `listening(..., since=...)` wakes the new waiter at once if one of
@@ -22,10 +30,15 @@ processes and hosts through PostgreSQL LISTEN/NOTIFY.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import gevent.event
+
+# Per user id, the events a wake-up carries for that user's stream; None (or
+# no entry) for a user whose stream changed in a way the wake-up cannot say.
+Pushed = Mapping[int, "list[dict[str, Any]] | None"]
 
 WAKE_ALL = "*"
 # How many recent wake-ups are remembered for `listening(..., since=...)`.
@@ -35,6 +48,28 @@ RECENT_WAKEUPS = 1024
 
 def user_key(user_id: int) -> str:
     return f"u:{user_id}"
+
+
+def key_user(key: str) -> int | None:
+    """The user id of a `user_key`, None for any other key."""
+    return int(key[2:]) if key.startswith("u:") else None
+
+
+def add_pushed(into: dict[int, list[dict[str, Any]] | None], keys: Iterable[str], pushed: Pushed | None) -> None:
+    """Merge one wake-up's pushed events into `into`, for coalescing wake-ups.
+
+    A user whose key one of them woke without events gets None: its waiters
+    must re-query whatever else was pushed for it.
+    """
+    for key in keys:
+        user_id = key_user(key)
+        if user_id is None:
+            continue
+        events = pushed.get(user_id) if pushed is not None else None
+        if events is None or (user_id in into and into[user_id] is None):
+            into[user_id] = None
+        else:
+            into.setdefault(user_id, []).extend(events)
 
 
 def conversation_key(conversation_id: int) -> str:
@@ -49,7 +84,7 @@ def tokens_key(user_id: int) -> str:
 class Waiter:
     """One waiting request."""
 
-    __slots__ = ("keys", "user_id", "_event", "cut_short")
+    __slots__ = ("keys", "user_id", "_event", "cut_short", "_pushed", "_must_query")
 
     def __init__(self, keys: tuple[str, ...], user_id: int) -> None:
         self.keys = keys
@@ -58,14 +93,32 @@ class Waiter:
         # Set when the request must answer now (shutdown, or a newer request
         # of the same user took its slot): it answers with what it has.
         self.cut_short = False
+        # The events pushed to this user since the last `take_pushed`, and
+        # whether a wake-up came that carried none (idle waiters are many:
+        # no list until there is something to hold).
+        self._pushed: list[dict[str, Any]] | None = None
+        self._must_query = False
 
     def wait(self, timeout: float) -> None:
         """Sleep until woken or `timeout` seconds pass; then the caller re-checks."""
         self._event.wait(timeout)
         self._event.clear()
 
-    def wake(self) -> None:
+    def wake(self, pushed: list[dict[str, Any]] | None = None) -> None:
+        """Wake the request; `pushed`: the new events of its user's stream, if the wake-up knows them."""
+        if pushed is None:
+            self._must_query = True
+        elif self._pushed is None:
+            self._pushed = list(pushed)
+        else:
+            self._pushed.extend(pushed)
         self._event.set()
+
+    def take_pushed(self) -> list[dict[str, Any]] | None:
+        """The events pushed since the last call; None if a wake-up carried none (or none came)."""
+        pushed, must_query = self._pushed, self._must_query
+        self._pushed, self._must_query = None, False
+        return None if must_query else pushed
 
 
 class Wakeups:
@@ -138,20 +191,25 @@ class Wakeups:
                 return True
         return False
 
-    def wake(self, keys: Iterable[str]) -> int:
-        """Wake the waiters registered under any of `keys` (WAKE_ALL: every waiter); return how many."""
+    def wake(self, keys: Iterable[str], pushed: Pushed | None = None) -> int:
+        """Wake the waiters registered under any of `keys` (WAKE_ALL: every waiter); return how many.
+
+        `pushed`: the new events of the users whose keys are woken, where
+        known (a user with none listed is re-queried).
+        """
         keys = tuple(keys)
         self.sequence += 1
         self._recent.append((self.sequence, keys))
         woken: set[Waiter] = set()
         if WAKE_ALL in keys:
+            pushed = None
             for waiters in self._by_key.values():
                 woken.update(waiters)
         else:
             for key in keys:
                 woken.update(self._by_key.get(key, ()))
         for waiter in woken:
-            waiter.wake()
+            waiter.wake(pushed.get(waiter.user_id) if pushed is not None else None)
         if woken:
             self._on_wake(len(woken))
         return len(woken)
