@@ -419,13 +419,18 @@ def _waiting_longpolls(target: Target) -> float:
 
 
 def _requests_by_route(targets: list[Target]) -> dict[str, float]:
-    """chatapi_http_requests_total per "METHOD route", over all servers."""
+    """chatapi_http_requests_total per "METHOD route", and the woken long-polls by how they
+    were answered ("woken polls: pushed" or "woken polls: query"), over all servers."""
     counts: dict[str, float] = {}
     for target in targets:
         for line in _metrics(target):
-            if line.startswith("chatapi_http_requests_total{"):
+            if line.startswith(("chatapi_http_requests_total{", "chatapi_woken_polls_total{")):
                 labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
-                key = f"{labels['method'].strip(chr(34))} {labels['route'].strip(chr(34))}"
+                labels = {name: value.strip(chr(34)) for name, value in labels.items()}
+                if "answer" in labels:
+                    key = f"woken polls: {labels['answer']}"
+                else:
+                    key = f"{labels['method']} {labels['route']}"
                 counts[key] = counts.get(key, 0) + float(line.split()[-1])
     return counts
 

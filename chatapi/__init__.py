@@ -64,6 +64,13 @@ class Services:
     metrics: Metrics
 
 
+def _count_woken(metrics: Metrics):
+    def count(pushed: bool) -> None:
+        (metrics.woken_pushed if pushed else metrics.woken_query).inc()
+
+    return count
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__, static_folder=None)
@@ -86,7 +93,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         notifier = PostgresNotifier(libpq_uri, wakeups)
     else:
         notifier = LocalNotifier(wakeups)
-    chat = Chat(db, wakeups, notifier.publish)
+    chat = Chat(db, wakeups, notifier.publish, on_woken=_count_woken(metrics))
     app.extensions["chatapi"] = Services(settings, db, wakeups, notifier, chat, metrics)
 
     if settings.trust_proxy_headers:

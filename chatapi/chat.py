@@ -123,10 +123,18 @@ _MESSAGE_COLUMNS = (
 
 
 class Chat:
-    def __init__(self, db: Database, wakeups: Wakeups, publish: Callable[[Iterable[str], Pushed | None], None]):
+    def __init__(
+        self,
+        db: Database,
+        wakeups: Wakeups,
+        publish: Callable[[Iterable[str], Pushed | None], None],
+        on_woken: Callable[[bool], None] = lambda pushed: None,
+    ):
         self._db = db
         self._wakeups = wakeups
         self._publish = publish
+        # Told, for each woken long-poll, whether pushed events answered it.
+        self._on_woken = on_woken
         if db.is_postgresql:
             for engine in db.engines:
                 event.listen(engine, "connect", _prepare_statements)
@@ -287,14 +295,7 @@ class Chat:
         pushed = {
             user_id: [
                 {"pos": head - 1, "type": "message", "message": message},
-                {
-                    "pos": head,
-                    "type": "receipt",
-                    "conversation_id": conversation_id,
-                    "user": stored.sender,
-                    "delivered_seq": stored.seq,
-                    "read_seq": stored.seq,
-                },
+                _receipt_json(head, conversation_id, stored.sender, stored.seq, stored.seq),
             ]
             for user_id, head in ((stored.user_low_id, stored.low_head), (stored.user_high_id, stored.high_head))
         }
@@ -357,15 +358,15 @@ class Chat:
                 _event("message", conversation_id, message_id=message_id),
                 _event("receipt", conversation_id, caller.id, delivered_seq=seq, read_seq=seq),
             ]
-            heads = _append_events(connection, {head.user_low_id: events, head.user_high_id: events})
+            stored = _append_events(connection, {head.user_low_id: events, head.user_high_id: events})
         return _Stored(
             caller.username,
             head.user_low_id,
             head.user_high_id,
             seq,
             message_id,
-            heads[head.user_low_id],
-            heads[head.user_high_id],
+            stored[head.user_low_id][-1]["pos"],
+            stored[head.user_high_id][-1]["pos"],
         )
 
     def _store_message_pg(
@@ -400,9 +401,9 @@ class Chat:
                 raise ApiError(400, "invalid_seq", f"seq must be at most last_seq ({conversation.last_seq})")
             grown = _advance(connection, caller.id, conversation_id, seq, read=True)
             if grown:
-                _append_receipts(connection, caller.id, conversation, grown)
+                receipts = _append_receipts(connection, caller, conversation, grown)
         if grown:
-            self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
+            self._publish([user_key(user_id) for user_id in receipts], receipts)
         return self.conversation(caller, conversation_id)
 
     def messages(
@@ -479,9 +480,10 @@ class Chat:
         rows = self._db.fetch_all(_CALL_POLL, params)
         if not rows:
             raise unauthorized()
-        caller_id, woken = rows[0].caller_id, rows[0].woken
-        if woken:
-            self._publish([user_key(user_id) for user_id in woken])
+        caller_id, receipts = rows[0].caller_id, rows[0].receipts
+        if receipts:
+            pushed = _receipts_from_array(receipts, rows[0].caller_name)
+            self._publish([user_key(user_id) for user_id in pushed], pushed)
         page, ready = _poll_page(rows, after)
         del rows  # Not kept alive while the request waits: idle long-polls are many.
         params["acknowledge"] = False
@@ -558,8 +560,10 @@ class Chat:
                 remaining = deadline - time.monotonic()
                 if waiter.cut_short or remaining <= 0:
                     return page
-                waiter.wait(remaining)
-                pushed = pushed_page(waiter) if pushed_page is not None else None
+                woken = waiter.wait(remaining)
+                pushed = pushed_page(waiter) if woken and pushed_page is not None else None
+                if woken:
+                    self._on_woken(pushed is not None)
                 if pushed is not None:
                     return pushed
                 page, ready = check()
@@ -573,9 +577,9 @@ class Chat:
             conversation = _membership(connection, caller.id, conversation_id)
             grown = _advance(connection, caller.id, conversation_id, upto, read=False)
             if grown:
-                _append_receipts(connection, caller.id, conversation, grown)
+                receipts = _append_receipts(connection, caller, conversation, grown)
         if grown:
-            self._publish([user_key(conversation.user_low_id), user_key(conversation.user_high_id)])
+            self._publish([user_key(user_id) for user_id in receipts], receipts)
 
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
         """Every message event at pos <= `after` is now delivered to the caller.
@@ -594,7 +598,6 @@ class Chat:
             newest = connection.execute(_NEWLY_DELIVERED, params).all()
         if not newest and after - acked < ACKED_POS_LAZY_STEP:
             return
-        touched: set[int] = set()
         with self._db.writing() as connection:
             receipts: dict[int, list[Json]] = {}
             for conversation_id, upto, peer_id in newest:
@@ -603,10 +606,10 @@ class Chat:
                     receipt = _event("receipt", conversation_id, caller.id, *grown)
                     receipts.setdefault(caller.id, []).append(receipt)
                     receipts.setdefault(peer_id, []).append(receipt)
-                    touched.update((caller.id, peer_id))
-            _append_events(connection, receipts, acked_pos=(caller.id, after))
-        if touched:
-            self._publish([user_key(user_id) for user_id in touched])
+            stored = _append_events(connection, receipts, acked_pos=(caller.id, after))
+        if receipts:
+            pushed = _receipts_json(stored, caller.username)
+            self._publish([user_key(user_id) for user_id in pushed], pushed)
 
 
 # Queries and row-level steps ------------------------------------------------
@@ -793,8 +796,10 @@ END
 $$
 """
 
-# `Chat._acknowledge_events` after its arguments are known: returns the ids
-# of the users whose streams grew (to wake them), empty if none did.
+# `Chat._acknowledge_events` after its arguments are known: returns the
+# receipts it added to streams, flattened as (user id, pos, conversation id,
+# delivered_seq, read_seq) five at a time, to wake and push to those users;
+# empty if there were none.
 _ACKNOWLEDGE_FUNCTION = """
 CREATE FUNCTION pg_temp.chatapi_acknowledge(p_user_id bigint, p_after bigint, p_lazy_step bigint)
 RETURNS bigint[]
@@ -812,6 +817,9 @@ DECLARE
     member_id bigint;
     received bigint;
     new_head bigint;
+    receipt record;
+    receipt_pos bigint;
+    receipts bigint[] := '{}';
 BEGIN
     SELECT acked_pos, event_head INTO cursor_pos, stream_head FROM users WHERE id = p_user_id;
     upto_pos := least(p_after, stream_head);
@@ -860,16 +868,21 @@ BEGIN
             acked_pos = CASE WHEN id = p_user_id THEN greatest(acked_pos, upto_pos) ELSE acked_pos END
         WHERE id = member_id
         RETURNING event_head INTO new_head;
-        INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
-        SELECT member_id, new_head - received + row_number() OVER (ORDER BY r.n), 'receipt', r.c, NULL, p_user_id,
-            r.d, r.rd
-        FROM unnest(conversation_ids, peer_ids, delivered_seqs, read_seqs) WITH ORDINALITY AS r (c, p, d, rd, n)
-        WHERE member_id = p_user_id OR r.p = member_id;
+        receipt_pos := new_head - received;
+        FOR receipt IN
+            SELECT r.c, r.d, r.rd
+            FROM unnest(conversation_ids, peer_ids, delivered_seqs, read_seqs) WITH ORDINALITY AS r (c, p, d, rd, n)
+            WHERE member_id = p_user_id OR r.p = member_id
+            ORDER BY r.n
+        LOOP
+            receipt_pos := receipt_pos + 1;
+            INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq,
+                read_seq)
+            VALUES (member_id, receipt_pos, 'receipt', receipt.c, NULL, p_user_id, receipt.d, receipt.rd);
+            receipts := receipts || ARRAY[member_id, receipt_pos, receipt.c, receipt.d, receipt.rd];
+        END LOOP;
     END LOOP;
-    IF cardinality(conversation_ids) = 0 THEN
-        RETURN '{}';
-    END IF;
-    RETURN ARRAY(SELECT DISTINCT u FROM unnest(peer_ids || p_user_id) AS u ORDER BY u);
+    RETURN receipts;
 END
 $$
 """
@@ -877,7 +890,7 @@ $$
 # `Chat.events` on PostgreSQL: the token lookup, the acknowledgement (when
 # `p_acknowledge`) and the long-poll check (`check` in `Chat.events`) in one
 # round trip. No row: the token is not valid. Otherwise the first row carries
-# the caller, the users woken by the acknowledgement and the stream's head,
+# the caller, the receipts the acknowledgement added and the stream's head,
 # and the rows carry the events after `p_after` (the event columns are NULL
 # when there are none), with the columns of `_events_after_query`. The head is
 # read in the same statement as the events, so it is never below one of them.
@@ -885,7 +898,7 @@ _POLL_FUNCTION = """
 CREATE FUNCTION pg_temp.chatapi_poll(
     p_token_hash varchar, p_after bigint, p_limit integer, p_lazy_step bigint, p_acknowledge boolean
 ) RETURNS TABLE (
-    caller_id bigint, caller_name varchar, woken bigint[], head bigint,
+    caller_id bigint, caller_name varchar, receipts bigint[], head bigint,
     pos bigint, kind varchar, event_conversation_id bigint, delivered_seq bigint, read_seq bigint,
     subject varchar, conversation_created_at timestamp,
     id bigint, conversation_id bigint, seq bigint, sender varchar, text text, client_id varchar,
@@ -895,7 +908,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     the_caller record;
-    the_woken bigint[] := '{}';
+    the_receipts bigint[] := '{}';
 BEGIN
     SELECT users.id, users.username, users.event_head, users.acked_pos INTO the_caller
     FROM tokens JOIN users ON users.id = tokens.user_id
@@ -905,19 +918,19 @@ BEGIN
     END IF;
     -- Only when there is something to acknowledge (chatapi_acknowledge's own first test).
     IF p_acknowledge AND least(p_after, the_caller.event_head) > the_caller.acked_pos THEN
-        the_woken := pg_temp.chatapi_acknowledge(the_caller.id, p_after, p_lazy_step);
+        the_receipts := pg_temp.chatapi_acknowledge(the_caller.id, p_after, p_lazy_step);
     END IF;
     -- Nothing after p_after (most calls: every poll that goes on to wait):
     -- answer with the head just read, without planning the page's joins. An
-    -- acknowledgement that woke anyone added receipts, so it re-reads.
-    IF the_caller.event_head <= p_after AND cardinality(the_woken) = 0 THEN
-        RETURN QUERY SELECT the_caller.id, the_caller.username, the_woken, the_caller.event_head,
+    -- acknowledgement that added receipts moved the head, so it re-reads.
+    IF the_caller.event_head <= p_after AND cardinality(the_receipts) = 0 THEN
+        RETURN QUERY SELECT the_caller.id, the_caller.username, the_receipts, the_caller.event_head,
             NULL::bigint, NULL::varchar, NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::timestamp,
             NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::text, NULL::varchar, NULL::timestamp;
         RETURN;
     END IF;
     RETURN QUERY
-    SELECT the_caller.id, the_caller.username, the_woken, u.event_head, page.*
+    SELECT the_caller.id, the_caller.username, the_receipts, u.event_head, page.*
     FROM users u
     LEFT JOIN LATERAL (
         SELECT e.pos, e.kind, e.conversation_id, e.delivered_seq, e.read_seq,
@@ -997,8 +1010,10 @@ def _event(
 
 def _append_events(
     connection: Connection, events_by_user: dict[int, list[Json]], acked_pos: tuple[int, int] | None = None
-) -> dict[int, int]:
-    """Give each user's new events the next positions of its stream and store them; return the new heads.
+) -> dict[int, list[Json]]:
+    """Give each user's new events the next positions of its stream and store them.
+
+    Returns them as stored, per user (with "user_id" and "pos"), for the wake-up to push.
 
     Users are locked in ascending id order (see the module docstring).
     `acked_pos` (user id, pos) also moves that user's delivery cursor under
@@ -1007,20 +1022,20 @@ def _append_events(
     user_ids = set(events_by_user)
     if acked_pos is not None:
         user_ids.add(acked_pos[0])
-    rows = []
-    heads = {}
+    stored: dict[int, list[Json]] = {}
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
         if acked_pos is not None and acked_pos[0] == user_id:
             head = _core(connection, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
         else:
             head = _core(connection, _BUMP_HEAD, b_user_id=user_id, count=len(events))
-        heads[user_id] = head.scalar_one()
-        first = heads[user_id] - len(events) + 1
-        rows.extend({**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events))
+        first = head.scalar_one() - len(events) + 1
+        if events:
+            stored[user_id] = [{**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events)]
+    rows = [row for rows in stored.values() for row in rows]
     if rows:
         connection.execute(_INSERT_EVENTS, rows)
-    return heads
+    return stored
 
 
 def _check_replay(
@@ -1074,9 +1089,44 @@ def _advance(
     return (row.delivered_seq, row.read_seq) if row else None
 
 
-def _append_receipts(connection: Connection, user_id: int, conversation: Any, grown: tuple[int, int]) -> None:
-    receipt = _event("receipt", conversation.conversation_id, user_id, *grown)
-    _append_events(connection, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
+def _append_receipts(
+    connection: Connection, caller: Caller, conversation: Any, grown: tuple[int, int]
+) -> dict[int, list[Json]]:
+    """Store the receipt of the caller's grown marks in both users' streams; return it as pushed events."""
+    receipt = _event("receipt", conversation.conversation_id, caller.id, *grown)
+    stored = _append_events(connection, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
+    return _receipts_json(stored, caller.username)
+
+
+def _receipt_json(pos: int, conversation_id: int, user: str, delivered_seq: int, read_seq: int) -> Json:
+    return {
+        "pos": pos,
+        "type": "receipt",
+        "conversation_id": conversation_id,
+        "user": user,
+        "delivered_seq": delivered_seq,
+        "read_seq": read_seq,
+    }
+
+
+def _receipts_json(stored: dict[int, list[Json]], subject: str) -> dict[int, list[Json]]:
+    """Receipts of `subject` as `_append_events` stored them, per user, as the stream shows them."""
+    return {
+        user_id: [
+            _receipt_json(row["pos"], row["conversation_id"], subject, row["delivered_seq"], row["read_seq"])
+            for row in rows
+        ]
+        for user_id, rows in stored.items()
+    }
+
+
+def _receipts_from_array(receipts: list[int], subject: str) -> dict[int, list[Json]]:
+    """`_receipts_json` for `chatapi_acknowledge`'s answer: (user, pos, conversation, delivered, read) flattened."""
+    by_user: dict[int, list[Json]] = {}
+    for i in range(0, len(receipts), 5):
+        user_id, pos, conversation_id, delivered_seq, read_seq = receipts[i : i + 5]
+        by_user.setdefault(user_id, []).append(_receipt_json(pos, conversation_id, subject, delivered_seq, read_seq))
+    return by_user
 
 
 def _history(connection: Connection, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
@@ -1245,12 +1295,5 @@ def _event_json(row: Any) -> Json:
     if row.kind == "message":
         return {"pos": row.pos, "type": "message", "message": _message_json(row)}
     if row.kind == "receipt":
-        return {
-            "pos": row.pos,
-            "type": "receipt",
-            "conversation_id": row.event_conversation_id,
-            "user": row.subject,
-            "delivered_seq": row.delivered_seq,
-            "read_seq": row.read_seq,
-        }
+        return _receipt_json(row.pos, row.event_conversation_id, row.subject, row.delivered_seq, row.read_seq)
     return {"pos": row.pos, "type": "conversation", "conversation": _new_conversation_json(row)}

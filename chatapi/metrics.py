@@ -49,6 +49,16 @@ class Metrics:
             registry=self.registry,
         )
         self.wakeups = Counter("chatapi_wakeups", "Waiting requests woken by new data", registry=self.registry)
+        # Of the woken event polls, which answered from the events their
+        # wake-up carried and which asked the database again (wakeups.py).
+        self.woken_polls = Counter(
+            "chatapi_woken_polls",
+            "Woken long-polls, by how they found their answer: pushed (carried by the wake-up) or query",
+            ["answer"],
+            registry=self.registry,
+        )
+        self.woken_pushed = self.woken_polls.labels("pushed")
+        self.woken_query = self.woken_polls.labels("query")
 
     def exposition(self) -> Response:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -99,10 +99,11 @@ class Waiter:
         self._pushed: list[dict[str, Any]] | None = None
         self._must_query = False
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until woken or `timeout` seconds pass; then the caller re-checks."""
-        self._event.wait(timeout)
+    def wait(self, timeout: float) -> bool:
+        """Sleep until woken or `timeout` seconds pass; whether it was woken. Then the caller re-checks."""
+        woken = self._event.wait(timeout)
         self._event.clear()
+        return woken
 
     def wake(self, pushed: list[dict[str, Any]] | None = None) -> None:
         """Wake the request; `pushed`: the new events of its user's stream, if the wake-up knows them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 from tests.support.api import PASSWORD, Api
 from tests.support.faults import Background
@@ -116,3 +117,48 @@ def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None
         assert waited < 2.0, f"{name} waited {waited:.2f} s after the revocation"
     assert polls["other device"].join(25).status_code == 200
     assert polls["other device"].finished_at - started > 2.5, "the other token's long-poll must wait for its timeout"
+
+
+def _woken_polls(api: Api) -> dict[str, float]:
+    """chatapi_woken_polls_total by answer, over the server's workers."""
+    counts = {"pushed": 0.0, "query": 0.0}
+    for line in api.get("/metrics").text.splitlines():
+        if line.startswith("chatapi_woken_polls_total{"):
+            counts[line.split('answer="')[1].split('"')[0]] += float(line.split()[-1])
+    return counts
+
+
+def test_a_woken_poll_answers_exactly_what_the_database_holds(api: Api) -> None:
+    """A woken event poll answers from the events its wake-up carried (wakeups.py), in
+    any worker: the answer must be the one a fresh read of the stream gives, for the
+    sender's events and for delivery receipts, whatever the text."""
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+    before = _woken_polls(api)
+    texts = ["plain", '<b>markup</b> & "quotes"', "emoji 🙂\nnew line", "é" * 3000]
+
+    def woken_answer(waiter: Api, act) -> tuple[dict, int]:
+        head = waiter.events()["last_pos"]
+        poll = Background(lambda: waiter.events(after=head, timeout=20))
+        time.sleep(0.3)
+        assert not poll.done, "the long-poll answered before anything happened"
+        act()
+        return poll.join(20), head
+
+    for n, text in enumerate(texts):
+        answer, head = woken_answer(bob, partial(alice.send, conversation, text, client_id=f"k{n}"))
+        assert [event["type"] for event in answer["events"]] == ["message", "receipt"]
+        assert answer["events"][0]["message"]["text"] == text
+        assert answer == bob.events(after=head)
+        # Bob's cursor past the message acknowledges it: alice's poll is woken with his receipt.
+        answer, head = woken_answer(alice, partial(bob.events, after=answer["last_pos"]))
+        assert [(event["type"], event["user"], event["delivered_seq"]) for event in answer["events"]] == [
+            ("receipt", bob.username, n + 1)
+        ]
+        assert answer == alice.events(after=head)
+    after = _woken_polls(api)
+    woken = sum(after.values()) - sum(before.values())
+    pushed = after["pushed"] - before["pushed"]
+    # Each of these wake-ups carried its events; only the long text is too big for a
+    # notification, so a poll in the other worker re-queries for it.
+    assert woken == 2 * len(texts) and pushed >= woken - 1, (before, after)

@@ -1,10 +1,13 @@
-"""The per-process waiter registry: who is woken, and the per-user cap."""
+"""The per-process waiter registry: who is woken, the per-user cap, and the events a wake-up carries
+(within a process, and across processes in notification payloads)."""
 
 from __future__ import annotations
 
 import gevent
 
-from chatapi.wakeups import RECENT_WAKEUPS, Wakeups, conversation_key, user_key
+from chatapi import notify_pg
+from chatapi.chat import Page, _pushed_events
+from chatapi.wakeups import RECENT_WAKEUPS, Wakeups, add_pushed, conversation_key, user_key
 
 
 def test_only_the_concerned_waiters_wake() -> None:
@@ -77,3 +80,97 @@ def test_waiting_gauge_follows_registrations() -> None:
     with wakeups.listening([user_key(1)], 1):
         assert wakeups.waiting == 1
     assert changes == [1, -1] and wakeups.waiting == 0
+
+
+# Pushed events: a wake-up that carries the new events of a user's stream.
+
+
+def _event(pos: int) -> dict:
+    return {"pos": pos, "type": "receipt", "conversation_id": 1, "user": "a", "delivered_seq": 1, "read_seq": 1}
+
+
+def test_a_wake_up_hands_each_waiter_its_users_events() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with wakeups.listening([user_key(1)], 1) as alice, wakeups.listening([user_key(2)], 2) as bob:
+        wakeups.wake([user_key(1), user_key(2)], {1: [_event(5), _event(6)]})
+        assert alice.take_pushed() == [_event(5), _event(6)]
+        assert alice.take_pushed() is None  # taken
+        assert bob.take_pushed() is None  # woken, but nothing pushed for bob: he must query
+
+
+def test_one_wake_up_without_events_makes_the_waiter_query() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with wakeups.listening([user_key(1)], 1) as alice:
+        wakeups.wake([user_key(1)], {1: [_event(5)]})
+        wakeups.wake([user_key(1)])  # e.g. a revoked token: what it means is not in any event
+        assert alice.take_pushed() is None
+    with wakeups.listening([user_key(1)], 1) as alice:
+        wakeups.wake([user_key(1)], {1: [_event(5)]})
+        wakeups.wake_all()
+        assert alice.take_pushed() is None
+
+
+def test_a_waiter_woken_since_its_check_queries() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    since = wakeups.sequence
+    wakeups.wake([user_key(1)], {1: [_event(5)]})
+    with wakeups.listening([user_key(1)], 1, since=since) as alice:
+        assert alice._event.is_set() and alice.take_pushed() is None
+
+
+def test_coalesced_wake_ups_keep_every_event_unless_one_had_none() -> None:
+    merged: dict = {}
+    add_pushed(merged, [user_key(1), user_key(2), conversation_key(9)], {1: [_event(5)], 2: [_event(3)]})
+    add_pushed(merged, [user_key(1)], {1: [_event(6)]})
+    add_pushed(merged, [user_key(2)], None)
+    add_pushed(merged, [user_key(2)], {2: [_event(4)]})
+    assert merged == {1: [_event(5), _event(6)], 2: None}
+
+
+def test_pushed_events_answer_only_with_the_run_right_after_the_cursor() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+
+    def answer(after: int, limit: int, events: list[dict]):
+        with wakeups.listening([user_key(1)], 1) as waiter:
+            wakeups.wake([user_key(1)], {1: events})
+            return _pushed_events(after, limit)(waiter)
+
+    page = answer(4, 100, [_event(7), _event(5), _event(6), _event(5)])
+    assert page == Page([_event(5), _event(6), _event(7)], 7)
+    # A gap (pos 5 not pushed yet): only the database knows.
+    assert answer(4, 100, [_event(6), _event(7)]) is None
+    # All at or below the cursor: nothing to answer with.
+    assert answer(7, 100, [_event(6), _event(7)]) is None
+    # `limit` cuts the page; the head stays the last pushed position.
+    assert answer(4, 2, [_event(5), _event(6), _event(7)]) == Page([_event(5), _event(6)], 7)
+
+
+def test_notification_payloads_carry_keys_and_the_events_that_fit() -> None:
+    keys = [conversation_key(9), user_key(1), user_key(2), user_key(3)]
+    big = [dict(_event(8), user="é" * 2000)]  # 12,000 bytes as JSON: cannot be pushed
+    payloads = notify_pg._payloads("origin", keys, {1: [_event(5), _event(6)], 2: big})
+    parsed = [notify_pg._parse(payload) for payload in payloads]
+    assert all(len(payload.encode()) < notify_pg.MAX_PAYLOAD_BYTES for payload in payloads)
+    assert [key for _, found, _ in parsed for key in found] == keys
+    assert {origin for origin, _, _ in parsed} == {"origin"}
+    pushed = {user: events for _, _, found in parsed for user, events in found.items()}
+    assert pushed == {1: [_event(5), _event(6)]}  # user 2's are too big, user 3 had none: they query
+
+
+def test_an_older_listener_still_reads_every_key_of_a_payload_with_events() -> None:
+    """A rolling deploy: the previous version split the payload on commas after the origin."""
+    keys = [conversation_key(9), user_key(1)]
+    (payload,) = notify_pg._payloads("origin", keys, {1: [_event(5)]})
+    _, _, joined = payload.partition("|")
+    assert joined.split(",")[: len(keys)] == keys
+
+
+def test_many_keys_split_into_payloads_that_fit() -> None:
+    keys = [user_key(n) for n in range(3000)]
+    payloads = notify_pg._payloads("origin", keys, {n: [_event(n)] for n in range(3000)})
+    assert len(payloads) > 1 and all(len(payload) < notify_pg.MAX_PAYLOAD_BYTES for payload in payloads)
+    parsed = [notify_pg._parse(payload) for payload in payloads]
+    assert [key for _, found, _ in parsed for key in found] == keys
+    assert {user: events for _, _, found in parsed for user, events in found.items()} == {
+        n: [_event(n)] for n in range(3000)
+    }
