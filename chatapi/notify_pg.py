@@ -207,7 +207,13 @@ class PostgresNotifier:
         keys: set[str] = set()
         pushed: dict[int, list | None] = {}
         for payload in payloads:
-            origin, payload_keys, payload_pushed = _parse(payload)
+            try:
+                origin, payload_keys, payload_pushed = _parse(payload)
+            except ValueError:
+                # Not ours to read (another program on the channel, or a
+                # damaged payload): whatever it meant, every waiter re-checks.
+                log.warning("unreadable wake-up notification: %.200r", payload)
+                origin, payload_keys, payload_pushed = "", [WAKE_ALL], {}
             if origin == self._origin:
                 continue
             keys.update(payload_keys)

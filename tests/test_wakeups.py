@@ -174,3 +174,11 @@ def test_many_keys_split_into_payloads_that_fit() -> None:
     assert {user: events for _, _, found in parsed for user, events in found.items()} == {
         n: [_event(n)] for n in range(3000)
     }
+
+
+def test_an_unreadable_notification_makes_every_waiter_check() -> None:
+    wakeups = Wakeups(max_waiters_per_user=8)
+    notifier = notify_pg.PostgresNotifier("postgresql://unused", wakeups)
+    with wakeups.listening([user_key(1)], 1) as alice:
+        notifier._deliver(['other|u:1,{"1": [broken'])
+        assert alice._event.is_set() and alice.take_pushed() is None
