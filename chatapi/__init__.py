@@ -6,6 +6,7 @@ docs/design.md for how they fit.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flask import Flask, request
@@ -19,7 +20,7 @@ from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.metrics import Metrics
 from chatapi.validation import MAX_BODY_BYTES
-from chatapi.wakeups import Wakeups
+from chatapi.wakeups import Pushed, Wakeups
 
 __all__ = ["create_app", "Settings"]
 
@@ -48,7 +49,7 @@ class LocalNotifier:
     def stop(self) -> None:
         pass
 
-    def publish(self, keys, pushed=None) -> None:
+    def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None:
         self._wakeups.wake(keys, pushed)
 
 
@@ -64,7 +65,7 @@ class Services:
     metrics: Metrics
 
 
-def _count_woken(metrics: Metrics):
+def _count_woken(metrics: Metrics) -> Callable[[bool], None]:
     def count(pushed: bool) -> None:
         (metrics.woken_pushed if pushed else metrics.woken_query).inc()
 

@@ -973,7 +973,7 @@ def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
         # connection. Left to choose, PostgreSQL kept re-planning several
         # of them on every call (pos ranges and LIMITs make a generic plan
         # look dearer than it is); all of them are index lookups, whose
-        # generic plan is the plan (docs/performance.md, change 17).
+        # generic plan is the plan (docs/performance.md, change 18).
         cursor.execute("SET plan_cache_mode = force_generic_plan")
         cursor.execute(_SEND_FUNCTION)
         cursor.execute(_ACKNOWLEDGE_FUNCTION)
