@@ -756,9 +756,8 @@ DECLARE
     low_id bigint;
     high_id bigint;
     new_message_id bigint;
-    member_id bigint;
-    new_head bigint;
-    heads bigint[] := '{}';
+    low_stream_head bigint;
+    high_stream_head bigint;
 BEGIN
     SELECT users.id, users.username INTO the_sender_id, the_sender
     FROM tokens JOIN users ON users.id = tokens.user_id
@@ -783,15 +782,16 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'conversation % has no member row for user %', p_conversation_id, the_sender_id;
     END IF;
-    -- Both users, in ascending id order: the message at head - 1, the sender's receipt at head.
-    FOREACH member_id IN ARRAY ARRAY[low_id, high_id] LOOP
-        UPDATE users SET event_head = event_head + 2 WHERE id = member_id RETURNING event_head INTO new_head;
-        INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
-        VALUES (member_id, new_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
-               (member_id, new_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq);
-        heads := heads || new_head;
-    END LOOP;
-    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id, heads[1], heads[2];
+    -- Both users' streams, locked in ascending id order: the message at
+    -- head - 1, the sender's receipt at head; one insert for the four rows.
+    UPDATE users SET event_head = event_head + 2 WHERE id = low_id RETURNING event_head INTO low_stream_head;
+    UPDATE users SET event_head = event_head + 2 WHERE id = high_id RETURNING event_head INTO high_stream_head;
+    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+    VALUES (low_id, low_stream_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
+           (low_id, low_stream_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq),
+           (high_id, high_stream_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
+           (high_id, high_stream_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq);
+    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id, low_stream_head, high_stream_head;
 END
 $$
 """
