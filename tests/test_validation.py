@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
+
 import pytest
 
 from chatapi import validation
@@ -104,3 +107,17 @@ def test_bad_timeouts_refused(raw: str) -> None:
 
 def test_default_timeout_is_25_seconds() -> None:
     assert validation.timeout_param({}, 25, 60) == 25
+
+
+def test_the_refused_characters_are_exactly_cc_but_tab_newline_return_and_cs() -> None:
+    """The contract's rule, checked against unicodedata for every code point."""
+    for code_point in range(sys.maxunicode + 1):
+        char = chr(code_point)
+        category = unicodedata.category(char)
+        refused = (category == "Cc" and char not in "\t\n\r") or category == "Cs"
+        try:
+            validation.message_text("a" + char)
+        except ApiError as error:
+            assert refused and error.code == "invalid_text", hex(code_point)
+        else:
+            assert not refused, hex(code_point)
