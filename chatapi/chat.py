@@ -139,6 +139,10 @@ class Chat:
             for engine in db.engines:
                 event.listen(engine, "connect", _prepare_statements)
 
+    def _publish_to_streams(self, pushed: dict[int, list[Json]]) -> None:
+        """Wake the users whose streams got `pushed` (per user, as the stream shows them), handing them over."""
+        self._publish([user_key(user_id) for user_id in pushed], pushed)
+
     def _read(self, hot: _Hot, **params: Any) -> list[Any]:
         """The rows of one hot read, on PostgreSQL on a bare cursor (`Database.fetch_all`)."""
         if self._db.is_postgresql:
@@ -294,7 +298,7 @@ class Chat:
         # without asking the database again.
         pushed = {
             user_id: [
-                {"pos": head - 1, "type": "message", "message": message},
+                _message_event_json(head - 1, message),
                 _receipt_json(head, conversation_id, stored.sender, stored.seq, stored.seq),
             ]
             for user_id, head in ((stored.user_low_id, stored.low_head), (stored.user_high_id, stored.high_head))
@@ -403,7 +407,7 @@ class Chat:
             if grown:
                 receipts = _append_receipts(connection, caller, conversation, grown)
         if grown:
-            self._publish([user_key(user_id) for user_id in receipts], receipts)
+            self._publish_to_streams(receipts)
         return self.conversation(caller, conversation_id)
 
     def messages(
@@ -483,7 +487,7 @@ class Chat:
         caller_id, receipts = rows[0].caller_id, rows[0].receipts
         if receipts:
             pushed = _receipts_from_array(receipts, rows[0].caller_name)
-            self._publish([user_key(user_id) for user_id in pushed], pushed)
+            self._publish_to_streams(pushed)
         page, ready = _poll_page(rows, after)
         del rows  # Not kept alive while the request waits: idle long-polls are many.
         params["acknowledge"] = False
@@ -579,7 +583,7 @@ class Chat:
             if grown:
                 receipts = _append_receipts(connection, caller, conversation, grown)
         if grown:
-            self._publish([user_key(user_id) for user_id in receipts], receipts)
+            self._publish_to_streams(receipts)
 
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
         """Every message event at pos <= `after` is now delivered to the caller.
@@ -609,7 +613,7 @@ class Chat:
             stored = _append_events(connection, receipts, acked_pos=(caller.id, after))
         if receipts:
             pushed = _receipts_json(stored, caller.username)
-            self._publish([user_key(user_id) for user_id in pushed], pushed)
+            self._publish_to_streams(pushed)
 
 
 # Queries and row-level steps ------------------------------------------------
@@ -1098,6 +1102,10 @@ def _append_receipts(
     return _receipts_json(stored, caller.username)
 
 
+def _message_event_json(pos: int, message: Json) -> Json:
+    return {"pos": pos, "type": "message", "message": message}
+
+
 def _receipt_json(pos: int, conversation_id: int, user: str, delivered_seq: int, read_seq: int) -> Json:
     return {
         "pos": pos,
@@ -1293,7 +1301,7 @@ def _page_after(after: int, head: int, items: Callable[[], list[Json]], position
 
 def _event_json(row: Any) -> Json:
     if row.kind == "message":
-        return {"pos": row.pos, "type": "message", "message": _message_json(row)}
+        return _message_event_json(row.pos, _message_json(row))
     if row.kind == "receipt":
         return _receipt_json(row.pos, row.event_conversation_id, row.subject, row.delivered_seq, row.read_seq)
     return {"pos": row.pos, "type": "conversation", "conversation": _new_conversation_json(row)}

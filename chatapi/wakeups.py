@@ -3,17 +3,19 @@
 Design (docs/design.md, "Wake-ups"): a long-poll checks the database once;
 if there is nothing for it, it registers a `Waiter` under the keys it cares
 about (`u:<user id>` for a user's event stream, `c:<conversation id>` for one
-conversation's messages, `t:<user id>` for a revoked token) and sleeps on its own gevent Event. A commit wakes
-the keys it touched; the woken request re-queries and sleeps again if there
-is still nothing new. Waiters hold no database connection while they sleep.
+conversation's messages, `t:<user id>` for a revoked token) and sleeps on its
+own gevent Event. A commit wakes the keys it touched; the woken request
+re-queries and sleeps again if there is still nothing new. Waiters hold no
+database connection while they sleep.
 
 A wake-up may also carry the new events themselves ("pushed" events, per
-user): a send knows the two events it added to each stream and their
-positions. An event-stream waiter that is handed the events right after its
-cursor answers with them and skips the re-query; any wake-up of its key that
-carries none (a receipt, a revoked token, a reconnect) makes it re-query, as
-before. The database stays the source of truth: pushed events are only ever
-what was just committed, at the positions it was committed at.
+user): a send knows the message and receipt it added to each stream and
+their positions, an acknowledgement or a read its receipts. An event-stream
+waiter that is handed the events right after its cursor answers with them
+and skips the re-query; any wake-up of its key that carries none (a new
+conversation, a revoked token, a reconnect) makes it re-query, as before.
+The database stays the source of truth: pushed events are only ever what
+was just committed, at the positions it was committed at.
 
 No wake-up is lost between "checked: nothing" and "started waiting": every
 wake-up gets a sequence number, the request notes `sequence` before its
