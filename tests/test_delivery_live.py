@@ -9,6 +9,7 @@ from functools import partial
 
 from tests.support.api import PASSWORD, Api
 from tests.support.faults import Background
+from tests.support.metrics import metric
 
 
 def test_message_round_trip_with_ack_and_receipts(api: Api) -> None:
@@ -121,11 +122,8 @@ def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None
 
 def _woken_polls(api: Api) -> dict[str, float]:
     """chatapi_woken_polls_total by answer, over the server's workers."""
-    counts = {"pushed": 0.0, "query": 0.0}
-    for line in api.get("/metrics").text.splitlines():
-        if line.startswith("chatapi_woken_polls_total{"):
-            counts[line.split('answer="')[1].split('"')[0]] += float(line.split()[-1])
-    return counts
+    text = api.get("/metrics").text
+    return {answer: metric(text, "chatapi_woken_polls_total", answer=answer) for answer in ("pushed", "query")}
 
 
 def test_a_woken_poll_answers_exactly_what_the_database_holds(api: Api) -> None:

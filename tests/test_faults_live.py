@@ -34,6 +34,7 @@ from tests.support.faults import (
     stored_messages,
     wait_until,
 )
+from tests.support.metrics import metric
 from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.postgres
@@ -293,12 +294,7 @@ def test_sigterm_answers_waiting_long_polls_at_once_and_finishes_sends_in_flight
 
 
 def _gauge(base_url: str, name: str) -> float:
-    text = requests.get(base_url + "/metrics", timeout=10).text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
+    return metric(requests.get(base_url + "/metrics", timeout=10).text, name)
 
 
 def test_a_killed_worker_is_replaced_and_clients_carry_on(postgres_url: str, start_server) -> None:

@@ -17,6 +17,7 @@ from chatapi import Settings, create_app
 from tests.conftest import migrate
 from tests.support.api import PASSWORD, Api, unique_name
 from tests.support.faults import Background, wait_until
+from tests.support.metrics import metric
 from tests.support.nginx import NginxProcess
 from tests.support.server import ServerProcess
 
@@ -167,8 +168,7 @@ def test_without_trusted_proxies_forwarded_headers_are_ignored(proxied_and_direc
 
 
 def _waiting(base_url: str) -> float:
-    text = requests.get(base_url + "/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("chatapi_longpolls_waiting"))
+    return metric(requests.get(base_url + "/metrics", timeout=10).text, "chatapi_longpolls_waiting")
 
 
 def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) -> None:

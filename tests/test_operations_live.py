@@ -3,7 +3,6 @@ registration switch, shutdown of waiting long-polls."""
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
@@ -12,17 +11,7 @@ import pytest
 import requests
 
 from tests.support.api import Api
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        match = re.match(r"(\w+)(\{.*\})? (\S+)", line)
-        if match and match.group(1) == name and all(f'{k}="{v}"' in (match.group(2) or "") for k, v in labels.items()):
-            total += float(match.group(3))
-    return total
+from tests.support.metrics import metric
 
 
 @pytest.mark.postgres
