@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flask import Flask, request
+from flask.sessions import NullSession, SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
 
@@ -53,6 +54,26 @@ class LocalNotifier:
         self._wakeups.wake(keys, pushed)
 
 
+class NoSessions(SessionInterface):
+    """chatapi keeps no cookie session: callers authenticate with bearer tokens.
+
+    Flask still builds a fresh empty session object for every request, which
+    every waiting long-poll would keep (about 500 bytes each). One shared
+    NullSession will do: it refuses every write.
+    """
+
+    _no_session = NullSession()
+
+    def open_session(self, app: Flask, request: object) -> None:
+        return None
+
+    def make_null_session(self, app: Flask) -> NullSession:
+        return self._no_session
+
+    def save_session(self, app: Flask, session: object, response: object) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Services:
     """What the factory builds, reachable as app.extensions["chatapi"]."""
@@ -77,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
+    app.session_interface = NoSessions()
     app.url_map.converters["id"] = IdConverter
 
     metrics = Metrics()

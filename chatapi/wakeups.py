@@ -3,8 +3,8 @@
 Design (docs/design.md, "Wake-ups"): a long-poll checks the database once;
 if there is nothing for it, it registers a `Waiter` under the keys it cares
 about (`u:<user id>` for a user's event stream, `c:<conversation id>` for one
-conversation's messages, `t:<user id>` for a revoked token) and sleeps on its
-own gevent Event. A commit wakes the keys it touched; the woken request
+conversation's messages, `t:<user id>` for a revoked token) and sleeps until
+woken or its timeout. A commit wakes the keys it touched; the woken request
 re-queries and sleeps again if there is still nothing new. Waiters hold no
 database connection while they sleep.
 
@@ -32,11 +32,11 @@ processes and hosts through PostgreSQL LISTEN/NOTIFY.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import gevent.event
+import gevent
+import gevent.hub
 
 # Per user id, the events a wake-up carries for that user's stream; None (or
 # no entry) for a user whose stream changed in a way the wake-up cannot say.
@@ -84,27 +84,58 @@ def tokens_key(user_id: int) -> str:
 
 
 class Waiter:
-    """One waiting request."""
+    """One waiting request, registered under its keys for the duration of a `with` block.
 
-    __slots__ = ("keys", "user_id", "_event", "cut_short", "_pushed", "_must_query")
+    It sleeps on gevent's lowest-level primitive (a hub `Waiter` and a loop
+    timer) rather than on an `Event` with a timeout. Idle long-polls are
+    many, and each keeps its greenlet's C stack while it sleeps: measured,
+    `Event.wait(timeout)` added 720 bytes of saved stack and a `Timeout`
+    object to every one of them (docs/performance.md, change 24).
+    """
 
-    def __init__(self, keys: tuple[str, ...], user_id: int) -> None:
+    __slots__ = ("keys", "user_id", "cut_short", "_wakeups", "_since", "_woken", "_sleeping", "_pushed", "_must_query")
+
+    def __init__(self, wakeups: Wakeups, keys: tuple[str, ...], user_id: int, since: int | None) -> None:
         self.keys = keys
         self.user_id = user_id
-        self._event = gevent.event.Event()
         # Set when the request must answer now (shutdown, or a newer request
         # of the same user took its slot): it answers with what it has.
         self.cut_short = False
+        self._wakeups = wakeups
+        self._since = since
+        self._woken = False
+        self._sleeping: gevent.hub.Waiter | None = None
         # The events pushed to this user since the last `take_pushed`, and
         # whether a wake-up came that carried none (idle waiters are many:
         # no list until there is something to hold).
         self._pushed: list[dict[str, Any]] | None = None
         self._must_query = False
 
+    def __enter__(self) -> Waiter:
+        self._wakeups._register(self, self._since)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._wakeups._unregister(self)
+
+    @property
+    def woken(self) -> bool:
+        """Whether a wake-up came that `wait` has not returned yet."""
+        return self._woken
+
     def wait(self, timeout: float) -> bool:
         """Sleep until woken or `timeout` seconds pass; whether it was woken. Then the caller re-checks."""
-        woken = self._event.wait(timeout)
-        self._event.clear()
+        if not self._woken:
+            hub = gevent.get_hub()
+            self._sleeping = sleeping = gevent.hub.Waiter(hub)
+            timer = hub.loop.timer(max(timeout, 0.0))
+            timer.start(sleeping.switch, None)
+            try:
+                sleeping.get()
+            finally:
+                timer.close()
+                self._sleeping = None
+        woken, self._woken = self._woken, False
         return woken
 
     def wake(self, pushed: list[dict[str, Any]] | None = None) -> None:
@@ -115,7 +146,13 @@ class Waiter:
             self._pushed = list(pushed)
         else:
             self._pushed.extend(pushed)
-        self._event.set()
+        if not self._woken:
+            self._woken = True
+            if self._sleeping is not None:
+                # A hub Waiter is switched to from the hub only. A stale
+                # switch (the timer came first) finds no greenlet waiting in
+                # that Waiter and is dropped: each `wait` has its own.
+                gevent.get_hub().loop.run_callback(self._sleeping.switch, None)
 
     def take_pushed(self) -> list[dict[str, Any]] | None:
         """The events pushed since the last call; None if a wake-up carried none (or none came)."""
@@ -134,9 +171,11 @@ class Wakeups:
         on_wake: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._max_per_user = max(1, max_waiters_per_user)
-        self._by_key: dict[str, set[Waiter]] = {}
+        # Lists, not sets: a key or user has one waiter or a few, and an
+        # empty set alone is 216 bytes per idle long-poll.
+        self._by_key: dict[str, list[Waiter]] = {}
         # Per user, oldest first, to enforce the per-user cap.
-        self._by_user: dict[int, dict[Waiter, None]] = {}
+        self._by_user: dict[int, list[Waiter]] = {}
         self._on_wait_change = on_wait_change
         self._on_wake = on_wake
         self.draining = False
@@ -144,43 +183,34 @@ class Wakeups:
         self.sequence = 0
         self._recent: deque[tuple[int, tuple[str, ...]]] = deque(maxlen=RECENT_WAKEUPS)
 
-    @contextmanager
-    def listening(self, keys: Iterable[str], user_id: int, since: int | None = None) -> Iterator[Waiter]:
-        """Register a waiter for `keys` for the duration of the block.
+    def listening(self, keys: Iterable[str], user_id: int, since: int | None = None) -> Waiter:
+        """A waiter for `keys`, registered for the duration of a `with` block.
 
         `since`: the `sequence` noted before the caller checked the database;
         the waiter starts woken if one of its keys was woken after that.
         """
-        waiter = Waiter(tuple(keys), user_id)
+        return Waiter(self, tuple(keys), user_id, since)
+
+    def _register(self, waiter: Waiter, since: int | None) -> None:
         if self.draining:
             waiter.cut_short = True
         if since is not None and self._woken_since(waiter.keys, since):
             waiter.wake()
-        mine = self._by_user.setdefault(user_id, {})
-        mine[waiter] = None
+        mine = self._by_user.setdefault(waiter.user_id, [])
+        mine.append(waiter)
         while len(mine) > self._max_per_user:
-            oldest = next(iter(mine))
-            del mine[oldest]
+            oldest = mine.pop(0)
             oldest.cut_short = True
             oldest.wake()
         for key in waiter.keys:
-            self._by_key.setdefault(key, set()).add(waiter)
+            self._by_key.setdefault(key, []).append(waiter)
         self._on_wait_change(1)
-        try:
-            yield waiter
-        finally:
-            self._on_wait_change(-1)
-            for key in waiter.keys:
-                waiters = self._by_key.get(key)
-                if waiters is not None:
-                    waiters.discard(waiter)
-                    if not waiters:
-                        del self._by_key[key]
-            mine = self._by_user.get(user_id)
-            if mine is not None:
-                mine.pop(waiter, None)
-                if not mine:
-                    del self._by_user[user_id]
+
+    def _unregister(self, waiter: Waiter) -> None:
+        self._on_wait_change(-1)
+        for key in waiter.keys:
+            _discard(self._by_key, key, waiter)
+        _discard(self._by_user, waiter.user_id, waiter)
 
     def _woken_since(self, keys: tuple[str, ...], since: int) -> bool:
         if since >= self.sequence:
@@ -232,3 +262,12 @@ class Wakeups:
     @property
     def waiting(self) -> int:
         return sum(len(w) for w in self._by_user.values())
+
+
+def _discard(lists: dict[Any, list[Waiter]], key: Any, waiter: Waiter) -> None:
+    """Take `waiter` out of `lists[key]`, and the key out once its list is empty."""
+    waiters = lists.get(key)
+    if waiters is not None and waiter in waiters:
+        waiters.remove(waiter)
+        if not waiters:
+            del lists[key]

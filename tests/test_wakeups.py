@@ -18,8 +18,8 @@ def test_only_the_concerned_waiters_wake() -> None:
         wakeups.listening([conversation_key(7)], 1) as alice_in_chat,
     ):
         assert wakeups.wake([user_key(2), conversation_key(7)]) == 2
-        assert bob._event.is_set() and alice_in_chat._event.is_set()
-        assert not alice._event.is_set()
+        assert bob.woken and alice_in_chat.woken
+        assert not alice.woken
 
 
 def test_a_wake_between_the_check_and_the_wait_is_not_lost() -> None:
@@ -39,7 +39,7 @@ def test_a_wake_for_others_before_the_wait_is_not_a_wake() -> None:
     since = wakeups.sequence
     wakeups.wake([user_key(2), conversation_key(1)])
     with wakeups.listening([user_key(1)], 1, since=since) as waiter:
-        assert not waiter._event.is_set()
+        assert not waiter.woken
 
 
 def test_a_wake_all_or_forgotten_wakes_before_the_wait_count() -> None:
@@ -47,12 +47,12 @@ def test_a_wake_all_or_forgotten_wakes_before_the_wait_count() -> None:
     since = wakeups.sequence
     wakeups.wake_all()
     with wakeups.listening([user_key(1)], 1, since=since) as waiter:
-        assert waiter._event.is_set()
+        assert waiter.woken
     since = wakeups.sequence
     for other in range(2, 2 + RECENT_WAKEUPS + 1):
         wakeups.wake([user_key(other)])
     with wakeups.listening([user_key(1)], 1, since=since) as waiter:
-        assert waiter._event.is_set(), "too many wake-ups to tell: must re-check"
+        assert waiter.woken, "too many wake-ups to tell: must re-check"
 
 
 def test_new_waiter_beyond_the_cap_answers_the_oldest() -> None:
@@ -60,7 +60,7 @@ def test_new_waiter_beyond_the_cap_answers_the_oldest() -> None:
     with wakeups.listening([user_key(1)], 1) as oldest, wakeups.listening([user_key(1)], 1) as middle:
         assert not oldest.cut_short
         with wakeups.listening([user_key(1)], 1) as newest:
-            assert oldest.cut_short and oldest._event.is_set()
+            assert oldest.cut_short and oldest.woken
             assert not middle.cut_short and not newest.cut_short
     assert wakeups.waiting == 0
 
@@ -69,7 +69,7 @@ def test_drain_answers_everyone_and_refuses_new_waits() -> None:
     wakeups = Wakeups(max_waiters_per_user=8)
     with wakeups.listening([user_key(1)], 1) as waiting:
         wakeups.drain()
-        assert waiting.cut_short and waiting._event.is_set()
+        assert waiting.cut_short and waiting.woken
     with wakeups.listening([user_key(1)], 1) as late:
         assert late.cut_short
 
@@ -80,6 +80,38 @@ def test_waiting_gauge_follows_registrations() -> None:
     with wakeups.listening([user_key(1)], 1):
         assert wakeups.waiting == 1
     assert changes == [1, -1] and wakeups.waiting == 0
+
+
+def test_a_sleeping_waiter_wakes_once_per_wake_up_and_times_out_otherwise() -> None:
+    """Woken from another greenlet while asleep: True; nothing left over for the next wait, which times out."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with wakeups.listening([user_key(1)], 1) as waiter:
+        sleeper = gevent.spawn(waiter.wait, 30)
+        gevent.sleep(0.01)
+        assert not sleeper.ready()
+        wakeups.wake([user_key(1)])
+        wakeups.wake([user_key(1)])  # a second wake-up before it runs: still one return
+        assert sleeper.get(timeout=5) is True
+        assert not waiter.woken
+        started = gevent.get_hub().loop.now()
+        assert waiter.wait(0.2) is False
+        assert gevent.get_hub().loop.now() - started >= 0.15
+        wakeups.wake([user_key(1)])  # while not asleep: the next wait returns at once
+        assert waiter.wait(30) is True
+
+
+def test_a_killed_sleeper_leaves_no_wake_up_behind() -> None:
+    """A wake-up scheduled for a wait that was then interrupted must not reach a later wait."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    with wakeups.listening([user_key(1)], 1) as waiter:
+        sleeper = gevent.spawn(waiter.wait, 30)
+        gevent.sleep(0.01)
+        sleeper.kill(block=True)
+        assert waiter.wait(0.05) is False
+        wakeups.wake([user_key(1)])
+        assert waiter.wait(0.05) is True
+        assert waiter.wait(0.05) is False
+    assert wakeups.waiting == 0
 
 
 # Pushed events: a wake-up that carries the new events of a user's stream.
@@ -115,7 +147,7 @@ def test_a_waiter_woken_since_its_check_queries() -> None:
     since = wakeups.sequence
     wakeups.wake([user_key(1)], {1: [_event(5)]})
     with wakeups.listening([user_key(1)], 1, since=since) as alice:
-        assert alice._event.is_set() and alice.take_pushed() is None
+        assert alice.woken and alice.take_pushed() is None
 
 
 def test_coalesced_wake_ups_keep_every_event_unless_one_had_none() -> None:
@@ -181,4 +213,4 @@ def test_an_unreadable_notification_makes_every_waiter_check() -> None:
     notifier = notify_pg.PostgresNotifier("postgresql://unused", wakeups)
     with wakeups.listening([user_key(1)], 1) as alice:
         notifier._deliver(['other|u:1,{"1": [broken'])
-        assert alice._event.is_set() and alice.take_pushed() is None
+        assert alice.woken and alice.take_pushed() is None
