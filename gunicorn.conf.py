@@ -76,7 +76,12 @@ def post_worker_init(worker):
 
     patch_psycopg()
 
-    services = worker.wsgi.extensions["chatapi"]
+    app = worker.wsgi
+    services = app.extensions["chatapi"]
+    # Flask's __call__ only calls wsgi_app (with any middleware). Calling
+    # it directly spares every request one C-level call, which each waiting
+    # long-poll would keep on its saved stack (docs/performance.md, change 25).
+    worker.wsgi = app.wsgi_app
     gunicorn_handle_exit = worker.handle_exit
 
     def handle_exit(sig, frame):
