@@ -487,3 +487,19 @@ def test_web_page_is_served_with_a_strict_csp(client) -> None:
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+
+
+def test_no_cookie_session_is_kept_or_set(app, client) -> None:
+    """Requests share one empty session that refuses writes, so nothing can leak between callers."""
+    import flask
+
+    seen = []
+    with app.test_request_context("/"):
+        app.preprocess_request()
+        seen.append(flask.session._get_current_object())
+        with pytest.raises(RuntimeError):
+            flask.session["user"] = "alice"
+    with app.test_request_context("/"):
+        seen.append(flask.session._get_current_object())
+    assert seen[0] is seen[1] and len(seen[0]) == 0
+    assert "Set-Cookie" not in client.get("/healthz").headers
