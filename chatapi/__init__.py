@@ -6,7 +6,7 @@ docs/design.md for how they fit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flask import Flask, request
@@ -86,13 +86,6 @@ class Services:
     metrics: Metrics
 
 
-def _count_woken(metrics: Metrics) -> Callable[[bool], None]:
-    def count(pushed: bool) -> None:
-        (metrics.woken_pushed if pushed else metrics.woken_query).inc()
-
-    return count
-
-
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__, static_folder=None)
@@ -116,7 +109,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         notifier = PostgresNotifier(libpq_uri, wakeups)
     else:
         notifier = LocalNotifier(wakeups)
-    chat = Chat(db, wakeups, notifier.publish, on_woken=_count_woken(metrics))
+    chat = Chat(db, wakeups, notifier.publish, on_woken=metrics.count_woken)
     app.extensions["chatapi"] = Services(settings, db, wakeups, notifier, chat, metrics)
 
     if settings.trust_proxy_headers:

@@ -57,8 +57,12 @@ class Metrics:
             ["answer"],
             registry=self.registry,
         )
-        self.woken_pushed = self.woken_polls.labels("pushed")
-        self.woken_query = self.woken_polls.labels("query")
+        self._woken_pushed = self.woken_polls.labels("pushed")
+        self._woken_query = self.woken_polls.labels("query")
+
+    def count_woken(self, pushed: bool) -> None:
+        """One woken long-poll, answered from pushed events or by a query."""
+        (self._woken_pushed if pushed else self._woken_query).inc()
 
     def exposition(self) -> Response:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
