@@ -4,6 +4,7 @@ registration switch, shutdown of waiting long-polls."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -85,6 +86,70 @@ def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path) -> N
     assert [status for status, _ in answers] == [200, 200, 200]
     assert max(at for _, at in answers) - signalled < 2.0
     assert server.process.wait(15) == 0
+
+
+def _raw_get(sock: socket.socket, path: str = "/healthz") -> bytes:
+    """One GET on a kept-alive socket; the whole response (head and body)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, "closed before the response"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    while len(body) < int(lengths[0]):
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed the connection, or None if it was still open."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        return time.monotonic() - started if sock.recv(1) == b"" else None
+    except TimeoutError:
+        return None
+
+
+def test_keep_alive_serves_many_requests_and_closes_idle_connections(start_server, tmp_path) -> None:
+    # The test servers run with CHATAPI_KEEPALIVE_SECS=1 (tests/support/server.py).
+    server = start_server(f"sqlite:///{tmp_path / 'k.sqlite3'}")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        for _ in range(3):
+            answer = _raw_get(sock)
+            assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" not in answer.lower()
+        idle_for = _closed_within(sock, 5)
+        assert idle_for is not None and 0.5 < idle_for < 3, idle_for
+    # A connection that never sends a request is closed too.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        assert _closed_within(sock, 5) is not None
+
+
+def test_sigterm_closes_kept_alive_connections(start_server, tmp_path) -> None:
+    # CHATAPI_KEEPALIVE_SECS=30: without the worker's shutdown rule, the idle
+    # connection below would hold the stop for graceful_timeout (20 s).
+    server = start_server(f"sqlite:///{tmp_path / 'c.sqlite3'}", env={"CHATAPI_KEEPALIVE_SECS": "30"})
+    alice = Api(server.base_url).signed_up()
+    head = alice.events()["last_pos"]
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    assert _raw_get(idle).startswith(b"HTTP/1.1 200")
+    answers: list[requests.Response] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            Api(server.base_url, alice.token).get("/api/v1/events", params={"after": head, "timeout": 60})
+        )
+    )
+    waiter.start()
+    time.sleep(1)
+    signalled = time.monotonic()
+    server.signal(signal.SIGTERM)
+    waiter.join(10)
+    assert answers[0].status_code == 200 and answers[0].headers["Connection"] == "close"
+    assert server.process.wait(15) == 0
+    assert time.monotonic() - signalled < 10
+    idle.close()
 
 
 def test_sqlite_runs_exactly_one_worker(start_server, tmp_path) -> None:

@@ -37,7 +37,7 @@ class ServerProcess:
             **os.environ,
             "CHATAPI_DATABASE_URL": self.database_url,
             "CHATAPI_RATE_LIMITS": "off",
-            # Idle keep-alive connections hold up a graceful stop this long.
+            # Idle keep-alive connections close after this long.
             "CHATAPI_KEEPALIVE_SECS": "1",
             **self.extra_env,
         }
