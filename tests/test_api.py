@@ -369,6 +369,48 @@ def test_cursor_acknowledges_delivery_once(client, pair) -> None:
     assert [(r["delivered_seq"], r["read_seq"]) for r in receipts] == [(1, 0)]
 
 
+def test_an_acknowledging_poll_answers_exactly_what_the_stream_holds(client, pair, accounts) -> None:
+    """A poll that acknowledges must answer what a later read of the same
+    range (which acknowledges nothing new) finds: its own receipt alone, the
+    receipt after other events, and a page cut by `limit` among its receipts."""
+    alice, bob, conversation_id = pair
+
+    def acknowledged_then_reread(after: int, **params) -> dict:
+        answer = events(client, bob, after=after, **params)
+        assert answer == events(client, bob, after=after, **params)
+        return answer
+
+    # Only bob's own receipt follows the cursor.
+    send(client, alice, conversation_id, "one")
+    head = events(client, bob)["last_pos"]
+    answer = acknowledged_then_reread(head)
+    receipt = {"pos": head + 1, "type": "receipt", "conversation_id": conversation_id, "user": "bob"}
+    assert answer == {"events": [{**receipt, "delivered_seq": 1, "read_seq": 0}], "last_pos": head + 1}
+    # Alice's next message lies between the cursor and bob's receipt.
+    send(client, alice, conversation_id, "two")
+    send(client, alice, conversation_id, "three")
+    two = events(client, bob, after=head + 1, limit=1)["events"][0]
+    answer = acknowledged_then_reread(two["pos"])
+    assert [(e["type"], e.get("user")) for e in answer["events"]] == [
+        ("receipt", "alice"),
+        ("message", None),
+        ("receipt", "alice"),
+        ("receipt", "bob"),
+    ]
+    assert answer["events"][-1]["delivered_seq"] == 2 and answer["last_pos"] == two["pos"] + 4
+    # Two receipts of bob's own (two conversations) but a page of one.
+    carol = accounts.sign_up("carol")
+    other_id = client.post(f"{API}/conversations", json={"peer": "bob"}, headers=carol).json["id"]
+    send(client, carol, other_id, "four")
+    send(client, alice, conversation_id, "five")
+    head = events(client, bob, after=answer["last_pos"])["last_pos"]
+    answer = acknowledged_then_reread(head, limit=1)
+    assert [(e["pos"], e["user"], e["conversation_id"]) for e in answer["events"]] == [
+        (head + 1, "bob", min(conversation_id, other_id))
+    ]
+    assert answer["last_pos"] == head + 2
+
+
 def test_messages_cursor_acknowledges_delivery(client, pair) -> None:
     alice, bob, conversation_id = pair
     send(client, alice, conversation_id, "one")
