@@ -14,11 +14,10 @@ from flask.sessions import NullSession, SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
 
-from chatapi import api, errors, limits, ops, web
+from chatapi import api, errors, limits, ops, validation, web
 from chatapi.chat import Chat
 from chatapi.config import Settings
 from chatapi.db import Database
-from chatapi.errors import ApiError
 from chatapi.metrics import Metrics
 from chatapi.validation import MAX_BODY_BYTES
 from chatapi.wakeups import Pushed, Wakeups
@@ -124,8 +123,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _before() -> None:
         # After a fork each worker needs its own LISTEN connection.
         notifier.start()
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+        validation.refuse_oversized_body(request)
 
     errors.init_app(app)
     metrics.init_app(app)

@@ -34,6 +34,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def refuse_oversized_body(request: Request) -> None:
+    """413 for a body over MAX_BODY_BYTES, the first check of every request (docs/api.md)."""
+    if request.content_length is not None:
+        too_large = request.content_length > MAX_BODY_BYTES
+    elif "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        # Without a length, Werkzeug cuts the body at the limit without an
+        # error (its LimitedStream); a byte beyond it means it was longer.
+        # The body read here is cached for the view.
+        body = request.get_data(cache=True)
+        too_large = len(body) >= MAX_BODY_BYTES and bool(request.environ["wsgi.input"].read(1))
+    else:
+        too_large = False
+    if too_large:
+        raise ApiError(413, "payload_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+
+
 def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, or the contract's 415/400 errors."""
     if request.mimetype != "application/json":

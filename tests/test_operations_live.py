@@ -88,6 +88,31 @@ def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path) -> N
     assert server.process.wait(15) == 0
 
 
+def test_chunked_bodies_are_held_to_the_size_limit(start_server, tmp_path) -> None:
+    # Without a Content-Length, Werkzeug cuts the body at the limit without
+    # an error; a longer body must still get 413, not a 400 for cut JSON,
+    # and before anything else is checked.
+    server = start_server(f"sqlite:///{tmp_path / 'b.sqlite3'}")
+    alice = Api(server.base_url).signed_up()
+    bob = Api(server.base_url).signed_up()
+    url = f"{server.base_url}/api/v1/conversations/{alice.start(bob.username)['id']}/messages"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {alice.token}"}
+    padding = '{"text": "ok", "pad": "%s"}'
+    exact = (padding % ("x" * (65_536 - len(padding % "")))).encode()
+
+    def post_chunked(body: bytes) -> requests.Response:
+        # A generator body makes requests send it chunked.
+        return requests.post(url, data=(body[i : i + 8192] for i in range(0, len(body), 8192)), headers=headers)
+
+    assert post_chunked(exact).status_code == 201
+    too_large = post_chunked(exact[:-2] + b'x"}')
+    assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "payload_too_large"
+    # Body size is checked first (docs/api.md), before the token, as with a Content-Length.
+    headers["Authorization"] = "Bearer not-a-token"
+    assert post_chunked(exact[:-2] + b'x"}').status_code == 413
+    assert post_chunked(exact).status_code == 401
+
+
 def _raw_get(sock: socket.socket, path: str = "/healthz") -> bytes:
     """One GET on a kept-alive socket; the whole response (head and body)."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
