@@ -10,6 +10,7 @@ patches nothing.)
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,21 +77,16 @@ class ChatapiWorker(GeventPyWSGIWorker):
     gunicorn's own worker waits up to `keepalive` seconds for each.
     """
 
-    # The app's wake-up registry, set by post_worker_init once the app is loaded.
-    wakeups = None
-
     def init_process(self):
         self.idle_connections = set()
         self.wsgi_handler = type("KeepAliveHandler", (KeepAliveHandler,), {"worker": self})
         super().init_process()
 
     def handle_exit(self, sig, frame):
-        # SIGTERM: gunicorn stops accepting and waits for requests in flight.
-        # Waiting long-polls answer now, so clients reconnect to a live
-        # process, and connections idle between requests close.
+        # SIGTERM: gunicorn stops accepting and waits for requests in flight;
+        # connections idle between requests close now. (Waiting long-polls
+        # answer through post_worker_init's hook.)
         super().handle_exit(sig, frame)
-        if self.wakeups is not None:
-            gevent.spawn(self.wakeups.drain)
         for idle in list(self.idle_connections):
             idle.kill(block=False)
 
@@ -106,7 +102,7 @@ worker_connections = int(os.environ.get("CHATAPI_WORKER_CONNECTIONS", "10000"))
 # costs nothing. A proxy in front must use a shorter upstream keep-alive
 # (deploy/nginx/chatapi.conf uses 4 s).
 keepalive = int(os.environ.get("CHATAPI_KEEPALIVE_SECS", "5"))
-# SIGTERM: long-polls answer at once (ChatapiWorker.handle_exit) and sends in
+# SIGTERM: long-polls answer at once (post_worker_init) and sends in
 # flight get this long to finish.
 graceful_timeout = int(os.environ.get("CHATAPI_GRACEFUL_TIMEOUT_SECS", "20"))
 timeout = 30
@@ -155,8 +151,21 @@ def post_worker_init(worker):
     patch_psycopg()
 
     app = worker.wsgi
-    worker.wakeups = app.extensions["chatapi"].wakeups
+    wakeups = app.extensions["chatapi"].wakeups
     # Flask's __call__ only calls wsgi_app (with any middleware). Calling
     # it directly spares every request one C-level call, which each waiting
     # long-poll would keep on its saved stack (docs/performance.md, change 25).
     worker.wsgi = app.wsgi_app
+
+    # SIGTERM: waiting long-polls answer now with what they have, so clients
+    # reconnect to a live process. Hooked here rather than in ChatapiWorker
+    # so that it holds for whatever worker class runs the app (the command
+    # line's --worker-class overrides this file, e.g. gunicorn's `gevent`).
+    worker_handle_exit = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        worker_handle_exit(sig, frame)
+        gevent.spawn(wakeups.drain)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)

@@ -77,9 +77,11 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real servers; all are stopped at the end of the test."""
     servers: list[ServerProcess] = []
 
-    def start(database_url: str, workers: int = 1, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(
+        database_url: str, workers: int = 1, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> ServerProcess:
         log = tmp_path / f"server-{len(servers)}.log"
-        server = ServerProcess(database_url, workers=workers, env=env, log_path=log)
+        server = ServerProcess(database_url, workers=workers, env=env, log_path=log, args=args)
         servers.append(server)
         return server.start()
 

@@ -23,6 +23,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         port: int | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.database_url = database_url
         self.workers = workers
@@ -30,6 +31,8 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.extra_env = env or {}
         self.log_path = log_path
+        # More gunicorn command-line options, e.g. another --worker-class.
+        self.extra_args = args or []
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> ServerProcess:
@@ -54,6 +57,7 @@ class ServerProcess:
                 f"127.0.0.1:{self.port}",
                 "--workers",
                 str(self.workers),
+                *self.extra_args,
                 "wsgi:app",
             ],
             cwd=REPO,
