@@ -8,6 +8,7 @@ gevent worker are imported, as gunicorn does to load any gevent worker; that
 patches nothing.)
 """
 
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,23 @@ bind = os.environ.get("CHATAPI_BIND", "127.0.0.1:8000")
 # for as long as the connection is open (every waiting long-poll). A request
 # line and its headers fit in 1 KiB; a larger body is read past the buffer.
 READ_BUFFER_BYTES = 1024
+
+
+def _protocol_error(status: str, reason: str, message: str) -> bytes:
+    """A whole response in the contract's JSON error shape, for requests refused before the app sees them."""
+    body = json.dumps({"error": {"code": "invalid_request", "message": message}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# pywsgi answers these with an empty body; every error of ours is JSON.
+PROTOCOL_ERRORS = {
+    "400": _protocol_error("400", "Bad Request", "malformed HTTP request"),
+    "414": _protocol_error("414", "URI Too Long", "request line over 8 KiB"),
+}
 
 
 class KeepAliveHandler(PyWSGIHandler):
@@ -56,6 +74,14 @@ class KeepAliveHandler(PyWSGIHandler):
         with Timeout(self.worker.cfg.keepalive or None, False):
             return super().read_request(raw_requestline)
         return False
+
+    def handle_one_request(self):
+        # pywsgi refuses a malformed request line or head (or one over its
+        # limits) itself, with a (status, whole response) pair.
+        result = super().handle_one_request()
+        if isinstance(result, tuple) and result[0] in PROTOCOL_ERRORS:
+            return result[0], PROTOCOL_ERRORS[result[0]]
+        return result
 
     def start_response(self, status, headers, exc_info=None):
         # Once the worker is shutting down, no connection is kept alive.

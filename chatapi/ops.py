@@ -10,6 +10,13 @@ from chatapi.errors import error_response
 bp = Blueprint("ops", __name__)
 
 
+@bp.after_request
+def _no_store(response: Response) -> Response:
+    # Health and metrics are read live by probes and scrapers; a cached copy would lie.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 @bp.get("/healthz")
 def healthz() -> Response:
     return jsonify({"status": "ok"})
@@ -21,9 +28,7 @@ def readyz() -> Response:
         current_app.extensions["chatapi"].db.ping()
     except SQLAlchemyError:
         return error_response(503, "service_unavailable", "the database does not answer")
-    response = jsonify({"status": "ready"})
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return jsonify({"status": "ready"})
 
 
 @bp.get("/metrics")

@@ -64,6 +64,9 @@ def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+_KIND_NAMES = {str: "a string", int: "an integer"}
+
+
 def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
     """One field of a JSON body, checked for presence and type (bools are not ints)."""
     if name not in body or body[name] is None:
@@ -72,7 +75,7 @@ def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = Tr
         return None
     value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ApiError(400, "invalid_request", f"'{name}' must be a {kind.__name__}")
+        raise ApiError(400, "invalid_request", f"'{name}' must be {_KIND_NAMES[kind]}")
     return value
 
 

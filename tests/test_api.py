@@ -518,10 +518,11 @@ def test_body_size_limit_is_64_kib(client, pair) -> None:
 
 
 def test_ops_endpoints(client) -> None:
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").status_code == 200
-    metrics = client.get("/metrics")
-    assert metrics.status_code == 200 and b"chatapi_http_requests_total" in metrics.data
+    for path in ("/healthz", "/readyz", "/metrics"):
+        response = client.get(path)
+        # Reads carry no-store (the contract), these too: probes must see live answers.
+        assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store", path
+    assert b"chatapi_http_requests_total" in client.get("/metrics").data
 
 
 def test_web_page_is_served_with_a_strict_csp(client) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import sys
+
+from chatapi import validation
+from chatapi.errors import ApiError
 
 
 def app_routes(app) -> set[tuple[str, str]]:
@@ -43,3 +47,30 @@ def test_every_reference_resolves(client) -> None:
     text = str(document)
     for name in set(re.findall(r"#/components/schemas/(\w+)", text)):
         assert name in document["components"]["schemas"], name
+
+
+def test_the_text_pattern_accepts_exactly_what_the_server_accepts(client) -> None:
+    # Every one-character text, plus white space around a character: the
+    # documented pattern and validation.message_text must agree. (The
+    # pattern spells out its classes, so Python's re reads it as JSON
+    # Schema's ECMA-262 dialect does.)
+    document = client.get("/api/v1/openapi.json").json
+    body = document["paths"]["/api/v1/conversations/{id}/messages"]["post"]["requestBody"]
+    pattern = re.compile(body["content"]["application/json"]["schema"]["properties"]["text"]["pattern"])
+    assert "\\s" not in pattern.pattern  # ECMA-262's \s matches U+FEFF, Python's does not
+
+    def server_accepts(text: str) -> bool:
+        try:
+            validation.message_text(text)
+        except ApiError:
+            return False
+        return True
+
+    disagree = [
+        hex(code)
+        for code in range(sys.maxunicode + 1)
+        for text in (chr(code), f" {chr(code)}\n")
+        if bool(pattern.fullmatch(text)) != server_accepts(text)
+    ]
+    assert disagree == []
+    assert server_accepts("\ufeff") and not server_accepts("\u3000\t")

@@ -3,6 +3,7 @@ registration switch, shutdown of waiting long-polls."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -118,6 +119,31 @@ def test_chunked_bodies_are_held_to_the_size_limit(start_server, tmp_path) -> No
     headers["Authorization"] = "Bearer not-a-token"
     assert post_chunked(exact[:-2] + b'x"}').status_code == 413
     assert post_chunked(exact).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"HELLO\r\n\r\n",
+        b"POST /api/v1/users HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: test\r\n\r\n",
+    ],
+    ids=["request-line", "content-length", "huge-header", "long-uri"],
+)
+def test_malformed_http_gets_a_json_error(start_server, tmp_path, request_head: bytes) -> None:
+    # Refused by the HTTP server before the app sees it: still the contract's error shape.
+    server = start_server(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0]
+    assert status in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 414 URI Too Long"), head
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "invalid_request"
 
 
 def _raw_get(sock: socket.socket, path: str = "/healthz") -> bytes:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from chatapi.openapi import _TEXT_PATTERN, document
+from chatapi.openapi import TEXT_PATTERN, document
 from tests.support.api import PASSWORD, Api
 from tests.support.server import ServerProcess
 
@@ -116,7 +116,7 @@ def test_generated_requests_get_conforming_answers_and_no_5xx(
             # are allowed below, by name; every other 400 is a disagreement.
             excluded = [positive_data_acceptance]
             text = case.body.get("text") if operation_id == "sendMessage" and isinstance(case.body, dict) else None
-            if isinstance(text, str) and not re.search(_TEXT_PATTERN, text):
+            if isinstance(text, str) and not re.search(TEXT_PATTERN, text):
                 # schemathesis 4.32 does not honour this pattern's negated classes; such a text
                 # is not schema-valid, so it is no positive case.
                 reject()
