@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from flask.sessions import NullSession, SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
@@ -124,6 +124,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         # After a fork each worker needs its own LISTEN connection.
         notifier.start()
         validation.refuse_oversized_body(request)
+
+    @app.after_request
+    def _no_store(response: Response) -> Response:
+        # Every answer is live data: the API, errors, health and metrics (a
+        # cached copy would lie to clients, probes and scrapers). The web
+        # page's files set their own policy (revalidate on every load).
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
 
     errors.init_app(app)
     metrics.init_app(app)

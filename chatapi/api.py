@@ -53,12 +53,6 @@ def respond(body: dict, status: int = 200) -> Response:
     return response
 
 
-@bp.after_request
-def _no_store(response: Response) -> Response:
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 # Accounts and tokens ---------------------------------------------------------
 
 

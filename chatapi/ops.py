@@ -10,13 +10,6 @@ from chatapi.errors import error_response
 bp = Blueprint("ops", __name__)
 
 
-@bp.after_request
-def _no_store(response: Response) -> Response:
-    # Health and metrics are read live by probes and scrapers; a cached copy would lie.
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 @bp.get("/healthz")
 def healthz() -> Response:
     return jsonify({"status": "ok"})
