@@ -35,13 +35,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from chatapi import auth
+from chatapi import auth, pg_functions, wire
 from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.models import Conversation, Event, Member, Message, Token, User
 from chatapi.wakeups import Pushed, Waiter, Wakeups, conversation_key, tokens_key, user_key
-
-Json = dict[str, Any]
+from chatapi.wire import Json
 
 
 @dataclass(frozen=True)
@@ -82,32 +81,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def unauthorized() -> ApiError:
     return ApiError(401, "unauthorized", "a valid bearer token is required")
 
 
 def _not_found() -> ApiError:
     return ApiError(404, "conversation_not_found", "no such conversation")
-
-
-def _user_json(user_id: int, username: str) -> Json:
-    return {"id": user_id, "username": username}
-
-
-def _message_json(row: Any) -> Json:
-    return {
-        "id": row.id,
-        "conversation_id": row.conversation_id,
-        "seq": row.seq,
-        "sender": row.sender,
-        "text": row.text,
-        "client_id": row.client_id,
-        "created_at": rfc3339(row.created_at),
-    }
 
 
 _SENDER = aliased(User, name="sender")
@@ -164,7 +143,7 @@ class Chat:
                     .values(username=username, password_hash=password_hash, created_at=utcnow())
                     .returning(User.id)
                 )
-                return _user_json(user_id, username)
+                return wire.user_json(user_id, username)
         except IntegrityError:
             raise _username_taken() from None
 
@@ -183,7 +162,7 @@ class Chat:
             connection.execute(
                 insert(Token).values(user_id=row.id, token_hash=auth.token_digest(token), created_at=utcnow())
             )
-        return {"token": token, "user": _user_json(row.id, row.username)}
+        return {"token": token, "user": wire.user_json(row.id, row.username)}
 
     def authenticate(self, token: str) -> Caller | None:
         rows = self._read(_AUTHENTICATE, token_hash=auth.token_digest(token))
@@ -250,7 +229,7 @@ class Chat:
 
     def conversations(self, caller: Caller) -> list[Json]:
         with self._db.reading() as connection:
-            return [_conversation_json(row) for row in connection.execute(_conversation_query(caller.id))]
+            return [wire.conversation_json(row) for row in connection.execute(_conversation_query(caller.id))]
 
     def conversation(self, caller: Caller, conversation_id: int) -> Json:
         with self._db.reading() as connection:
@@ -259,7 +238,7 @@ class Chat:
             ).one_or_none()
         if row is None:
             raise _not_found()
-        return _conversation_json(row)
+        return wire.conversation_json(row)
 
     # Messages -------------------------------------------------------------
 
@@ -268,7 +247,7 @@ class Chat:
 
         401 for a bad token, 404 unless the user is in the conversation.
         Takes the token, not a Caller: on PostgreSQL the token lookup and
-        the whole send are one round trip (`_SEND_FUNCTION`).
+        the whole send are one round trip (`pg_functions.SEND_FUNCTION`).
         """
         if token is None:
             raise unauthorized()
@@ -291,15 +270,15 @@ class Chat:
             "sender": stored.sender,
             "text": text_,
             "client_id": client_id,
-            "created_at": rfc3339(now),
+            "created_at": wire.rfc3339(now),
         }
         # Both streams got the message and, just above it, the sender's
         # receipt: pushed with the wake-up, so a waiting poll answers
         # without asking the database again.
         pushed = {
             user_id: [
-                _message_event_json(head - 1, message),
-                _receipt_json(head, conversation_id, stored.sender, stored.seq, stored.seq),
+                wire.message_event_json(head - 1, message),
+                wire.receipt_json(head, conversation_id, stored.sender, stored.seq, stored.seq),
             ]
             for user_id, head in ((stored.user_low_id, stored.low_head), (stored.user_high_id, stored.high_head))
         }
@@ -376,7 +355,7 @@ class Chat:
     def _store_message_pg(
         self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
     ) -> _Stored:
-        """`_store_message` in one round trip: the function `chatapi_send` (see `_SEND_FUNCTION`).
+        """`_store_message` in one round trip: the function `chatapi_send` (see `pg_functions.SEND_FUNCTION`).
 
         A replayed client_id violates the unique constraint there
         (IntegrityError), and `send` answers it through `_store_message`.
@@ -388,7 +367,7 @@ class Chat:
             "client_id": client_id,
             "now": now,
         }
-        rows = self._db.fetch_all(_CALL_SEND, params)
+        rows = self._db.fetch_all(pg_functions.CALL_SEND, params)
         if not rows:
             raise unauthorized()
         row = rows[0]
@@ -440,7 +419,7 @@ class Chat:
                     .order_by(Message.seq)
                     .limit(limit)
                 )
-                return [_message_json(row) for row in rows]
+                return [wire.message_json(row) for row in rows]
 
             return _page_after(after, head, messages, "seq")
 
@@ -454,7 +433,7 @@ class Chat:
 
         Takes the token, not a Caller: on PostgreSQL the token lookup, the
         acknowledgement and the first check are one round trip
-        (`_POLL_FUNCTION`), the hottest path of the service.
+        (`pg_functions.POLL_FUNCTION`), the hottest path of the service.
         """
         if token is None:
             raise unauthorized()
@@ -481,7 +460,7 @@ class Chat:
         }
         deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
-        rows = self._db.fetch_all(_CALL_POLL, params)
+        rows = self._db.fetch_all(pg_functions.CALL_POLL, params)
         if not rows:
             raise unauthorized()
         caller_id, receipts = rows[0].caller_id, rows[0].receipts
@@ -493,7 +472,7 @@ class Chat:
         params["acknowledge"] = False
 
         def check() -> tuple[Page, bool]:
-            rows = self._db.fetch_all(_CALL_POLL, params)
+            rows = self._db.fetch_all(pg_functions.CALL_POLL, params)
             if not rows:
                 raise unauthorized()  # Revoked while waiting (`revoke` wakes it).
             return _poll_page(rows, after)
@@ -588,7 +567,7 @@ class Chat:
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
         """Every message event at pos <= `after` is now delivered to the caller.
 
-        On SQLite; PostgreSQL runs `_ACKNOWLEDGE_FUNCTION` instead.
+        On SQLite; PostgreSQL runs `pg_functions.ACKNOWLEDGE_FUNCTION` instead.
         The scan for newly delivered messages is a read; a write transaction
         follows only when a delivered mark can grow, or when the cursor has
         moved `ACKED_POS_LAZY_STEP` positions without delivering anything.
@@ -730,260 +709,13 @@ def _core(connection: Connection, hot: _Hot, **params: Any) -> Any:
     return connection.execute(hot.statement, params)
 
 
-# The hot units of work on PostgreSQL, as server-side functions: one round
-# trip each instead of five to eight, and, called on an autocommit connection,
-# each is one transaction without a BEGIN or COMMIT round trip (an error
-# anywhere in it rolls all of it back). They are created in `pg_temp` on each
-# new connection (`_prepare_statements`), so they live as long as the
-# connection and always match the code that calls them: no migration, and a
-# rolling deploy never runs one version's Python against another's SQL.
-# They follow the Python steps above (used on SQLite) statement for
-# statement: same locks, same order, same events; the API tests run both.
-
-# `Chat._store_message` without the replay check, after the token lookup: no
-# row for a bad token; a row with NULL seq when the user is not in the
-# conversation. A replayed client_id violates the unique constraint here
-# (IntegrityError), and `send` answers it through `_store_message`.
-_SEND_FUNCTION = """
-CREATE FUNCTION pg_temp.chatapi_send(
-    p_token_hash varchar, p_conversation_id bigint, p_text text, p_client_id varchar, p_now timestamp
-) RETURNS TABLE (
-    sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint,
-    low_head bigint, high_head bigint
-)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    the_sender_id bigint;
-    the_sender varchar;
-    new_seq bigint;
-    low_id bigint;
-    high_id bigint;
-    new_message_id bigint;
-    low_stream_head bigint;
-    high_stream_head bigint;
-BEGIN
-    SELECT users.id, users.username INTO the_sender_id, the_sender
-    FROM tokens JOIN users ON users.id = tokens.user_id
-    WHERE tokens.token_hash = p_token_hash;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_now
-    WHERE id = p_conversation_id AND the_sender_id IN (user_low_id, user_high_id)
-    RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT the_sender, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
-            NULL::bigint;
-        RETURN;
-    END IF;
-    INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
-    VALUES (p_conversation_id, new_seq, the_sender_id, p_text, p_client_id, p_now)
-    RETURNING id INTO new_message_id;
-    -- Sending counts as reading (and so as delivery) up to one's own message.
-    UPDATE members SET read_seq = new_seq, delivered_seq = new_seq
-    WHERE conversation_id = p_conversation_id AND user_id = the_sender_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'conversation % has no member row for user %', p_conversation_id, the_sender_id;
-    END IF;
-    -- Both users' streams, locked in ascending id order: the message at
-    -- head - 1, the sender's receipt at head; one insert for the four rows.
-    UPDATE users SET event_head = event_head + 2 WHERE id = low_id RETURNING event_head INTO low_stream_head;
-    UPDATE users SET event_head = event_head + 2 WHERE id = high_id RETURNING event_head INTO high_stream_head;
-    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
-    VALUES (low_id, low_stream_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
-           (low_id, low_stream_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq),
-           (high_id, high_stream_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
-           (high_id, high_stream_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq);
-    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id, low_stream_head, high_stream_head;
-END
-$$
-"""
-
-# `Chat._acknowledge_events` after its arguments are known: returns the
-# receipts it added to streams, flattened as (user id, pos, conversation id,
-# delivered_seq, read_seq) five at a time, to wake and push to those users;
-# empty if there were none.
-_ACKNOWLEDGE_FUNCTION = """
-CREATE FUNCTION pg_temp.chatapi_acknowledge(p_user_id bigint, p_after bigint, p_lazy_step bigint)
-RETURNS bigint[]
-LANGUAGE plpgsql AS $$
-DECLARE
-    cursor_pos bigint;
-    stream_head bigint;
-    upto_pos bigint;
-    delivery record;
-    grown record;
-    conversation_ids bigint[] := '{}';
-    peer_ids bigint[] := '{}';
-    delivered_seqs bigint[] := '{}';
-    read_seqs bigint[] := '{}';
-    member_id bigint;
-    received bigint;
-    new_head bigint;
-    receipt record;
-    receipt_pos bigint;
-    receipts bigint[] := '{}';
-BEGIN
-    SELECT acked_pos, event_head INTO cursor_pos, stream_head FROM users WHERE id = p_user_id;
-    upto_pos := least(p_after, stream_head);
-    IF upto_pos <= cursor_pos THEN
-        RETURN '{}';
-    END IF;
-    -- Per conversation, the newest message from the peer among the events in
-    -- (cursor_pos, upto_pos]: how far delivery has now reached. Member rows
-    -- are locked in ascending conversation id order.
-    FOR delivery IN
-        SELECT m.conversation_id,
-            max(m.seq) AS upto,
-            CASE WHEN c.user_low_id = p_user_id THEN c.user_high_id ELSE c.user_low_id END AS peer_id
-        FROM events e
-        JOIN messages m ON m.id = e.message_id
-        JOIN conversations c ON c.id = m.conversation_id
-        WHERE e.user_id = p_user_id AND e.pos > cursor_pos AND e.pos <= upto_pos
-            AND e.kind = 'message' AND m.sender_id <> p_user_id
-        GROUP BY m.conversation_id, 3
-        ORDER BY m.conversation_id
-    LOOP
-        UPDATE members SET delivered_seq = delivery.upto
-        WHERE conversation_id = delivery.conversation_id AND user_id = p_user_id AND delivered_seq < delivery.upto
-        RETURNING delivered_seq, read_seq INTO grown;
-        IF FOUND THEN
-            conversation_ids := conversation_ids || delivery.conversation_id;
-            peer_ids := peer_ids || delivery.peer_id;
-            delivered_seqs := delivered_seqs || grown.delivered_seq;
-            read_seqs := read_seqs || grown.read_seq;
-        END IF;
-    END LOOP;
-    IF cardinality(conversation_ids) = 0 THEN
-        IF upto_pos - cursor_pos < p_lazy_step THEN
-            RETURN '{}';
-        END IF;
-        -- Only the cursor moves: losing it in a crash just means the range
-        -- is scanned again, so this need not wait for the disk.
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-    -- Each receipt goes to the caller's stream and to its peer's; users are
-    -- locked in ascending id order, and the caller's cursor moves under its lock.
-    FOR member_id IN SELECT DISTINCT u FROM unnest(peer_ids || p_user_id) AS u ORDER BY u LOOP
-        received := CASE WHEN member_id = p_user_id THEN cardinality(peer_ids)
-            ELSE (SELECT count(*) FROM unnest(peer_ids) AS p WHERE p = member_id) END;
-        UPDATE users SET event_head = event_head + received,
-            acked_pos = CASE WHEN id = p_user_id THEN greatest(acked_pos, upto_pos) ELSE acked_pos END
-        WHERE id = member_id
-        RETURNING event_head INTO new_head;
-        receipt_pos := new_head - received;
-        FOR receipt IN
-            SELECT r.c, r.d, r.rd
-            FROM unnest(conversation_ids, peer_ids, delivered_seqs, read_seqs) WITH ORDINALITY AS r (c, p, d, rd, n)
-            WHERE member_id = p_user_id OR r.p = member_id
-            ORDER BY r.n
-        LOOP
-            receipt_pos := receipt_pos + 1;
-            INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq,
-                read_seq)
-            VALUES (member_id, receipt_pos, 'receipt', receipt.c, NULL, p_user_id, receipt.d, receipt.rd);
-            receipts := receipts || ARRAY[member_id, receipt_pos, receipt.c, receipt.d, receipt.rd];
-        END LOOP;
-    END LOOP;
-    RETURN receipts;
-END
-$$
-"""
-
-# `Chat.events` on PostgreSQL: the token lookup, the acknowledgement (when
-# `p_acknowledge`) and the long-poll check (`check` in `Chat.events`) in one
-# round trip. No row: the token is not valid. Otherwise the first row carries
-# the caller, the receipts the acknowledgement added and the stream's head,
-# and the rows carry the events after `p_after` (the event columns are NULL
-# when there are none), with the columns of `_events_after_query`. The head is
-# read in the same statement as the events, so it is never below one of them.
-_POLL_FUNCTION = """
-CREATE FUNCTION pg_temp.chatapi_poll(
-    p_token_hash varchar, p_after bigint, p_limit integer, p_lazy_step bigint, p_acknowledge boolean
-) RETURNS TABLE (
-    caller_id bigint, caller_name varchar, receipts bigint[], head bigint,
-    pos bigint, kind varchar, event_conversation_id bigint, delivered_seq bigint, read_seq bigint,
-    subject varchar, conversation_created_at timestamp,
-    id bigint, conversation_id bigint, seq bigint, sender varchar, text text, client_id varchar,
-    created_at timestamp
-)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    the_caller record;
-    the_receipts bigint[] := '{}';
-BEGIN
-    SELECT users.id, users.username, users.event_head, users.acked_pos INTO the_caller
-    FROM tokens JOIN users ON users.id = tokens.user_id
-    WHERE tokens.token_hash = p_token_hash;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    -- Only when there is something to acknowledge (chatapi_acknowledge's own first test).
-    IF p_acknowledge AND least(p_after, the_caller.event_head) > the_caller.acked_pos THEN
-        the_receipts := pg_temp.chatapi_acknowledge(the_caller.id, p_after, p_lazy_step);
-    END IF;
-    -- Nothing after p_after (most calls: every poll that goes on to wait):
-    -- answer with the head just read, without planning the page's joins. An
-    -- acknowledgement that added receipts moved the head, so it re-reads.
-    IF the_caller.event_head <= p_after AND cardinality(the_receipts) = 0 THEN
-        RETURN QUERY SELECT the_caller.id, the_caller.username, the_receipts, the_caller.event_head,
-            NULL::bigint, NULL::varchar, NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::timestamp,
-            NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::text, NULL::varchar, NULL::timestamp;
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT the_caller.id, the_caller.username, the_receipts, u.event_head, page.*
-    FROM users u
-    LEFT JOIN LATERAL (
-        SELECT e.pos, e.kind, e.conversation_id, e.delivered_seq, e.read_seq,
-            subject.username, c.created_at,
-            m.id, m.conversation_id, m.seq, sender.username, m.text, m.client_id, m.created_at
-        FROM events e
-        LEFT JOIN messages m ON m.id = e.message_id
-        LEFT JOIN users sender ON sender.id = m.sender_id
-        LEFT JOIN users subject ON subject.id = e.subject_user_id
-        LEFT JOIN conversations c ON c.id = e.conversation_id AND e.kind = 'conversation'
-        WHERE e.user_id = u.id AND e.pos > p_after
-        ORDER BY e.pos
-        LIMIT p_limit
-    ) AS page ON true
-    WHERE u.id = the_caller.id
-    ORDER BY page.pos;
-END
-$$
-"""
-
-# Each connection also prepares the calls, so their plans are made once.
-_PREPARE_CALLS = (
-    "PREPARE chatapi_send (varchar, bigint, text, varchar, timestamp) AS "
-    "SELECT * FROM pg_temp.chatapi_send($1, $2, $3, $4, $5)",
-    "PREPARE chatapi_poll (varchar, bigint, integer, bigint, boolean) AS "
-    "SELECT * FROM pg_temp.chatapi_poll($1, $2, $3, $4, $5)",
-)
-# Run with `Database.fetch_all` (psycopg2's parameter style).
-_CALL_SEND = "EXECUTE chatapi_send (%(token_hash)s, %(conversation_id)s, %(text)s, %(client_id)s, %(now)s)"
-_CALL_POLL = "EXECUTE chatapi_poll (%(token_hash)s, %(after)s, %(limit)s, %(lazy_step)s, %(acknowledge)s)"
-
-
 def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
     """On each new PostgreSQL connection: create the functions and prepare the hot statements.
 
     Both live as long as the connection does.
     """
     with dbapi_connection.cursor() as cursor:
-        # Plan the functions' statements and the prepared ones once per
-        # connection. Left to choose, PostgreSQL kept re-planning several
-        # of them on every call (pos ranges and LIMITs make a generic plan
-        # look dearer than it is); all of them are index lookups, whose
-        # generic plan is the plan (docs/performance.md, change 18).
-        cursor.execute("SET plan_cache_mode = force_generic_plan")
-        cursor.execute(_SEND_FUNCTION)
-        cursor.execute(_ACKNOWLEDGE_FUNCTION)
-        cursor.execute(_POLL_FUNCTION)
-        for statement in _PREPARE_CALLS:
-            cursor.execute(statement)
+        pg_functions.install(cursor)
         for hot in _Hot.all:
             cursor.execute(hot.prepare)
     # psycopg2 opened a transaction for these on a non-autocommit connection; end it.
@@ -1058,7 +790,7 @@ def _check_replay(
         return
     if row.text != text_:
         raise ApiError(409, "client_id_reused", "this client_id was used for a different message")
-    raise _Replay(_message_json(row))
+    raise _Replay(wire.message_json(row))
 
 
 def _membership(connection: Connection, user_id: int, conversation_id: int) -> Any:
@@ -1102,26 +834,11 @@ def _append_receipts(
     return _receipts_json(stored, caller.username)
 
 
-def _message_event_json(pos: int, message: Json) -> Json:
-    return {"pos": pos, "type": "message", "message": message}
-
-
-def _receipt_json(pos: int, conversation_id: int, user: str, delivered_seq: int, read_seq: int) -> Json:
-    return {
-        "pos": pos,
-        "type": "receipt",
-        "conversation_id": conversation_id,
-        "user": user,
-        "delivered_seq": delivered_seq,
-        "read_seq": read_seq,
-    }
-
-
 def _receipts_json(stored: dict[int, list[Json]], subject: str) -> dict[int, list[Json]]:
     """Receipts of `subject` as `_append_events` stored them, per user, as the stream shows them."""
     return {
         user_id: [
-            _receipt_json(row["pos"], row["conversation_id"], subject, row["delivered_seq"], row["read_seq"])
+            wire.receipt_json(row["pos"], row["conversation_id"], subject, row["delivered_seq"], row["read_seq"])
             for row in rows
         ]
         for user_id, rows in stored.items()
@@ -1133,7 +850,9 @@ def _receipts_from_array(receipts: list[int], subject: str) -> dict[int, list[Js
     by_user: dict[int, list[Json]] = {}
     for i in range(0, len(receipts), 5):
         user_id, pos, conversation_id, delivered_seq, read_seq = receipts[i : i + 5]
-        by_user.setdefault(user_id, []).append(_receipt_json(pos, conversation_id, subject, delivered_seq, read_seq))
+        by_user.setdefault(user_id, []).append(
+            wire.receipt_json(pos, conversation_id, subject, delivered_seq, read_seq)
+        )
     return by_user
 
 
@@ -1149,7 +868,7 @@ def _history(connection: Connection, conversation_id: int, before: int | None, l
         query = query.where(Message.seq < min(before, head + 1))
     rows = list(connection.execute(query))
     rows.reverse()
-    return Page([_message_json(row) for row in rows], head)
+    return Page([wire.message_json(row) for row in rows], head)
 
 
 def _conversation_query(user_id: int):
@@ -1182,48 +901,6 @@ def _conversation_query(user_id: int):
     )
 
 
-def _conversation_json(row: Any) -> Json:
-    last_message = None
-    if row.last_id is not None:
-        last_message = {
-            "id": row.last_id,
-            "conversation_id": row.id,
-            "seq": row.last_seq,
-            "sender": row.last_sender,
-            "text": row.last_text,
-            "client_id": row.last_client_id,
-            "created_at": rfc3339(row.last_created_at),
-        }
-    return {
-        "id": row.id,
-        "peer": row.peer,
-        "created_at": rfc3339(row.created_at),
-        "last_seq": row.last_seq,
-        # Every message above the caller's read mark is the peer's: sending
-        # moves one's own read mark to one's own message.
-        "unread": row.last_seq - row.read_seq,
-        "read_seq": row.read_seq,
-        "peer_delivered_seq": row.peer_delivered_seq,
-        "peer_read_seq": row.peer_read_seq,
-        "last_message": last_message,
-    }
-
-
-def _new_conversation_json(row: Any) -> Json:
-    """A conversation as it is at creation: the payload of `conversation` events."""
-    return {
-        "id": row.event_conversation_id,
-        "peer": row.subject,
-        "created_at": rfc3339(row.conversation_created_at),
-        "last_seq": 0,
-        "unread": 0,
-        "read_seq": 0,
-        "peer_delivered_seq": 0,
-        "peer_read_seq": 0,
-        "last_message": None,
-    }
-
-
 def _events_after_query():
     subject = aliased(User, name="subject")
     return (
@@ -1252,7 +929,7 @@ _EVENTS_AFTER = _events_after_query()
 
 def _events_after(connection: Connection, user_id: int, after: int, limit: int) -> list[Json]:
     rows = connection.execute(_EVENTS_AFTER, {"user_id": user_id, "after": after, "limit": limit})
-    return [_event_json(row) for row in rows]
+    return [wire.event_json(row) for row in rows]
 
 
 def _pushed_events(after: int, limit: int) -> Callable[[Waiter], Page | None]:
@@ -1282,7 +959,9 @@ def _pushed_events(after: int, limit: int) -> Callable[[Waiter], Page | None]:
 
 def _poll_page(rows: list[Any], after: int) -> tuple[Page, bool]:
     """The page of a `chatapi_poll` answer, and whether to answer now (`check` in `Chat.events`)."""
-    return _page_after(after, rows[0].head, lambda: [_event_json(row) for row in rows if row.pos is not None], "pos")
+    return _page_after(
+        after, rows[0].head, lambda: [wire.event_json(row) for row in rows if row.pos is not None], "pos"
+    )
 
 
 def _page_after(after: int, head: int, items: Callable[[], list[Json]], position: str) -> tuple[Page, bool]:
@@ -1297,11 +976,3 @@ def _page_after(after: int, head: int, items: Callable[[], list[Json]], position
         return Page([], head), after > head
     found = items()
     return Page(found, max(head, found[-1][position] if found else 0)), True
-
-
-def _event_json(row: Any) -> Json:
-    if row.kind == "message":
-        return _message_event_json(row.pos, _message_json(row))
-    if row.kind == "receipt":
-        return _receipt_json(row.pos, row.event_conversation_id, row.subject, row.delivered_seq, row.read_seq)
-    return {"pos": row.pos, "type": "conversation", "conversation": _new_conversation_json(row)}

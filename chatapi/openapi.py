@@ -8,9 +8,8 @@ against it.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
 
-Json = dict[str, Any]
+from chatapi.wire import Json
 
 
 def _ref(name: str) -> Json:

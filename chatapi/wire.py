@@ -1,0 +1,97 @@
+"""How rows become the API's JSON (docs/api.md): one function per shape.
+
+The chat rules (chat.py) decide what to answer; these only spell it, so a
+message, a receipt or a conversation reads the same wherever it appears.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+Json = dict[str, Any]
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def user_json(user_id: int, username: str) -> Json:
+    return {"id": user_id, "username": username}
+
+
+def message_json(row: Any) -> Json:
+    return {
+        "id": row.id,
+        "conversation_id": row.conversation_id,
+        "seq": row.seq,
+        "sender": row.sender,
+        "text": row.text,
+        "client_id": row.client_id,
+        "created_at": rfc3339(row.created_at),
+    }
+
+
+def message_event_json(pos: int, message: Json) -> Json:
+    return {"pos": pos, "type": "message", "message": message}
+
+
+def receipt_json(pos: int, conversation_id: int, user: str, delivered_seq: int, read_seq: int) -> Json:
+    return {
+        "pos": pos,
+        "type": "receipt",
+        "conversation_id": conversation_id,
+        "user": user,
+        "delivered_seq": delivered_seq,
+        "read_seq": read_seq,
+    }
+
+
+def conversation_json(row: Any) -> Json:
+    last_message = None
+    if row.last_id is not None:
+        last_message = {
+            "id": row.last_id,
+            "conversation_id": row.id,
+            "seq": row.last_seq,
+            "sender": row.last_sender,
+            "text": row.last_text,
+            "client_id": row.last_client_id,
+            "created_at": rfc3339(row.last_created_at),
+        }
+    return {
+        "id": row.id,
+        "peer": row.peer,
+        "created_at": rfc3339(row.created_at),
+        "last_seq": row.last_seq,
+        # Every message above the caller's read mark is the peer's: sending
+        # moves one's own read mark to one's own message.
+        "unread": row.last_seq - row.read_seq,
+        "read_seq": row.read_seq,
+        "peer_delivered_seq": row.peer_delivered_seq,
+        "peer_read_seq": row.peer_read_seq,
+        "last_message": last_message,
+    }
+
+
+def new_conversation_json(row: Any) -> Json:
+    """A conversation as it is at creation: the payload of `conversation` events."""
+    return {
+        "id": row.event_conversation_id,
+        "peer": row.subject,
+        "created_at": rfc3339(row.conversation_created_at),
+        "last_seq": 0,
+        "unread": 0,
+        "read_seq": 0,
+        "peer_delivered_seq": 0,
+        "peer_read_seq": 0,
+        "last_message": None,
+    }
+
+
+def event_json(row: Any) -> Json:
+    if row.kind == "message":
+        return message_event_json(row.pos, message_json(row))
+    if row.kind == "receipt":
+        return receipt_json(row.pos, row.event_conversation_id, row.subject, row.delivered_seq, row.read_seq)
+    return {"pos": row.pos, "type": "conversation", "conversation": new_conversation_json(row)}
