@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from flask import Flask, Response, request
 from flask.sessions import NullSession, SessionInterface
@@ -35,6 +36,16 @@ class IdConverter(BaseConverter):
 
     def to_url(self, value: int) -> str:
         return str(value)
+
+
+class Notifier(Protocol):
+    """Carries wake-ups to the waiting requests they concern, after commit."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None: ...
 
 
 class LocalNotifier:
@@ -80,7 +91,7 @@ class Services:
     settings: Settings
     db: Database
     wakeups: Wakeups
-    notifier: object
+    notifier: Notifier
     chat: Chat
     metrics: Metrics
 
@@ -100,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         on_wait_change=metrics.longpolls_waiting.inc,
         on_wake=metrics.wakeups.inc,
     )
+    notifier: Notifier
     if settings.is_postgresql:
         from chatapi.notify_pg import PostgresNotifier
 
