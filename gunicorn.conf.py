@@ -8,6 +8,8 @@ gevent worker are imported, as gunicorn does to load any gevent worker; that
 patches nothing.)
 """
 
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -15,10 +17,18 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import Timeout
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+
+if TYPE_CHECKING:
+    import socket
+    from types import FrameType
+
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 _database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or ""
 _on_postgresql = _database_url.startswith(("postgresql", "postgres"))
@@ -53,10 +63,10 @@ class KeepAliveHandler(PyWSGIHandler):
 
     worker = None
 
-    def __init__(self, sock, address, server, rfile=None):
+    def __init__(self, sock: socket.socket, address: Any, server: Any, rfile: Any = None) -> None:
         super().__init__(sock, address, server, rfile or sock.makefile("rb", READ_BUFFER_BYTES))
 
-    def read_requestline(self):
+    def read_requestline(self) -> str | None:
         # A connection that sends no request within `keepalive` seconds is
         # closed (returning None does that), and so is one waiting for its
         # next request when the worker starts to shut down.
@@ -69,13 +79,13 @@ class KeepAliveHandler(PyWSGIHandler):
         finally:
             self.worker.idle_connections.discard(idle)
 
-    def read_request(self, raw_requestline):
+    def read_request(self, raw_requestline: str) -> Any:
         # The same for a request head that stalls (False answers 400 and closes).
         with Timeout(self.worker.cfg.keepalive or None, False):
             return super().read_request(raw_requestline)
         return False
 
-    def handle_one_request(self):
+    def handle_one_request(self) -> Any:
         # pywsgi refuses a malformed request line or head (or one over its
         # limits) itself, with a (status, whole response) pair.
         result = super().handle_one_request()
@@ -83,7 +93,7 @@ class KeepAliveHandler(PyWSGIHandler):
             return result[0], PROTOCOL_ERRORS[result[0]]
         return result
 
-    def start_response(self, status, headers, exc_info=None):
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         # Once the worker is shutting down, no connection is kept alive.
         if not self.worker.alive or not self.worker.cfg.keepalive:
             headers = [*headers, ("Connection", "close")]
@@ -103,12 +113,12 @@ class ChatapiWorker(GeventPyWSGIWorker):
     gunicorn's own worker waits up to `keepalive` seconds for each.
     """
 
-    def init_process(self):
+    def init_process(self) -> None:
         self.idle_connections = set()
         self.wsgi_handler = type("KeepAliveHandler", (KeepAliveHandler,), {"worker": self})
         super().init_process()
 
-    def handle_exit(self, sig, frame):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # SIGTERM: gunicorn stops accepting and waits for requests in flight;
         # connections idle between requests close now. (Waiting long-polls
         # answer through post_worker_init's hook.)
@@ -141,7 +151,7 @@ control_socket = os.environ.get("CHATAPI_CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
 
 
-def on_starting(server):
+def on_starting(server: Arbiter) -> None:
     """In the master, once: migrate the schema, prepare shared metrics storage."""
     if not _on_postgresql and server.num_workers > 1:
         server.log.warning("SQLite runs one worker process; ignoring workers=%s", server.num_workers)
@@ -158,19 +168,19 @@ def on_starting(server):
         subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=here, check=True)
 
 
-def on_exit(server):
+def on_exit(server: Arbiter) -> None:
     metrics_dir = getattr(server, "_chatapi_metrics_dir", None)
     if metrics_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def child_exit(server, worker):
+def child_exit(server: Arbiter, worker: Worker) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
-def post_worker_init(worker):
+def post_worker_init(worker: Worker) -> None:
     """In each worker, after gevent has patched it and the app is loaded."""
     from psycogreen.gevent import patch_psycopg
 
@@ -189,7 +199,7 @@ def post_worker_init(worker):
     # line's --worker-class overrides this file, e.g. gunicorn's `gevent`).
     worker_handle_exit = worker.handle_exit
 
-    def handle_exit(sig, frame):
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
         worker_handle_exit(sig, frame)
         gevent.spawn(wakeups.drain)
 

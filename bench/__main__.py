@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -66,7 +67,7 @@ PASSWORD = "bench password"
 class Bench:
     """One PostgreSQL cluster for the whole run; a fresh database and server per workload."""
 
-    def __init__(self, out: Path, workers: int | None, log) -> None:
+    def __init__(self, out: Path, workers: int | None, log: Callable[[str], None]) -> None:
         self.out = out
         self.workers = workers
         self.log = log
@@ -78,7 +79,7 @@ class Bench:
         self.cluster.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for server in self.servers:
             server.stop()
         self.cluster.destroy()

@@ -281,7 +281,9 @@ class Window:
         }
 
 
-def run_open_loop(spec: dict, target: Target, pairs: list[dict], rate: float, duration: float, ledger: Ledger):
+def run_open_loop(
+    spec: dict, target: Target, pairs: list[dict], rate: float, duration: float, ledger: Ledger
+) -> tuple[int, float]:
     """Send `rate` messages/s in total, round-robin over the pairs, for `duration` s."""
     senders: dict[int, Sender] = {}
     for pair in pairs:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Server:
-    def __init__(self, database_url: str, port: int, log_path: Path, workers: int | None, env: dict[str, str]):
+    def __init__(self, database_url: str, port: int, log_path: Path, workers: int | None, env: dict[str, str]) -> None:
         self.database_url = database_url
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"

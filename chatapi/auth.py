@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import gevent
 from argon2 import PasswordHasher
@@ -20,13 +22,15 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 TOKEN_BYTES = 32
 
+T = TypeVar("T")
+
 _hasher = PasswordHasher()
 # Verified against when the username does not exist, so a wrong username
 # takes as long as a wrong password and does not reveal who has an account.
 _DUMMY_HASH = _hasher.hash("not-a-real-password")
 
 
-def _in_thread(function, *args):
+def _in_thread(function: Callable[..., T], *args: Any) -> T:
     return gevent.get_hub().threadpool.apply(function, args)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, case, event, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -73,7 +73,7 @@ class _Stored(NamedTuple):
 class _Replay(Exception):
     """A send whose client_id was seen before: answer with the original."""
 
-    def __init__(self, message: Json):
+    def __init__(self, message: Json) -> None:
         self.message = message
 
 
@@ -108,7 +108,7 @@ class Chat:
         wakeups: Wakeups,
         publish: Callable[[Iterable[str], Pushed | None], None],
         on_woken: Callable[[bool], None] = lambda pushed: None,
-    ):
+    ) -> None:
         self._db = db
         self._wakeups = wakeups
         self._publish = publish
@@ -871,7 +871,7 @@ def _history(connection: Connection, conversation_id: int, before: int | None, l
     return Page([wire.message_json(row) for row in rows], head)
 
 
-def _conversation_query(user_id: int):
+def _conversation_query(user_id: int) -> Select:
     me = aliased(Member, name="me")
     peer = aliased(Member, name="peer")
     peer_user = aliased(User, name="peer_user")
@@ -901,7 +901,7 @@ def _conversation_query(user_id: int):
     )
 
 
-def _events_after_query():
+def _events_after_query() -> Select:
     subject = aliased(User, name="subject")
     return (
         select(

@@ -10,6 +10,7 @@ take row locks inside each transaction.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -132,7 +133,7 @@ def _make_sqlite_engine(settings: Settings) -> Engine:
     engine = create_engine(settings.database_url, connect_args={"check_same_thread": False})
 
     @event.listens_for(engine, "connect")
-    def _configure_sqlite(dbapi_connection, _record) -> None:
+    def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -144,7 +145,7 @@ def _make_sqlite_engine(settings: Settings) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin(conn) -> None:
+    def _begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
     return engine
@@ -158,11 +159,11 @@ def _ping_idle_connections(engine: Engine) -> None:
     """
 
     @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_connection, record) -> None:
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
-    def _checked_out(dbapi_connection, record, _proxy) -> None:
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         idle_since = record.info.get("idle_since")
         if idle_since is None or time.monotonic() - idle_since < PING_IF_IDLE_SECS:
             return

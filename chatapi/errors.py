@@ -29,7 +29,7 @@ _HTTP_CODES = {
 class ApiError(Exception):
     """Raised anywhere below a view; answered with the contract's error shape."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

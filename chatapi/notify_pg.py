@@ -138,7 +138,7 @@ class PostgresNotifier:
         add_pushed(self._pending_pushed, keys, pushed)
         self._has_pending.set()
 
-    def _connect(self):
+    def _connect(self) -> psycopg2.extensions.connection:
         conn = psycopg2.connect(self._dsn, application_name="chatapi-wakeups")
         conn.autocommit = True
         return conn
