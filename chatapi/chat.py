@@ -19,6 +19,10 @@ Ordering, in short (the long form is docs/design.md):
   constraint backs it.
 - Wake-ups are published only after commit, so a woken reader always finds
   what it was woken for.
+
+On PostgreSQL the hot paths (send, poll, acknowledgement) run the same steps
+as server-side functions, one round trip each: pg_functions.py. How rows
+become the API's JSON: wire.py.
 """
 
 from __future__ import annotations
