@@ -267,15 +267,7 @@ class Chat:
                 stored = self._store_message_in_steps(token, conversation_id, text_, client_id, now)
             except _Replay as replay:
                 return replay.message, False
-        message = {
-            "id": stored.message_id,
-            "conversation_id": conversation_id,
-            "seq": stored.seq,
-            "sender": stored.sender,
-            "text": text_,
-            "client_id": client_id,
-            "created_at": wire.rfc3339(now),
-        }
+        message = wire.message(stored.message_id, conversation_id, stored.seq, stored.sender, text_, client_id, now)
         # Both streams got the message and, just above it, the sender's
         # receipt: pushed with the wake-up, so a waiting poll answers
         # without asking the database again.

@@ -20,16 +20,28 @@ def user_json(user_id: int, username: str) -> Json:
     return {"id": user_id, "username": username}
 
 
-def message_json(row: Any) -> Json:
+def message(
+    message_id: int,
+    conversation_id: int,
+    seq: int,
+    sender: str,
+    text: str,
+    client_id: str | None,
+    created_at: datetime,
+) -> Json:
     return {
-        "id": row.id,
-        "conversation_id": row.conversation_id,
-        "seq": row.seq,
-        "sender": row.sender,
-        "text": row.text,
-        "client_id": row.client_id,
-        "created_at": rfc3339(row.created_at),
+        "id": message_id,
+        "conversation_id": conversation_id,
+        "seq": seq,
+        "sender": sender,
+        "text": text,
+        "client_id": client_id,
+        "created_at": rfc3339(created_at),
     }
+
+
+def message_json(row: Any) -> Json:
+    return message(row.id, row.conversation_id, row.seq, row.sender, row.text, row.client_id, row.created_at)
 
 
 def message_event_json(pos: int, message: Json) -> Json:
@@ -50,15 +62,9 @@ def receipt_json(pos: int, conversation_id: int, user: str, delivered_seq: int, 
 def conversation_json(row: Any) -> Json:
     last_message = None
     if row.last_id is not None:
-        last_message = {
-            "id": row.last_id,
-            "conversation_id": row.id,
-            "seq": row.last_seq,
-            "sender": row.last_sender,
-            "text": row.last_text,
-            "client_id": row.last_client_id,
-            "created_at": rfc3339(row.last_created_at),
-        }
+        last_message = message(
+            row.last_id, row.id, row.last_seq, row.last_sender, row.last_text, row.last_client_id, row.last_created_at
+        )
     return {
         "id": row.id,
         "peer": row.peer,
