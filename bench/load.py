@@ -421,11 +421,19 @@ def _waiting_longpolls(target: Target) -> float:
 
 
 def _requests_by_route(targets: list[Target]) -> dict[str, float]:
-    """chatapi_http_requests_total per "METHOD route", and the woken long-polls by how they
-    were answered ("woken polls: pushed" or "woken polls: query"), over all servers."""
+    """chatapi_http_requests_total per "METHOD route", the woken long-polls by how they
+    were answered ("woken polls: pushed" or "woken polls: query"), and the send
+    transactions with the sends they carried ("send transactions", "sends in them"),
+    over all servers."""
     counts: dict[str, float] = {}
     for target in targets:
         for line in _metrics(target):
+            for name, key in (
+                ("chatapi_send_batch_size_count ", "send transactions"),
+                ("chatapi_send_batch_size_sum ", "sends in them"),
+            ):
+                if line.startswith(name):
+                    counts[key] = counts.get(key, 0) + float(line.split()[-1])
             if line.startswith(("chatapi_http_requests_total{", "chatapi_woken_polls_total{")):
                 labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
                 labels = {name: value.strip(chr(34)) for name, value in labels.items()}

@@ -120,7 +120,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         notifier = PostgresNotifier(libpq_uri, wakeups)
     else:
         notifier = LocalNotifier(wakeups)
-    chat = Chat(db, wakeups, notifier.publish, on_woken=metrics.count_woken)
+    chat = Chat(
+        db, wakeups, notifier.publish, on_woken=metrics.count_woken, on_send_batch=metrics.send_batch_size.observe
+    )
     app.extensions["chatapi"] = Services(settings, db, wakeups, notifier, chat, metrics)
 
     if settings.trust_proxy_headers:

@@ -36,12 +36,13 @@ from typing import Any, NamedTuple
 from sqlalchemy import Select, and_, bindparam, case, event, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import aliased
 
 from chatapi import auth, pg_functions, wire
 from chatapi.db import Database
 from chatapi.errors import ApiError
+from chatapi.group_commit import GroupCommit
 from chatapi.models import Conversation, Event, Member, Message, Token, User
 from chatapi.wakeups import Pushed, Waiter, Wakeups, conversation_key, tokens_key, user_key
 from chatapi.wire import Json
@@ -72,6 +73,41 @@ class _Stored(NamedTuple):
     message_id: int
     low_head: int
     high_head: int
+
+
+class _Send(NamedTuple):
+    """One send, as the database functions take it."""
+
+    token_hash: str
+    conversation_id: int
+    text: str
+    client_id: str | None
+    now: datetime
+
+
+def _stored(row: Any) -> _Stored | ApiError:
+    """A row of `chatapi_send` or `chatapi_send_batch`: the stored message, or why there is none."""
+    if row.sender is None:
+        return unauthorized()
+    if row.seq is None:
+        return _not_found()
+    return _Stored(row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id, row.low_head, row.high_head)
+
+
+def _outcome(step: Callable[[], _Stored]) -> _Stored | Exception:
+    """What `step` returns, or the exception it raised (one send's outcome in a batch)."""
+    try:
+        return step()
+    except (ApiError, DBAPIError) as exc:
+        return exc
+
+
+def _rolled_back(exc: DBAPIError) -> bool:
+    """Whether PostgreSQL certainly rolled the transaction back: a constraint
+    violation or a deadlock (SQLSTATE classes 23 and 40), not a lost connection,
+    after which a commit may or may not have happened."""
+    code = getattr(exc.orig, "pgcode", None) or ""
+    return code.startswith(("23", "40"))
 
 
 class _Replay(Exception):
@@ -112,15 +148,25 @@ class Chat:
         wakeups: Wakeups,
         publish: Callable[[Iterable[str], Pushed | None], None],
         on_woken: Callable[[bool], None] = lambda pushed: None,
+        on_send_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
         self._db = db
         self._wakeups = wakeups
         self._publish = publish
         # Told, for each woken long-poll, whether pushed events answered it.
         self._on_woken = on_woken
+        # Told the size of each send transaction on PostgreSQL (group commit).
+        self._on_send_batch = on_send_batch
         if db.is_postgresql:
             for engine in db.engines:
                 event.listen(engine, "connect", _prepare_statements)
+        # Sends that arrive while the database is busy commit together (group_commit.py).
+        self._sends: GroupCommit[_Send, _Stored] = GroupCommit(
+            self._store_messages_pg,
+            max_in_flight=SEND_BATCHES_IN_FLIGHT,
+            max_batch=SEND_BATCH_MAX,
+            max_wait=SEND_BATCH_MAX_WAIT_SECS,
+        )
 
     def _publish_to_streams(self, pushed: dict[int, list[Json]]) -> None:
         """Wake the users whose streams got `pushed` (per user, as the stream shows them), handing them over."""
@@ -259,7 +305,7 @@ class Chat:
         stored = None
         if self._db.is_postgresql:
             try:
-                stored = self._store_message_pg(token, conversation_id, text_, client_id, now)
+                stored = self._sends.submit(_Send(auth.token_digest(token), conversation_id, text_, client_id, now))
             except IntegrityError:
                 pass  # A replayed client_id: the steps below answer it.
         if stored is None:
@@ -348,30 +394,50 @@ class Chat:
             stored[head.user_high_id][-1]["pos"],
         )
 
-    def _store_message_pg(
-        self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
-    ) -> _Stored:
-        """`_store_message` in one round trip: the function `chatapi_send` (see `pg_functions.SEND_FUNCTION`).
+    def _store_messages_pg(self, sends: list[_Send]) -> list[_Stored | Exception]:
+        """`_store_message` for each of `sends`, in one round trip and one transaction.
 
-        A replayed client_id violates the unique constraint there
-        (IntegrityError), and `send` answers it through `_store_message`.
+        One send calls `chatapi_send`, several `chatapi_send_batch`
+        (`pg_functions`). An outcome is an exception for a bad token (401), a
+        sender outside the conversation (404), or a replayed client_id
+        (IntegrityError: `send` answers it through `_store_message`).
         """
+        self._on_send_batch(len(sends))
+        if len(sends) == 1:
+            return [_outcome(lambda: self._store_message_pg(sends[0]))]
         params = {
-            "token_hash": auth.token_digest(token),
-            "conversation_id": conversation_id,
-            "text": text_,
-            "client_id": client_id,
-            "now": now,
+            "token_hashes": [send.token_hash for send in sends],
+            "conversation_ids": [send.conversation_id for send in sends],
+            "texts": [send.text for send in sends],
+            "client_ids": [send.client_id for send in sends],
+            "nows": [send.now for send in sends],
+        }
+        try:
+            rows = self._db.fetch_all(pg_functions.CALL_SEND_BATCH, params)
+        except DBAPIError as exc:
+            if not _rolled_back(exc):
+                raise
+            # The batch was rolled back as a whole (a replayed client_id, most
+            # likely): each send again, on its own, so only that one fails.
+            return [_outcome(lambda send=send: self._store_message_pg(send)) for send in sends]
+        return [_stored(row) for row in rows]
+
+    def _store_message_pg(self, send: _Send) -> _Stored:
+        """`_store_message` in one round trip: the function `chatapi_send` (see `pg_functions.SEND_FUNCTION`)."""
+        params = {
+            "token_hash": send.token_hash,
+            "conversation_id": send.conversation_id,
+            "text": send.text,
+            "client_id": send.client_id,
+            "now": send.now,
         }
         rows = self._db.fetch_all(pg_functions.CALL_SEND, params)
         if not rows:
             raise unauthorized()
-        row = rows[0]
-        if row.seq is None:
-            raise _not_found()
-        return _Stored(
-            row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id, row.low_head, row.high_head
-        )
+        stored = _stored(rows[0])
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as connection:
@@ -598,6 +664,14 @@ class Chat:
 # none of them a new message from the peer, costs far less than a write
 # transaction on every poll (measured in docs/performance.md).
 ACKED_POS_LAZY_STEP = 64
+# Group commit of sends on PostgreSQL (group_commit.py): one send transaction
+# per worker at a time, of at most 64 sends. One in flight did as well as two
+# or four in `throughput`, better at R=1000 and no worse at R=200
+# (docs/performance.md, change 27). A send queued for 50 ms starts a batch of
+# its own, so a send stuck on a row lock holds the others back no longer.
+SEND_BATCHES_IN_FLIGHT = 1
+SEND_BATCH_MAX = 64
+SEND_BATCH_MAX_WAIT_SECS = 0.05
 
 
 # Hot-path statements, built once and run as Core statements: building and

@@ -57,6 +57,14 @@ class Metrics:
             ["answer"],
             registry=self.registry,
         )
+        # Group commit (group_commit.py): how many sends each PostgreSQL
+        # send transaction carried. 1 while the database keeps up.
+        self.send_batch_size = Histogram(
+            "chatapi_send_batch_size",
+            "Sends committed together in one transaction (PostgreSQL group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self._woken_pushed = self.woken_polls.labels("pushed")
         self._woken_query = self.woken_polls.labels("query")
 

@@ -76,6 +76,116 @@ END
 $$
 """
 
+# `chatapi_send` for several sends in one transaction (group commit, see
+# group_commit.py), with one row per send in the order given. The locks are
+# taken class by class in the order every transaction takes them (docs/design.md,
+# "Locks"): all conversation rows, ascending id (a conversation's sends in the
+# order given, which is their seq order); then member rows, ascending
+# (conversation id, user id); then user rows, ascending id. Taking them send by
+# send instead would hold one conversation's user rows while waiting for the
+# next conversation's row, which another batch may hold while it waits for
+# those users: a deadlock. Each user's new positions are handed out in the
+# order of the sends, two per send (the message, then the sender's receipt),
+# as `chatapi_send` does. A replayed client_id fails the whole batch
+# (IntegrityError), which rolls all of it back; the caller then runs the sends
+# one by one.
+SEND_BATCH_FUNCTION = """
+CREATE FUNCTION pg_temp.chatapi_send_batch(
+    p_token_hashes varchar[], p_conversation_ids bigint[], p_texts text[], p_client_ids varchar[], p_nows timestamp[]
+) RETURNS TABLE (
+    sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint,
+    low_head bigint, high_head bigint
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(p_token_hashes);
+    sender_ids bigint[];
+    sender_names varchar[];
+    seqs bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    low_ids bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    high_ids bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    message_ids bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    low_heads bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    high_heads bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    i integer;
+    new_seq bigint;
+    new_message_id bigint;
+    low_id bigint;
+    high_id bigint;
+    member record;
+    stream record;
+    next_pos bigint;
+BEGIN
+    SELECT array_agg(users.id ORDER BY t.n), array_agg(users.username ORDER BY t.n) INTO sender_ids, sender_names
+    FROM unnest(p_token_hashes) WITH ORDINALITY AS t (h, n)
+    LEFT JOIN tokens ON tokens.token_hash = t.h
+    LEFT JOIN users ON users.id = tokens.user_id;
+    -- Conversation rows, ascending id (and each conversation's sends in the order they came).
+    FOR i IN
+        SELECT t.n FROM unnest(p_conversation_ids) WITH ORDINALITY AS t (c, n)
+        WHERE sender_ids[t.n] IS NOT NULL ORDER BY t.c, t.n
+    LOOP
+        UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_nows[i]
+        WHERE id = p_conversation_ids[i] AND sender_ids[i] IN (user_low_id, user_high_id)
+        RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
+        IF FOUND THEN
+            seqs[i] := new_seq;
+            low_ids[i] := low_id;
+            high_ids[i] := high_id;
+            INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
+            VALUES (p_conversation_ids[i], new_seq, sender_ids[i], p_texts[i], p_client_ids[i], p_nows[i])
+            RETURNING id INTO new_message_id;
+            message_ids[i] := new_message_id;
+        END IF;
+    END LOOP;
+    -- Member rows, ascending (conversation id, user id): each sender reads up to its last message.
+    FOR member IN
+        SELECT t.c, t.u, max(t.s) AS upto
+        FROM unnest(p_conversation_ids, sender_ids, seqs) AS t (c, u, s)
+        WHERE t.s IS NOT NULL GROUP BY t.c, t.u ORDER BY t.c, t.u
+    LOOP
+        UPDATE members SET read_seq = member.upto, delivered_seq = member.upto
+        WHERE conversation_id = member.c AND user_id = member.u;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'conversation % has no member row for user %', member.c, member.u;
+        END IF;
+    END LOOP;
+    -- User rows, ascending id: two positions per send in each of its users' streams.
+    FOR stream IN
+        SELECT t.u, count(*) AS sends
+        FROM unnest(low_ids || high_ids) AS t (u) WHERE t.u IS NOT NULL GROUP BY t.u ORDER BY t.u
+    LOOP
+        UPDATE users SET event_head = event_head + 2 * stream.sends WHERE id = stream.u
+        RETURNING event_head - 2 * stream.sends INTO next_pos;
+        FOR i IN 1..n LOOP
+            IF low_ids[i] = stream.u THEN
+                next_pos := next_pos + 2;
+                low_heads[i] := next_pos;
+            ELSIF high_ids[i] = stream.u THEN
+                next_pos := next_pos + 2;
+                high_heads[i] := next_pos;
+            END IF;
+        END LOOP;
+    END LOOP;
+    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+    SELECT e.*
+    FROM unnest(p_conversation_ids, sender_ids, seqs, low_ids, high_ids, message_ids, low_heads, high_heads)
+        AS t (c, u, s, lo, hi, m, lh, hh),
+    LATERAL (VALUES
+        (t.lo, t.lh - 1, 'message', t.c, t.m, NULL::bigint, NULL::bigint, NULL::bigint),
+        (t.lo, t.lh, 'receipt', t.c, NULL, t.u, t.s, t.s),
+        (t.hi, t.hh - 1, 'message', t.c, t.m, NULL, NULL, NULL),
+        (t.hi, t.hh, 'receipt', t.c, NULL, t.u, t.s, t.s)
+    ) AS e
+    WHERE t.s IS NOT NULL;
+    RETURN QUERY
+    SELECT sender_names[t.n], seqs[t.n], low_ids[t.n], high_ids[t.n], message_ids[t.n], low_heads[t.n], high_heads[t.n]
+    FROM generate_series(1, n) AS t (n);
+END
+$$
+"""
+
 # `Chat._acknowledge_events` (chat.py) after its arguments are known: returns the
 # receipts it added to streams, flattened as (user id, pos, conversation id,
 # delivered_seq, read_seq) five at a time, to wake and push to those users;
@@ -235,11 +345,16 @@ $$
 _PREPARE_CALLS = (
     "PREPARE chatapi_send (varchar, bigint, text, varchar, timestamp) AS "
     "SELECT * FROM pg_temp.chatapi_send($1, $2, $3, $4, $5)",
+    "PREPARE chatapi_send_batch (varchar[], bigint[], text[], varchar[], timestamp[]) AS "
+    "SELECT * FROM pg_temp.chatapi_send_batch($1, $2, $3, $4, $5)",
     "PREPARE chatapi_poll (varchar, bigint, integer, bigint, boolean) AS "
     "SELECT * FROM pg_temp.chatapi_poll($1, $2, $3, $4, $5)",
 )
 # Run with `Database.fetch_all` (psycopg2's parameter style).
 CALL_SEND = "EXECUTE chatapi_send (%(token_hash)s, %(conversation_id)s, %(text)s, %(client_id)s, %(now)s)"
+CALL_SEND_BATCH = (
+    "EXECUTE chatapi_send_batch (%(token_hashes)s, %(conversation_ids)s, %(texts)s, %(client_ids)s, %(nows)s)"
+)
 CALL_POLL = "EXECUTE chatapi_poll (%(token_hash)s, %(after)s, %(limit)s, %(lazy_step)s, %(acknowledge)s)"
 
 
@@ -252,6 +367,7 @@ def install(cursor: Any) -> None:
     # generic plan is the plan (docs/performance.md, change 18).
     cursor.execute("SET plan_cache_mode = force_generic_plan")
     cursor.execute(SEND_FUNCTION)
+    cursor.execute(SEND_BATCH_FUNCTION)
     cursor.execute(ACKNOWLEDGE_FUNCTION)
     cursor.execute(POLL_FUNCTION)
     for statement in _PREPARE_CALLS:

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from tests.support.api import Api
+from tests.support.metrics import metric
 
 SENDERS = 4
 MESSAGES_PER_SENDER = 40
@@ -129,3 +130,91 @@ def test_slow_query_does_not_stall_the_worker(postgres_url: str, start_server) -
         blocker.close()
     sender.join(10)
     assert outcome["response"].status_code == 201 and outcome["response"].json()["seq"] == 1
+
+
+@pytest.mark.postgres
+def test_concurrent_sends_commit_in_groups_in_order_without_deadlocks(postgres_url: str, start_server) -> None:
+    """Group commit (group_commit.py, `chatapi_send_batch`) under real concurrency:
+    two workers, users in several conversations each, both directions, readers
+    acknowledging as they go. Batches must form, nothing may deadlock, and every
+    stream must read as if the sends had been committed one by one."""
+    server = start_server(postgres_url, workers=2)
+    api = Api(server.base_url)
+    users = [api.signed_up() for _ in range(5)]
+    conversations = {
+        (a.username, b.username): a.start(b.username)["id"] for i, a in enumerate(users) for b in users[i + 1 :]
+    }
+    routes = [(sender, cid) for (x, y), cid in conversations.items() for sender in users if sender.username in (x, y)]
+    acked: list[dict] = []
+    lock = threading.Lock()
+    stop_reading = threading.Event()
+
+    def send_all(sender: Api, conversation_id: int) -> None:
+        own = Api(sender.base_url, sender.token, sender.username)
+        for i in range(12):
+            message = own.send(conversation_id, f"{sender.username} {i}", client_id=f"{conversation_id}-{i}")
+            with lock:
+                acked.append(message)
+
+    def read_along(reader: Api) -> None:
+        own = Api(reader.base_url, reader.token, reader.username)
+        cursor = 0
+        while not stop_reading.is_set():
+            page = own.events(after=cursor, timeout=1)
+            if page["events"]:
+                cursor = page["events"][-1]["pos"]
+
+    # A send held on a row lock for a moment: the others of its worker queue
+    # behind its batch (until SEND_BATCH_MAX_WAIT_SECS), so batches must form.
+    blocker = psycopg2.connect(postgres_url)
+    blocker.cursor().execute("SELECT id FROM conversations WHERE id = %s FOR UPDATE", (routes[0][1],))
+    readers = [threading.Thread(target=read_along, args=(u,)) for u in users]
+    senders = [threading.Thread(target=send_all, args=route) for route in routes]
+    for t in readers + senders:
+        t.start()
+    time.sleep(0.5)
+    blocker.rollback()
+    blocker.close()
+    for t in senders:
+        t.join(120)
+    stop_reading.set()
+    for t in readers:
+        t.join(10)
+    assert len(acked) == 12 * len(routes)
+
+    for cid in conversations.values():
+        seqs = sorted(m["seq"] for m in acked if m["conversation_id"] == cid)
+        assert seqs == list(range(1, 25)), (cid, seqs)
+    by_id = {m["id"]: m for m in acked}
+    for user in users:
+        events = user.events(after=0, limit=1000)["events"]
+        assert [e["pos"] for e in events] == list(range(1, len(events) + 1))
+        mine = [cid for pair, cid in conversations.items() if user.username in pair]
+        received = [e for e in events if e["type"] == "message"]
+        assert sorted(e["message"]["id"] for e in received) == sorted(
+            m["id"] for m in acked if m["conversation_id"] in mine
+        )
+        for cid in mine:
+            seqs = [e["message"]["seq"] for e in received if e["message"]["conversation_id"] == cid]
+            assert seqs == list(range(1, 25)), (user.username, cid, seqs)
+        # Just above each message: its sender's receipt, at the message's seq.
+        for n, event in enumerate(events):
+            if event["type"] == "message":
+                message = event["message"]
+                assert by_id[message["id"]] == message
+                receipt = events[n + 1]
+                assert (receipt["type"], receipt["user"], receipt["read_seq"]) == (
+                    "receipt",
+                    message["sender"],
+                    message["seq"],
+                )
+
+    text = api.get("/metrics").text
+    batches = metric(text, "chatapi_send_batch_size_count")
+    assert metric(text, "chatapi_send_batch_size_sum") == len(acked)
+    assert batches < len(acked), "no send was committed together with another"
+    check = psycopg2.connect(postgres_url)
+    with check, check.cursor() as cursor:
+        cursor.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        assert cursor.fetchone()[0] == 0
+    check.close()

@@ -1,0 +1,187 @@
+"""Group commit of sends on PostgreSQL (`chatapi_send_batch`): a batch must leave
+the database exactly as the same sends one by one would, and tell each send's
+caller what it alone would have been told."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from flask import Flask
+from sqlalchemy.exc import IntegrityError
+
+from chatapi.auth import token_digest
+from chatapi.chat import _Send, _Stored
+from chatapi.errors import ApiError
+from tests.conftest import Accounts, make_app
+from tests.support.postgres import PostgresCluster
+
+pytestmark = pytest.mark.postgres
+
+API = "/api/v1"
+T0 = datetime(2026, 1, 2, 3, 4, 5)
+
+
+def fresh_app(postgres: PostgresCluster) -> Iterator[Flask]:
+    yield from make_app(postgres.new_database())
+
+
+@pytest.fixture
+def app(postgres_url: str) -> Iterator[Flask]:
+    yield from make_app(postgres_url)
+
+
+@pytest.fixture
+def two_apps(postgres: PostgresCluster) -> Iterator[tuple[Flask, Flask]]:
+    first, second = fresh_app(postgres), fresh_app(postgres)
+    yield next(first), next(second)
+    for rest in (first, second):
+        next(rest, None)
+
+
+def setting(app: Flask) -> dict:
+    """alice, bob, carol and dave; conversations alice-bob, alice-carol and bob-carol."""
+    client = app.test_client()
+    accounts = Accounts(client)
+    headers = {name: accounts.sign_up(name) for name in ("alice", "bob", "carol", "dave")}
+    tokens = {name: h["Authorization"].removeprefix("Bearer ") for name, h in headers.items()}
+
+    def start(who: str, peer: str) -> int:
+        return client.post(f"{API}/conversations", json={"peer": peer}, headers=headers[who]).json["id"]
+
+    conversations = {"ab": start("alice", "bob"), "ac": start("alice", "carol"), "bc": start("bob", "carol")}
+    return {"client": client, "headers": headers, "tokens": tokens, "conversations": conversations}
+
+
+def sends(world: dict, plan: list[tuple[str, str, str | None]]) -> list[_Send]:
+    """(who, conversation, client_id) -> the sends, each with its own text and time."""
+    return [
+        _Send(
+            token_digest(world["tokens"].get(who, "not-a-token")),
+            world["conversations"].get(conversation, 10**9),
+            f"{who} says {n} <b>&amp;</b>",
+            client_id,
+            T0 + timedelta(milliseconds=n),
+        )
+        for n, (who, conversation, client_id) in enumerate(plan)
+    ]
+
+
+def comparable(outcome: object) -> object:
+    """An outcome without the message id (ids follow insert order, which a batch chooses)."""
+    if isinstance(outcome, _Stored):
+        return outcome._replace(message_id=None)
+    if isinstance(outcome, ApiError):
+        return (outcome.status, outcome.code)
+    return type(outcome).__name__
+
+
+def streams(world: dict) -> dict[str, list[dict]]:
+    """Every user's whole event stream, message ids left out."""
+    out = {}
+    for name, headers in world["headers"].items():
+        body = world["client"].get(f"{API}/events", query_string={"timeout": 0, "limit": 1000}, headers=headers).json
+        for event in body["events"]:
+            if event["type"] == "message":
+                event["message"].pop("id")
+            if event["type"] == "conversation":
+                # Made by the setting, in real time.
+                event["conversation"].pop("created_at")
+        assert [e["pos"] for e in body["events"]] == list(range(1, body["last_pos"] + 1))
+        out[name] = body["events"]
+    return out
+
+
+def conversations(world: dict) -> dict[str, list[dict]]:
+    """Every user's conversations (read and delivery marks, last messages), ids and creation times left out."""
+    out = {}
+    for name, headers in world["headers"].items():
+        listed = world["client"].get(f"{API}/conversations", headers=headers).json["conversations"]
+        for conversation in listed:
+            conversation.pop("created_at")
+            if conversation["last_message"]:
+                conversation["last_message"].pop("id")
+        out[name] = listed
+    return out
+
+
+PLAN = [
+    ("alice", "ab", "k1"),
+    ("bob", "ab", None),
+    ("alice", "ac", None),
+    ("alice", "ab", "k2"),
+    ("mallory", "ab", None),  # no such token: 401
+    ("dave", "ab", None),  # not in the conversation: 404
+    ("carol", "bc", None),
+    ("bob", "bc", "k3"),
+    ("carol", "ac", None),
+]
+
+
+def test_a_batch_stores_exactly_what_the_same_sends_one_by_one_store(two_apps: tuple[Flask, Flask]) -> None:
+    batch_app, single_app = two_apps
+    batch_world, single_world = setting(batch_app), setting(single_app)
+    batch_chat = batch_app.extensions["chatapi"].chat
+    single_chat = single_app.extensions["chatapi"].chat
+
+    batched = batch_chat._store_messages_pg(sends(batch_world, PLAN))
+    one_by_one = [single_chat._store_messages_pg([send])[0] for send in sends(single_world, PLAN)]
+
+    assert [comparable(o) for o in batched] == [comparable(o) for o in one_by_one]
+    assert [comparable(o) for o in batched][4:6] == [(401, "unauthorized"), (404, "conversation_not_found")]
+    assert [o.seq for o in batched if isinstance(o, _Stored)] == [1, 2, 1, 3, 1, 2, 2]
+    assert streams(batch_world) == streams(single_world)
+    assert conversations(batch_world) == conversations(single_world)
+
+
+def test_each_send_of_a_batch_is_told_where_its_events_are(app: Flask) -> None:
+    """The positions a send returns are what its wake-up pushes to waiting polls
+    (wakeups.py): the message at head - 1 and the sender's receipt at head, in both streams."""
+    world = setting(app)
+    ids = {
+        name: world["client"].get(f"{API}/me", headers=world["headers"][name]).json["id"] for name in world["headers"]
+    }
+    all_events = streams(world)
+    batched = app.extensions["chatapi"].chat._store_messages_pg(sends(world, PLAN))
+    after = {name: streams(world)[name][len(all_events[name]) :] for name in ids}
+    by_id = {ids[name]: {e["pos"]: e for e in events} for name, events in after.items()}
+    stored = [o for o in batched if isinstance(o, _Stored)]
+    assert len(stored) == 7
+    for outcome in stored:
+        for user_id, head in ((outcome.user_low_id, outcome.low_head), (outcome.user_high_id, outcome.high_head)):
+            message, receipt = by_id[user_id][head - 1], by_id[user_id][head]
+            assert (message["type"], message["message"]["seq"], message["message"]["sender"]) == (
+                "message",
+                outcome.seq,
+                outcome.sender,
+            )
+            assert (receipt["type"], receipt["user"], receipt["delivered_seq"], receipt["read_seq"]) == (
+                "receipt",
+                outcome.sender,
+                outcome.seq,
+                outcome.seq,
+            )
+    # Every new event belongs to one of the stored sends: nothing else was written.
+    assert sum(len(events) for events in after.values()) == 4 * len(stored)
+
+
+def test_a_replayed_client_id_in_a_batch_fails_only_that_send(app: Flask) -> None:
+    world = setting(app)
+    chat = app.extensions["chatapi"].chat
+    plan = [("alice", "ab", "same"), ("bob", "ab", None), ("alice", "ab", "same"), ("carol", "ac", None)]
+    outcomes = chat._store_messages_pg(sends(world, plan))
+    assert [type(o) for o in outcomes] == [_Stored, _Stored, IntegrityError, _Stored]
+    assert [o.seq for o in outcomes if isinstance(o, _Stored)] == [1, 2, 1]
+    # The rolled-back batch left no trace: seqs are gapless and each message is stored once.
+    messages = world["client"].get(
+        f"{API}/conversations/{world['conversations']['ab']}/messages", headers=world["headers"]["alice"]
+    )
+    assert [(m["seq"], m["client_id"]) for m in messages.json["messages"]] == [(1, "same"), (2, None)]
+    # Through the API the replay is answered with the original, as without batching.
+    replay = world["client"].post(
+        f"{API}/conversations/{world['conversations']['ab']}/messages",
+        json={"text": "alice says 0 <b>&amp;</b>", "client_id": "same"},
+        headers=world["headers"]["alice"],
+    )
+    assert replay.status_code == 200 and replay.json["seq"] == 1
