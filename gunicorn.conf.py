@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import Timeout
-from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
 if TYPE_CHECKING:
     import socket
@@ -100,6 +100,24 @@ class KeepAliveHandler(PyWSGIHandler):
         return super().start_response(status, headers, exc_info)
 
 
+class ManyAcceptsServer(PyWSGIServer):
+    """pywsgi's server, accepting up to 100 waiting connections each time the socket is ready.
+
+    With several worker processes pywsgi accepts one connection per turn of
+    the event loop (`set_max_accept`), to spread connections evenly. Under
+    load a turn takes long, and a busy worker then accepted about 7
+    connections a second: in `bin/bench latency --rate 1000` over a thousand
+    new connections waited in the listen queue for up to 18 s while the
+    requests on open connections were answered in under 0.5 s. gevent's
+    default of 100 took that tail away (docs/performance.md, change 28).
+    """
+
+    max_accept = 100
+
+    def set_max_accept(self) -> None:
+        pass  # keep max_accept
+
+
 class ChatapiWorker(GeventPyWSGIWorker):
     """gunicorn's gevent worker on gevent's pywsgi HTTP server.
 
@@ -112,6 +130,8 @@ class ChatapiWorker(GeventPyWSGIWorker):
     goes one better: a graceful stop closes idle connections at once, where
     gunicorn's own worker waits up to `keepalive` seconds for each.
     """
+
+    server_class = ManyAcceptsServer
 
     def init_process(self) -> None:
         self.idle_connections = set()
