@@ -76,7 +76,7 @@ class _Stored(NamedTuple):
 
 
 class _Send(NamedTuple):
-    """One send, as the database functions take it."""
+    """One send, as the database functions take it (the fields are `chatapi_send`'s parameters)."""
 
     token_hash: str
     conversation_id: int
@@ -92,14 +92,6 @@ def _stored(row: Any) -> _Stored | ApiError:
     if row.seq is None:
         return _not_found()
     return _Stored(row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id, row.low_head, row.high_head)
-
-
-def _outcome(step: Callable[[], _Stored]) -> _Stored | Exception:
-    """What `step` returns, or the exception it raised (one send's outcome in a batch)."""
-    try:
-        return step()
-    except (ApiError, DBAPIError) as exc:
-        return exc
 
 
 def _rolled_back(exc: DBAPIError) -> bool:
@@ -404,7 +396,7 @@ class Chat:
         """
         self._on_send_batch(len(sends))
         if len(sends) == 1:
-            return [_outcome(lambda: self._store_message_pg(sends[0]))]
+            return [self._store_message_pg(sends[0])]
         params = {
             "token_hashes": [send.token_hash for send in sends],
             "conversation_ids": [send.conversation_id for send in sends],
@@ -419,25 +411,16 @@ class Chat:
                 raise
             # The batch was rolled back as a whole (a replayed client_id, most
             # likely): each send again, on its own, so only that one fails.
-            return [_outcome(lambda send=send: self._store_message_pg(send)) for send in sends]
+            return [self._store_message_pg(send) for send in sends]
         return [_stored(row) for row in rows]
 
-    def _store_message_pg(self, send: _Send) -> _Stored:
-        """`_store_message` in one round trip: the function `chatapi_send` (see `pg_functions.SEND_FUNCTION`)."""
-        params = {
-            "token_hash": send.token_hash,
-            "conversation_id": send.conversation_id,
-            "text": send.text,
-            "client_id": send.client_id,
-            "now": send.now,
-        }
-        rows = self._db.fetch_all(pg_functions.CALL_SEND, params)
-        if not rows:
-            raise unauthorized()
-        stored = _stored(rows[0])
-        if isinstance(stored, Exception):
-            raise stored
-        return stored
+    def _store_message_pg(self, send: _Send) -> _Stored | Exception:
+        """One send's outcome through `chatapi_send` (`pg_functions.SEND_FUNCTION`), in one round trip."""
+        try:
+            rows = self._db.fetch_all(pg_functions.CALL_SEND, send._asdict())
+        except DBAPIError as exc:
+            return exc
+        return _stored(rows[0]) if rows else unauthorized()
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as connection:
