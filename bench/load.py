@@ -424,13 +424,15 @@ def _requests_by_route(targets: list[Target]) -> dict[str, float]:
     """chatapi_http_requests_total per "METHOD route", the woken long-polls by how they
     were answered ("woken polls: pushed" or "woken polls: query"), and the send
     transactions with the sends they carried ("send transactions", "sends in them"),
-    over all servers."""
+    and the same for acknowledging polls, over all servers."""
     counts: dict[str, float] = {}
     for target in targets:
         for line in _metrics(target):
             for name, key in (
                 ("chatapi_send_batch_size_count ", "send transactions"),
                 ("chatapi_send_batch_size_sum ", "sends in them"),
+                ("chatapi_poll_batch_size_count ", "acknowledging poll transactions"),
+                ("chatapi_poll_batch_size_sum ", "polls in them"),
             ):
                 if line.startswith(name):
                     counts[key] = counts.get(key, 0) + float(line.split()[-1])

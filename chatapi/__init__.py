@@ -121,7 +121,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     else:
         notifier = LocalNotifier(wakeups)
     chat = Chat(
-        db, wakeups, notifier.publish, on_woken=metrics.count_woken, on_send_batch=metrics.send_batch_size.observe
+        db,
+        wakeups,
+        notifier.publish,
+        on_woken=metrics.count_woken,
+        on_send_batch=metrics.send_batch_size.observe,
+        on_poll_batch=metrics.poll_batch_size.observe,
     )
     app.extensions["chatapi"] = Services(settings, db, wakeups, notifier, chat, metrics)
 

@@ -85,6 +85,14 @@ class _Send(NamedTuple):
     now: datetime
 
 
+class _Poll(NamedTuple):
+    """An event poll's first, acknowledging call, as `chatapi_poll_batch` takes it."""
+
+    token_hash: str
+    after: int
+    limit: int
+
+
 def _stored(row: Any) -> _Stored | ApiError:
     """A row of `chatapi_send` or `chatapi_send_batch`: the stored message, or why there is none."""
     if row.sender is None:
@@ -141,6 +149,7 @@ class Chat:
         publish: Callable[[Iterable[str], Pushed | None], None],
         on_woken: Callable[[bool], None] = lambda pushed: None,
         on_send_batch: Callable[[int], None] = lambda size: None,
+        on_poll_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
         self._db = db
         self._wakeups = wakeups
@@ -149,15 +158,24 @@ class Chat:
         self._on_woken = on_woken
         # Told the size of each send transaction on PostgreSQL (group commit).
         self._on_send_batch = on_send_batch
+        # Told the size of each acknowledging poll transaction on PostgreSQL.
+        self._on_poll_batch = on_poll_batch
         if db.is_postgresql:
             for engine in db.engines:
                 event.listen(engine, "connect", _prepare_statements)
-        # Sends that arrive while the database is busy commit together (group_commit.py).
+        # Sends, and polls that acknowledge, that arrive while the database
+        # is busy commit together, each kind on its own (group_commit.py).
         self._sends: GroupCommit[_Send, _Stored] = GroupCommit(
             self._store_messages_pg,
-            max_in_flight=SEND_BATCHES_IN_FLIGHT,
-            max_batch=SEND_BATCH_MAX,
-            max_wait=SEND_BATCH_MAX_WAIT_SECS,
+            max_in_flight=BATCHES_IN_FLIGHT,
+            max_batch=BATCH_MAX,
+            max_wait=BATCH_MAX_WAIT_SECS,
+        )
+        self._polls: GroupCommit[_Poll, list[Any]] = GroupCommit(
+            self._poll_and_acknowledge_pg,
+            max_in_flight=BATCHES_IN_FLIGHT,
+            max_batch=BATCH_MAX,
+            max_wait=BATCH_MAX_WAIT_SECS,
         )
 
     def _publish_to_streams(self, pushed: dict[int, list[Json]]) -> None:
@@ -496,16 +514,10 @@ class Chat:
         return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check, _pushed_events(after, limit))
 
     def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
-        params = {
-            "token_hash": auth.token_digest(token),
-            "after": after,
-            "limit": limit,
-            "lazy_step": ACKED_POS_LAZY_STEP,
-            "acknowledge": True,
-        }
+        poll = _Poll(auth.token_digest(token), after, limit)
         deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
-        rows = self._db.fetch_all(pg_functions.CALL_POLL, params)
+        rows = self._polls.submit(poll)
         if not rows:
             raise unauthorized()
         caller_id, receipts = rows[0].caller_id, rows[0].receipts
@@ -514,7 +526,7 @@ class Chat:
             self._publish_to_streams(pushed)
         page, ready = _poll_page(rows, after)
         del rows  # Not kept alive while the request waits: idle long-polls are many.
-        params["acknowledge"] = False
+        params = {**poll._asdict(), "lazy_step": ACKED_POS_LAZY_STEP, "acknowledge": False}
 
         def check() -> tuple[Page, bool]:
             rows = self._db.fetch_all(pg_functions.CALL_POLL, params)
@@ -525,6 +537,41 @@ class Chat:
         return self._wait(
             [user_key(caller_id)], caller_id, deadline, check, since, page, ready, _pushed_events(after, limit)
         )
+
+    def _poll_and_acknowledge_pg(self, polls: list[_Poll]) -> list[list[Any] | Exception]:
+        """Each poll's rows of `chatapi_poll` (acknowledging), in one round trip and one transaction.
+
+        One poll calls `chatapi_poll`, several `chatapi_poll_batch`
+        (`pg_functions`). No rows: the poll's token is not valid.
+        """
+        self._on_poll_batch(len(polls))
+        if len(polls) == 1:
+            return [self._poll_and_acknowledge_one_pg(polls[0])]
+        params = {
+            "token_hashes": [poll.token_hash for poll in polls],
+            "afters": [poll.after for poll in polls],
+            "limits": [poll.limit for poll in polls],
+            "lazy_step": ACKED_POS_LAZY_STEP,
+        }
+        try:
+            rows = self._db.fetch_all(pg_functions.CALL_POLL_BATCH, params)
+        except DBAPIError as exc:
+            if not _rolled_back(exc):
+                raise
+            # Rolled back as a whole (a deadlock with a transaction outside
+            # the lock order, say): each poll again, on its own.
+            return [self._poll_and_acknowledge_one_pg(poll) for poll in polls]
+        answers: dict[int, list[Any]] = {}
+        for row in rows:
+            answers.setdefault(row.poll, []).append(row)
+        return [answers.get(number, []) for number in range(1, len(polls) + 1)]
+
+    def _poll_and_acknowledge_one_pg(self, poll: _Poll) -> list[Any] | Exception:
+        params = {**poll._asdict(), "lazy_step": ACKED_POS_LAZY_STEP, "acknowledge": True}
+        try:
+            return self._db.fetch_all(pg_functions.CALL_POLL, params)
+        except DBAPIError as exc:
+            return exc
 
     # Long-polling ---------------------------------------------------------
 
@@ -647,14 +694,15 @@ class Chat:
 # none of them a new message from the peer, costs far less than a write
 # transaction on every poll (measured in docs/performance.md).
 ACKED_POS_LAZY_STEP = 64
-# Group commit of sends on PostgreSQL (group_commit.py): one send transaction
-# per worker at a time, of at most 64 sends. One in flight did as well as two
-# or four in `throughput`, better at R=1000 and no worse at R=200
-# (docs/performance.md, change 27). A send queued for 50 ms starts a batch of
-# its own, so a send stuck on a row lock holds the others back no longer.
-SEND_BATCHES_IN_FLIGHT = 1
-SEND_BATCH_MAX = 64
-SEND_BATCH_MAX_WAIT_SECS = 0.05
+# Group commit on PostgreSQL (group_commit.py), for sends and for
+# acknowledging polls alike: per worker, one transaction of each kind at a
+# time, of at most 64 calls. One in flight did as well as two or four in
+# `throughput`, better at R=1000 and no worse at R=200 (docs/performance.md,
+# change 27). A call queued for 50 ms starts a batch of its own, so a call
+# stuck on a row lock holds the others back no longer.
+BATCHES_IN_FLIGHT = 1
+BATCH_MAX = 64
+BATCH_MAX_WAIT_SECS = 0.05
 
 
 # Hot-path statements, built once and run as Core statements: building and

@@ -65,6 +65,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+        # The same for the polls that acknowledge (their first call).
+        self.poll_batch_size = Histogram(
+            "chatapi_poll_batch_size",
+            "Acknowledging event polls run together in one transaction (PostgreSQL group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self._woken_pushed = self.woken_polls.labels("pushed")
         self._woken_query = self.woken_polls.labels("query")
 

@@ -277,6 +277,30 @@ END
 $$
 """
 
+
+def _page_after(after: str, limit: str) -> str:
+    """The page of a poll (`_events_after_query` in chat.py, as SQL): the
+    caller's events after `after`, at most `limit`, with what each shows."""
+    return f"""
+        SELECT e.pos, e.kind, e.conversation_id, e.delivered_seq, e.read_seq,
+            subject.username, c.created_at,
+            m.id, m.conversation_id, m.seq, sender.username, m.text, m.client_id, m.created_at
+        FROM events e
+        LEFT JOIN messages m ON m.id = e.message_id
+        LEFT JOIN users sender ON sender.id = m.sender_id
+        LEFT JOIN users subject ON subject.id = e.subject_user_id
+        LEFT JOIN conversations c ON c.id = e.conversation_id AND e.kind = 'conversation'
+        WHERE e.user_id = u.id AND e.pos > {after}
+        ORDER BY e.pos
+        LIMIT {limit}
+    """
+
+
+# A poll's row when no event follows its cursor: the event columns of `_page_after`, NULL.
+_NO_EVENT = """NULL::bigint, NULL::varchar, NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::timestamp,
+            NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::text, NULL::varchar, NULL::timestamp"""
+
+
 # `Chat.events` (chat.py) on PostgreSQL: the token lookup, the acknowledgement (when
 # `p_acknowledge`) and the long-poll check (`check` in `Chat.events`) in one
 # round trip. No row: the token is not valid. Otherwise the first row carries
@@ -314,32 +338,195 @@ BEGIN
     -- answer with the head just read, without planning the page's joins. An
     -- acknowledgement that added receipts moved the head, so it re-reads.
     IF the_caller.event_head <= p_after AND cardinality(the_receipts) = 0 THEN
-        RETURN QUERY SELECT the_caller.id, the_caller.username, the_receipts, the_caller.event_head,
-            NULL::bigint, NULL::varchar, NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::timestamp,
-            NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::text, NULL::varchar, NULL::timestamp;
+        RETURN QUERY SELECT the_caller.id, the_caller.username, the_receipts, the_caller.event_head, __NO_EVENT__;
         RETURN;
     END IF;
     RETURN QUERY
     SELECT the_caller.id, the_caller.username, the_receipts, u.event_head, page.*
     FROM users u
-    LEFT JOIN LATERAL (
-        SELECT e.pos, e.kind, e.conversation_id, e.delivered_seq, e.read_seq,
-            subject.username, c.created_at,
-            m.id, m.conversation_id, m.seq, sender.username, m.text, m.client_id, m.created_at
-        FROM events e
-        LEFT JOIN messages m ON m.id = e.message_id
-        LEFT JOIN users sender ON sender.id = m.sender_id
-        LEFT JOIN users subject ON subject.id = e.subject_user_id
-        LEFT JOIN conversations c ON c.id = e.conversation_id AND e.kind = 'conversation'
-        WHERE e.user_id = u.id AND e.pos > p_after
-        ORDER BY e.pos
-        LIMIT p_limit
-    ) AS page ON true
+    LEFT JOIN LATERAL (__PAGE__) AS page ON true
     WHERE u.id = the_caller.id
     ORDER BY page.pos;
 END
 $$
-"""
+""".replace("__PAGE__", _page_after("p_after", "p_limit")).replace("__NO_EVENT__", _NO_EVENT)
+
+# `chatapi_poll` with acknowledgement for several polls in one transaction
+# (group commit, see group_commit.py): one row per poll as `chatapi_poll`
+# answers it, with the poll's number in the batch (1-based) in front; no row for
+# a poll whose token is not valid. The locks are taken class by class in the
+# order every transaction takes them (docs/design.md, "Locks"): all member rows,
+# ascending (conversation id, user id), then all user rows, ascending id, so
+# two batches, or a batch and a send, cannot deadlock. The receipts get their
+# positions in the order of the polls (each poll's in ascending conversation
+# id), as the same polls one by one would give them. A user with several polls
+# in the batch acknowledges once, as far as the furthest of them; its receipts
+# are told to its first poll. Every page is read after all the
+# acknowledgements, so a poll's page may already hold a receipt a later poll
+# of the batch added: committed with it, as if that poll had come first.
+POLL_BATCH_FUNCTION = """
+CREATE FUNCTION pg_temp.chatapi_poll_batch(
+    p_token_hashes varchar[], p_afters bigint[], p_limits integer[], p_lazy_step bigint
+) RETURNS TABLE (
+    poll integer, caller_id bigint, caller_name varchar, receipts bigint[], head bigint,
+    pos bigint, kind varchar, event_conversation_id bigint, delivered_seq bigint, read_seq bigint,
+    subject varchar, conversation_created_at timestamp,
+    id bigint, conversation_id bigint, seq bigint, sender varchar, text text, client_id varchar,
+    created_at timestamp
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(p_token_hashes);
+    caller_ids bigint[];
+    caller_names varchar[];
+    heads bigint[];
+    cursors bigint[];
+    -- The users who acknowledge, ascending: from where, up to where, and their first poll.
+    ack_users bigint[] := '{}';
+    ack_cursors bigint[];
+    ack_uptos bigint[];
+    ack_polls integer[];
+    moving_users bigint[];
+    delivery record;
+    grown record;
+    -- The receipts of grown delivered marks: conversation, subject, peer, marks,
+    -- the subject's first poll, and their positions in the subject's and the peer's streams.
+    r_conversations bigint[] := '{}';
+    r_subjects bigint[] := '{}';
+    r_peers bigint[] := '{}';
+    r_delivered bigint[] := '{}';
+    r_read bigint[] := '{}';
+    r_polls integer[] := '{}';
+    r_subject_pos bigint[];
+    r_peer_pos bigint[];
+    in_order integer[];
+    stream record;
+    next_pos bigint;
+    new_head bigint;
+    updated_users bigint[] := '{}';
+    updated_heads bigint[] := '{}';
+    the_receipts bigint[];
+    head_now bigint;
+    i integer;
+    k integer;
+BEGIN
+    SELECT array_agg(users.id ORDER BY t.n), array_agg(users.username ORDER BY t.n),
+        array_agg(users.event_head ORDER BY t.n), array_agg(users.acked_pos ORDER BY t.n)
+    INTO caller_ids, caller_names, heads, cursors
+    FROM unnest(p_token_hashes) WITH ORDINALITY AS t (h, n)
+    LEFT JOIN tokens ON tokens.token_hash = t.h
+    LEFT JOIN users ON users.id = tokens.user_id;
+    SELECT coalesce(array_agg(a.u ORDER BY a.u), '{}'), array_agg(a.c ORDER BY a.u), array_agg(a.upto ORDER BY a.u),
+        array_agg(a.first ORDER BY a.u)
+    INTO ack_users, ack_cursors, ack_uptos, ack_polls
+    FROM (
+        SELECT t.u, min(t.c) AS c, max(least(t.after, t.head)) AS upto, min(t.n)::integer AS first
+        FROM unnest(caller_ids, cursors, heads, p_afters) WITH ORDINALITY AS t (u, c, head, after, n)
+        WHERE t.u IS NOT NULL
+        GROUP BY t.u
+    ) AS a
+    WHERE a.upto > a.c;
+    -- Member rows, ascending (conversation id, user id): per user and
+    -- conversation, the newest message from the peer among the events
+    -- acknowledged is how far delivery has now reached.
+    FOR delivery IN
+        SELECT a.u, m.conversation_id, max(m.seq) AS upto,
+            CASE WHEN c.user_low_id = a.u THEN c.user_high_id ELSE c.user_low_id END AS peer_id, a.first
+        FROM unnest(ack_users, ack_cursors, ack_uptos, ack_polls) AS a (u, cursor_pos, upto_pos, first)
+        JOIN events e ON e.user_id = a.u AND e.pos > a.cursor_pos AND e.pos <= a.upto_pos AND e.kind = 'message'
+        JOIN messages m ON m.id = e.message_id AND m.sender_id <> a.u
+        JOIN conversations c ON c.id = m.conversation_id
+        GROUP BY a.u, m.conversation_id, 4, a.first
+        ORDER BY m.conversation_id, a.u
+    LOOP
+        UPDATE members SET delivered_seq = delivery.upto
+        WHERE conversation_id = delivery.conversation_id AND user_id = delivery.u AND delivered_seq < delivery.upto
+        RETURNING delivered_seq, read_seq INTO grown;
+        IF FOUND THEN
+            r_conversations := r_conversations || delivery.conversation_id;
+            r_subjects := r_subjects || delivery.u;
+            r_peers := r_peers || delivery.peer_id;
+            r_delivered := r_delivered || grown.delivered_seq;
+            r_read := r_read || grown.read_seq;
+            r_polls := r_polls || delivery.first;
+        END IF;
+    END LOOP;
+    -- A cursor moves with a receipt, or once it is `p_lazy_step` behind (chatapi_acknowledge).
+    SELECT coalesce(array_agg(a.u), '{}') INTO moving_users
+    FROM unnest(ack_users, ack_cursors, ack_uptos) AS a (u, c, upto)
+    WHERE a.upto - a.c >= p_lazy_step OR a.u = ANY (r_subjects);
+    IF cardinality(r_subjects) = 0 AND cardinality(moving_users) > 0 THEN
+        -- Only cursors move: losing them in a crash just means a rescan.
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    SELECT coalesce(array_agg(r.k ORDER BY r.poll, r.c), '{}') INTO in_order
+    FROM unnest(r_polls, r_conversations) WITH ORDINALITY AS r (poll, c, k);
+    r_subject_pos := array_fill(NULL::bigint, ARRAY[cardinality(r_subjects)]);
+    r_peer_pos := array_fill(NULL::bigint, ARRAY[cardinality(r_subjects)]);
+    -- User rows, ascending id: each receipt in its subject's and its peer's stream.
+    FOR stream IN
+        SELECT s.u, count(*) FILTER (WHERE s.receipt) AS received
+        FROM (
+            SELECT u, true AS receipt FROM unnest(r_subjects || r_peers) AS u
+            UNION ALL SELECT u, false FROM unnest(moving_users) AS u
+        ) AS s
+        GROUP BY s.u ORDER BY s.u
+    LOOP
+        UPDATE users SET event_head = event_head + stream.received,
+            acked_pos = CASE WHEN stream.u = ANY (moving_users)
+                THEN greatest(acked_pos, ack_uptos[array_position(ack_users, stream.u)]) ELSE acked_pos END
+        WHERE id = stream.u
+        RETURNING event_head INTO new_head;
+        updated_users := updated_users || stream.u;
+        updated_heads := updated_heads || new_head;
+        next_pos := new_head - stream.received;
+        FOREACH k IN ARRAY in_order LOOP
+            IF r_subjects[k] = stream.u THEN
+                next_pos := next_pos + 1;
+                r_subject_pos[k] := next_pos;
+            ELSIF r_peers[k] = stream.u THEN
+                next_pos := next_pos + 1;
+                r_peer_pos[k] := next_pos;
+            END IF;
+        END LOOP;
+    END LOOP;
+    INSERT INTO events (user_id, pos, kind, conversation_id, message_id, subject_user_id, delivered_seq, read_seq)
+    SELECT e.*
+    FROM unnest(r_conversations, r_subjects, r_peers, r_delivered, r_read, r_subject_pos, r_peer_pos)
+        AS r (c, s, p, d, rd, sp, pp),
+    LATERAL (VALUES
+        (r.s, r.sp, 'receipt', r.c, NULL::bigint, r.s, r.d, r.rd),
+        (r.p, r.pp, 'receipt', r.c, NULL, r.s, r.d, r.rd)
+    ) AS e;
+    -- Each poll's answer, as chatapi_poll gives it.
+    FOR i IN 1..n LOOP
+        CONTINUE WHEN caller_ids[i] IS NULL;
+        the_receipts := '{}';
+        IF i = ANY (r_polls) THEN
+            FOREACH k IN ARRAY in_order LOOP
+                IF r_polls[k] = i THEN
+                    the_receipts := the_receipts || ARRAY[
+                        r_subjects[k], r_subject_pos[k], r_conversations[k], r_delivered[k], r_read[k],
+                        r_peers[k], r_peer_pos[k], r_conversations[k], r_delivered[k], r_read[k]];
+                END IF;
+            END LOOP;
+        END IF;
+        head_now := coalesce(updated_heads[array_position(updated_users, caller_ids[i])], heads[i]);
+        IF head_now <= p_afters[i] THEN
+            RETURN QUERY SELECT i, caller_ids[i], caller_names[i], the_receipts, head_now, __NO_EVENT__;
+            CONTINUE;
+        END IF;
+        RETURN QUERY
+        SELECT i, caller_ids[i], caller_names[i], the_receipts, u.event_head, page.*
+        FROM users u
+        LEFT JOIN LATERAL (__PAGE__) AS page ON true
+        WHERE u.id = caller_ids[i]
+        ORDER BY page.pos;
+    END LOOP;
+END
+$$
+""".replace("__PAGE__", _page_after("p_afters[i]", "p_limits[i]")).replace("__NO_EVENT__", _NO_EVENT)
 
 # Each connection also prepares the calls, so their plans are made once.
 _PREPARE_CALLS = (
@@ -349,6 +536,8 @@ _PREPARE_CALLS = (
     "SELECT * FROM pg_temp.chatapi_send_batch($1, $2, $3, $4, $5)",
     "PREPARE chatapi_poll (varchar, bigint, integer, bigint, boolean) AS "
     "SELECT * FROM pg_temp.chatapi_poll($1, $2, $3, $4, $5)",
+    "PREPARE chatapi_poll_batch (varchar[], bigint[], integer[], bigint) AS "
+    "SELECT * FROM pg_temp.chatapi_poll_batch($1, $2, $3, $4)",
 )
 # Run with `Database.fetch_all` (psycopg2's parameter style).
 CALL_SEND = "EXECUTE chatapi_send (%(token_hash)s, %(conversation_id)s, %(text)s, %(client_id)s, %(now)s)"
@@ -356,6 +545,7 @@ CALL_SEND_BATCH = (
     "EXECUTE chatapi_send_batch (%(token_hashes)s, %(conversation_ids)s, %(texts)s, %(client_ids)s, %(nows)s)"
 )
 CALL_POLL = "EXECUTE chatapi_poll (%(token_hash)s, %(after)s, %(limit)s, %(lazy_step)s, %(acknowledge)s)"
+CALL_POLL_BATCH = "EXECUTE chatapi_poll_batch (%(token_hashes)s, %(afters)s, %(limits)s, %(lazy_step)s)"
 
 
 def install(cursor: Any) -> None:
@@ -370,5 +560,6 @@ def install(cursor: Any) -> None:
     cursor.execute(SEND_BATCH_FUNCTION)
     cursor.execute(ACKNOWLEDGE_FUNCTION)
     cursor.execute(POLL_FUNCTION)
+    cursor.execute(POLL_BATCH_FUNCTION)
     for statement in _PREPARE_CALLS:
         cursor.execute(statement)

@@ -165,7 +165,7 @@ def test_concurrent_sends_commit_in_groups_in_order_without_deadlocks(postgres_u
                 cursor = page["events"][-1]["pos"]
 
     # A send held on a row lock for a moment: the others of its worker queue
-    # behind its batch (until SEND_BATCH_MAX_WAIT_SECS), so batches must form.
+    # behind its batch (until BATCH_MAX_WAIT_SECS), so batches must form.
     blocker = psycopg2.connect(postgres_url)
     blocker.cursor().execute("SELECT id FROM conversations WHERE id = %s FOR UPDATE", (routes[0][1],))
     readers = [threading.Thread(target=read_along, args=(u,)) for u in users]

@@ -1,6 +1,8 @@
-"""Group commit of sends on PostgreSQL (`chatapi_send_batch`): a batch must leave
-the database exactly as the same sends one by one would, and tell each send's
-caller what it alone would have been told."""
+"""Group commit on PostgreSQL, of sends (`chatapi_send_batch`) and of
+acknowledging polls (`chatapi_poll_batch`): a batch must leave the database
+exactly as the same calls one by one would, and tell each caller what it
+needs: a send what it alone would have been told, a poll a page the stream
+really holds."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import pytest
 from flask import Flask
 from sqlalchemy.exc import IntegrityError
 
+from chatapi import chat as chat_module
 from chatapi.auth import token_digest
-from chatapi.chat import _Send, _Stored
+from chatapi.chat import _Poll, _receipts_from_array, _Send, _Stored
 from chatapi.errors import ApiError
 from tests.conftest import Accounts, make_app
 from tests.support.postgres import PostgresCluster
@@ -185,3 +188,131 @@ def test_a_replayed_client_id_in_a_batch_fails_only_that_send(app: Flask) -> Non
         headers=world["headers"]["alice"],
     )
     assert replay.status_code == 200 and replay.json["seq"] == 1
+
+
+# Acknowledging polls ---------------------------------------------------------
+
+# Nobody sends after receiving (a send counts as delivery up to it): bob has
+# alice's ab and carol's bc to acknowledge, alice carol's ac.
+SENDS = [
+    ("bob", "ab", None),
+    ("alice", "ab", None),
+    ("alice", "ab", None),
+    ("carol", "ac", None),
+    ("carol", "bc", None),
+    ("carol", "bc", None),
+]
+
+
+def heads(app: Flask) -> dict[int, tuple[int, int]]:
+    """Per user id: (event_head, acked_pos), read from the database."""
+    rows = app.extensions["chatapi"].db.fetch_all("SELECT id, event_head, acked_pos FROM users", {})
+    return {row.id: (row.event_head, row.acked_pos) for row in rows}
+
+
+def polls(world: dict, plan: list[tuple[str, int, int]]) -> list[_Poll]:
+    """(who, after, limit) -> the polls."""
+    return [_Poll(token_digest(world["tokens"].get(who, "not-a-token")), after, limit) for who, after, limit in plan]
+
+
+def answered(rows: list) -> dict:
+    """What a poll's caller takes from its rows (`Chat._events_pg`)."""
+    if not rows:
+        return {"unauthorized": True}
+    receipts = _receipts_from_array(rows[0].receipts, rows[0].caller_name)
+    return {
+        "head": rows[0].head,
+        "pos": [row.pos for row in rows if row.pos is not None],
+        "receipts": {user: sorted(r["pos"] for r in told) for user, told in receipts.items()},
+    }
+
+
+def test_a_poll_batch_acknowledges_exactly_as_the_same_polls_one_by_one(
+    two_apps: tuple[Flask, Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cursors that move without a receipt (every 3 positions here) must move the same way too.
+    monkeypatch.setattr(chat_module, "ACKED_POS_LAZY_STEP", 3)
+    batch_app, single_app = two_apps
+    batch_world, single_world = setting(batch_app), setting(single_app)
+    batch_chat = batch_app.extensions["chatapi"].chat
+    single_chat = single_app.extensions["chatapi"].chat
+    for world, chat in ((batch_world, batch_chat), (single_world, single_chat)):
+        for send in sends(world, SENDS):
+            chat._store_messages_pg([send])
+    assert heads(batch_app) == heads(single_app)
+    head = {name: len(events) for name, events in streams(batch_world).items()}
+    plan = [
+        ("bob", head["bob"], 100),  # delivers alice's ab and carol's bc messages
+        ("alice", head["alice"], 100),  # delivers bob's ab and carol's ac: a receipt into bob's stream
+        ("carol", 7, 2),  # part of its stream, and a short page
+        ("dave", 0, 100),  # nothing to acknowledge, nothing to read
+        ("mallory", 5, 100),  # no such token
+        ("dave", 9, 100),  # beyond its head: answered at once, to resynchronise
+    ]
+
+    batched = batch_chat._poll_and_acknowledge_pg(polls(batch_world, plan))
+    one_by_one = [single_chat._poll_and_acknowledge_pg([poll])[0] for poll in polls(single_world, plan)]
+
+    # The database is left as by the same polls one by one: streams, marks, cursors.
+    assert streams(batch_world) == streams(single_world)
+    assert conversations(batch_world) == conversations(single_world)
+    assert heads(batch_app) == heads(single_app)
+    # Each poll is told the receipts its acknowledgement added, as alone.
+    assert [answered(rows).get("receipts") for rows in batched] == [
+        answered(rows).get("receipts") for rows in one_by_one
+    ]
+    assert answered(batched[0])["receipts"] and answered(batched[1])["receipts"]
+    assert answered(batched[4]) == {"unauthorized": True}
+    # Each page is what the stream holds after its cursor, up to its limit, and the head is the stream's.
+    final = streams(batch_world)
+    for (who, after, limit), rows in zip(plan, batched, strict=True):
+        if who == "mallory":
+            continue
+        assert answered(rows)["head"] == len(final[who])
+        assert answered(rows)["pos"] == [event["pos"] for event in final[who][after : after + limit]]
+    assert answered(batched[2])["pos"] == [8, 9]
+    assert answered(batched[5]) == {"head": 0, "pos": [], "receipts": {}}
+
+    # Again, with nothing left to acknowledge but carol's rest: the same on both, and no receipt.
+    again = batch_chat._poll_and_acknowledge_pg(polls(batch_world, plan))
+    for poll in polls(single_world, plan):
+        single_chat._poll_and_acknowledge_pg([poll])
+    assert [answered(rows).get("receipts") for rows in again] == [{}, {}, {}, {}, None, {}]
+    assert streams(batch_world) == streams(single_world) == final
+    assert heads(batch_app) == heads(single_app)
+
+
+def test_several_polls_of_one_user_in_a_batch_acknowledge_once_as_far_as_the_furthest(app: Flask) -> None:
+    world = setting(app)
+    chat = app.extensions["chatapi"].chat
+    for send in sends(world, SENDS):
+        chat._store_messages_pg([send])
+    ids = {
+        name: world["client"].get(f"{API}/me", headers=headers).json["id"] for name, headers in world["headers"].items()
+    }
+    before = streams(world)
+    head = {name: len(events) for name, events in before.items()}
+    plan = [("bob", 4, 100), ("carol", head["carol"], 100), ("bob", head["bob"], 100)]
+
+    batched = chat._poll_and_acknowledge_pg(polls(world, plan))
+
+    final = streams(world)  # (and every stream is still gapless)
+    added = {name: final[name][head[name] :] for name in final}
+    # Delivered as far as the furthest poll, with one receipt per conversation:
+    # alice's ab up to seq 3, carol's bc up to seq 2.
+    bob_receipts = [(e["conversation_id"], e["delivered_seq"]) for e in added["bob"] if e["user"] == "bob"]
+    assert sorted(bob_receipts) == sorted([(world["conversations"]["ab"], 3), (world["conversations"]["bc"], 2)])
+    marks = {
+        name: {c["peer"]: c["peer_delivered_seq"] for c in conversations(world)[name]} for name in ("alice", "carol")
+    }
+    assert marks["alice"]["bob"] == 3 and marks["carol"]["bob"] == 2
+    # bob's first poll is told all of them, in every stream they went to; the second, none.
+    told = answered(batched[0])["receipts"]
+    assert told == {
+        ids[name]: [e["pos"] for e in events if e["type"] == "receipt" and e["user"] == "bob"]
+        for name, events in added.items()
+        if any(e["type"] == "receipt" and e["user"] == "bob" for e in events)
+    }
+    assert answered(batched[2])["receipts"] == {}
+    for (who, after, _), rows in zip(plan, batched, strict=True):
+        assert answered(rows)["pos"] == list(range(after + 1, len(final[who]) + 1))
