@@ -218,3 +218,65 @@ def test_concurrent_sends_commit_in_groups_in_order_without_deadlocks(postgres_u
         cursor.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
         assert cursor.fetchone()[0] == 0
     check.close()
+
+
+@pytest.mark.postgres
+def test_acknowledging_polls_commit_in_groups(postgres_url: str, start_server) -> None:
+    """Group commit of acknowledging polls (`chatapi_poll_batch`) on a real server:
+    polls that queue behind a poll transaction held on a row lock go together
+    in one transaction, and each is answered with its own page and receipt."""
+    server = start_server(postgres_url, workers=1)
+    api = Api(server.base_url)
+    alice = api.signed_up()
+    peers = [api.signed_up() for _ in range(6)]
+    conversations = [alice.start(peer.username)["id"] for peer in peers]
+    for conversation_id in conversations:
+        alice.send(conversation_id, "hello")
+    heads = [peer.events()["last_pos"] for peer in peers]
+    alice_id = alice.get("/api/v1/me").json()["id"]
+
+    # Every acknowledgement puts a receipt into alice's stream, so each waits for
+    # her row: the first poll holds the worker's poll transaction, the rest queue.
+    blocker = psycopg2.connect(postgres_url)
+    blocker.cursor().execute("SELECT id FROM users WHERE id = %s FOR NO KEY UPDATE", (alice_id,))
+    pages: dict[int, dict] = {}
+    start = threading.Barrier(len(peers) - 1)
+
+    def poll(n: int) -> None:
+        if n > 0:
+            start.wait()
+        own = Api(server.base_url, peers[n].token, peers[n].username)
+        pages[n] = own.events(after=heads[n], timeout=0)
+
+    first = threading.Thread(target=poll, args=(0,))
+    first.start()
+    time.sleep(0.3)
+    rest = [threading.Thread(target=poll, args=(n,)) for n in range(1, len(peers))]
+    for t in rest:
+        t.start()
+    time.sleep(0.5)
+    assert not pages, "the polls should be waiting on alice's row"
+    blocker.rollback()
+    blocker.close()
+    for t in [first, *rest]:
+        t.join(10)
+
+    for n, peer in enumerate(peers):
+        (receipt,) = pages[n]["events"]
+        assert (receipt["pos"], receipt["type"], receipt["user"], receipt["delivered_seq"]) == (
+            heads[n] + 1,
+            "receipt",
+            peer.username,
+            1,
+        )
+    delivered = {c["peer"]: c["peer_delivered_seq"] for c in alice.get("/api/v1/conversations").json()["conversations"]}
+    assert delivered == {peer.username: 1 for peer in peers}
+    stream = alice.events(limit=1000)["events"]
+    assert [e["pos"] for e in stream] == list(range(1, len(stream) + 1))
+    assert sorted(e["user"] for e in stream if e["type"] == "receipt" and e["user"] != alice.username) == sorted(
+        peer.username for peer in peers
+    )
+    text = api.get("/metrics").text
+    assert metric(text, "chatapi_poll_batch_size_count") < metric(text, "chatapi_poll_batch_size_sum"), (
+        "no acknowledging poll was committed together with another"
+    )
