@@ -514,10 +514,17 @@ class Chat:
         return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check, _pushed_events(after, limit))
 
     def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
-        poll = _Poll(auth.token_digest(token), after, limit)
+        # The re-checks' parameters (they never acknowledge); the first call acknowledges.
+        params = {
+            "token_hash": auth.token_digest(token),
+            "after": after,
+            "limit": limit,
+            "lazy_step": ACKED_POS_LAZY_STEP,
+            "acknowledge": False,
+        }
         deadline = time.monotonic() + timeout
         since = self._wakeups.sequence
-        rows = self._polls.submit(poll)
+        rows = self._polls.submit(_Poll(params["token_hash"], after, limit))
         if not rows:
             raise unauthorized()
         caller_id, receipts = rows[0].caller_id, rows[0].receipts
@@ -526,7 +533,6 @@ class Chat:
             self._publish_to_streams(pushed)
         page, ready = _poll_page(rows, after)
         del rows  # Not kept alive while the request waits: idle long-polls are many.
-        params = {**poll._asdict(), "lazy_step": ACKED_POS_LAZY_STEP, "acknowledge": False}
 
         def check() -> tuple[Page, bool]:
             rows = self._db.fetch_all(pg_functions.CALL_POLL, params)
