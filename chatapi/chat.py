@@ -156,26 +156,25 @@ class Chat:
         self._publish = publish
         # Told, for each woken long-poll, whether pushed events answered it.
         self._on_woken = on_woken
-        # Told the size of each send transaction on PostgreSQL (group commit).
-        self._on_send_batch = on_send_batch
-        # Told the size of each acknowledging poll transaction on PostgreSQL.
-        self._on_poll_batch = on_poll_batch
         if db.is_postgresql:
             for engine in db.engines:
                 event.listen(engine, "connect", _prepare_statements)
         # Sends, and polls that acknowledge, that arrive while the database
-        # is busy commit together, each kind on its own (group_commit.py).
+        # is busy commit together, each kind on its own (group_commit.py);
+        # `on_send_batch` and `on_poll_batch` are told each transaction's size.
         self._sends: GroupCommit[_Send, _Stored] = GroupCommit(
             self._store_messages_pg,
             max_in_flight=BATCHES_IN_FLIGHT,
             max_batch=BATCH_MAX,
             max_wait=BATCH_MAX_WAIT_SECS,
+            on_batch=on_send_batch,
         )
         self._polls: GroupCommit[_Poll, list[Any]] = GroupCommit(
             self._poll_and_acknowledge_pg,
             max_in_flight=BATCHES_IN_FLIGHT,
             max_batch=BATCH_MAX,
             max_wait=BATCH_MAX_WAIT_SECS,
+            on_batch=on_poll_batch,
         )
 
     def _publish_to_streams(self, pushed: dict[int, list[Json]]) -> None:
@@ -412,7 +411,6 @@ class Chat:
         sender outside the conversation (404), or a replayed client_id
         (IntegrityError: `send` answers it through `_store_message`).
         """
-        self._on_send_batch(len(sends))
         if len(sends) == 1:
             return [self._store_message_pg(sends[0])]
         params = {
@@ -550,7 +548,6 @@ class Chat:
         One poll calls `chatapi_poll`, several `chatapi_poll_batch`
         (`pg_functions`). No rows: the poll's token is not valid.
         """
-        self._on_poll_batch(len(polls))
         if len(polls) == 1:
             return [self._poll_and_acknowledge_one_pg(polls[0])]
         params = {

@@ -54,8 +54,11 @@ class GroupCommit(Generic[Item, Result]):
         max_in_flight: int,
         max_batch: int,
         max_wait: float,
+        on_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
         self._run = run
+        # Told the size of each batch as it starts (a metric).
+        self._on_batch = on_batch
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._max_wait = max_wait
@@ -85,6 +88,7 @@ class GroupCommit(Generic[Item, Result]):
         for call in batch:
             call.taken = True
         self._in_flight += 1
+        self._on_batch(len(batch))
         outcomes: Sequence[Result | BaseException] | None = None
         try:
             outcomes = self._run([call.item for call in batch])

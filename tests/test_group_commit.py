@@ -62,6 +62,19 @@ def test_calls_that_arrive_while_a_batch_runs_go_together_in_arrival_order() -> 
     assert [g.value for g in first + waiting] == [10, 20, 30, 40, 50]
 
 
+def test_each_batch_s_size_is_told_as_it_starts() -> None:
+    run = Recorder()
+    sizes: list[int] = []
+    group = GroupCommit(run, max_in_flight=1, max_batch=64, max_wait=5, on_batch=sizes.append)
+    run.gate.clear()
+    greenlets = submitting(group, [1, 2, 3])
+    gevent.sleep(0.05)
+    assert sizes == [1]
+    run.gate.set()
+    gevent.joinall(greenlets, timeout=5, raise_error=True)
+    assert sizes == [1, 2]
+
+
 def test_a_batch_holds_at_most_max_batch_calls() -> None:
     run = Recorder()
     group = GroupCommit(run, max_in_flight=1, max_batch=2, max_wait=5)
