@@ -58,12 +58,21 @@ class Settings:
     # a bounded pool without overflow queues a burst of them in the worker
     # instead of opening connections that would only wait on each other.
     db_write_pool_size: int = 10
+    # Autocommit connections each worker opens as it starts, in the
+    # background. A pool otherwise grows on demand, and a new connection
+    # (a PostgreSQL backend, then its functions and prepared statements)
+    # took 10-50 ms: the first requests after a start waited for them. In
+    # `bin/bench latency` the first half second's worst delivery went from
+    # 58-108 ms to 14-23 ms (docs/performance.md, change 31).
+    db_pool_warm: int = 4
 
     def __post_init__(self) -> None:
         # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
         for name in ("db_pool_size", "db_write_pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CHATAPI_{name.upper()} must be at least 1")
+        if self.db_pool_warm > self.db_pool_size + self.db_max_overflow:
+            raise ConfigError("CHATAPI_DB_POOL_WARM must not exceed CHATAPI_DB_POOL_SIZE + CHATAPI_DB_MAX_OVERFLOW")
 
     @property
     def is_postgresql(self) -> bool:
@@ -76,6 +85,10 @@ class Settings:
         default = cls()
         database_url = get("CHATAPI_DATABASE_URL") or get("DATABASE_URL") or DEFAULT_DATABASE_URL
         database_url = _with_driver(database_url)
+        db_pool_size = int(_number(get("CHATAPI_DB_POOL_SIZE"), default.db_pool_size))
+        db_max_overflow = int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow))
+        # Unset, it follows a smaller pool down; set above the pool, it is refused.
+        warm_default = min(default.db_pool_warm, db_pool_size + db_max_overflow)
         return cls(
             database_url=database_url,
             registration_open=_flag(get("CHATAPI_REGISTRATION", "on"), "CHATAPI_REGISTRATION"),
@@ -95,9 +108,10 @@ class Settings:
             ),
             rate_limit_send_per_user=get("CHATAPI_RATE_LIMIT_SEND_PER_USER", default.rate_limit_send_per_user),
             trust_proxy_headers=int(_number(get("CHATAPI_TRUSTED_PROXIES"), 0)),
-            db_pool_size=int(_number(get("CHATAPI_DB_POOL_SIZE"), default.db_pool_size)),
-            db_max_overflow=int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow)),
+            db_pool_size=db_pool_size,
+            db_max_overflow=db_max_overflow,
             db_write_pool_size=int(_number(get("CHATAPI_DB_WRITE_POOL_SIZE"), default.db_write_pool_size)),
+            db_pool_warm=int(_number(get("CHATAPI_DB_POOL_WARM"), warm_default)),
         )
 
 

@@ -10,6 +10,7 @@ take row locks inside each transaction.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ import psycopg2
 from psycopg2.extras import NamedTupleCursor
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
 from chatapi.config import Settings
+
+log = logging.getLogger(__name__)
 
 # How long a SQLite connection waits for a lock held by another process
 # (a migration, a backup) before giving up.
@@ -106,6 +109,26 @@ class Database:
         lock = self._write_lock or contextlib.nullcontext()
         with lock, self.engine.begin() as connection:
             yield connection
+
+    def warm_up(self, count: int) -> None:
+        """PostgreSQL: open `count` autocommit connections and leave them in the pool.
+
+        So that the first requests after a start find connections ready
+        instead of each opening one (docs/performance.md, change 31). A
+        database that cannot be reached now is not an error here: requests
+        open connections as they need them, and /readyz tells.
+        """
+        if not self.is_postgresql:
+            return
+        opened = []
+        try:
+            for _ in range(count):
+                opened.append(self.autocommit_engine.raw_connection())
+        except SQLAlchemyError as exc:
+            log.warning("could not open the pool's first connections: %s", exc)
+        finally:
+            for connection in opened:
+                connection.close()
 
     def ping(self) -> None:
         with self.autocommit_engine.connect() as conn:

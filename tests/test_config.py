@@ -27,6 +27,12 @@ def test_database_url_falls_back_to_database_url() -> None:
     assert Settings.from_env(both).database_url == "sqlite:///y.db"
 
 
+def test_connections_opened_at_start_follow_a_smaller_pool_unless_set() -> None:
+    assert Settings.from_env({}).db_pool_warm == 4
+    assert Settings.from_env({"CHATAPI_DB_POOL_SIZE": "2"}).db_pool_warm == 2
+    assert Settings.from_env({"CHATAPI_DB_POOL_WARM": "0"}).db_pool_warm == 0
+
+
 def test_switches_and_limits() -> None:
     settings = Settings.from_env(
         {"CHATAPI_RATE_LIMITS": "off", "CHATAPI_REGISTRATION": "OFF", "CHATAPI_RATE_LIMIT_SEND_PER_USER": "5/second"}
@@ -42,6 +48,7 @@ def test_switches_and_limits() -> None:
         {"CHATAPI_LONG_POLL_MAX_SECS": "soon"},
         {"CHATAPI_DB_POOL_SIZE": "-1"},
         {"CHATAPI_DB_WRITE_POOL_SIZE": "0"},
+        {"CHATAPI_DB_POOL_SIZE": "3", "CHATAPI_DB_POOL_WARM": "4"},
     ],
 )
 def test_bad_values_are_refused_at_start(env: dict[str, str]) -> None:

@@ -35,7 +35,7 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.metrics import metric
-from tests.support.postgres import PostgresCluster
+from tests.support.postgres import PostgresCluster, query_value
 
 pytestmark = pytest.mark.postgres
 
@@ -126,16 +126,11 @@ def own_postgres() -> Iterator[PostgresCluster]:
 
 
 def _listening_connections(cluster: PostgresCluster) -> int:
-    conn = psycopg2.connect(cluster.url())
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chatapi-wakeups' "
-                "AND (query ILIKE 'LISTEN%%' OR query = 'SELECT 1')"
-            )
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
+    return query_value(
+        cluster.url(),
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chatapi-wakeups' "
+        "AND (query ILIKE 'LISTEN%' OR query = 'SELECT 1')",
+    )
 
 
 def _json_error_code(response: requests.Response) -> str:

@@ -14,6 +14,7 @@ import requests
 
 from tests.support.api import Api
 from tests.support.metrics import metric
+from tests.support.postgres import query_value
 
 
 @pytest.mark.postgres
@@ -214,3 +215,31 @@ def test_sqlite_runs_exactly_one_worker(start_server, tmp_path) -> None:
     server = start_server(f"sqlite:///{tmp_path / 'one.sqlite3'}", workers=3)
     time.sleep(1)
     assert len(server.worker_pids()) == 1
+
+
+def _server_sessions(database_url: str) -> int:
+    """Sessions on the database other than this one and the wake-up connections."""
+    return query_value(
+        database_url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND application_name <> 'chatapi-wakeups'",
+    )
+
+
+@pytest.mark.postgres
+def test_each_worker_opens_its_first_connections_as_it_starts(postgres_url: str, start_server) -> None:
+    # Without this, the first requests after a start each waited for a new
+    # backend and its functions (10-50 ms): the pool is ready before load comes.
+    start_server(postgres_url, workers=2, env={"CHATAPI_DB_POOL_WARM": "3"})
+    deadline = time.monotonic() + 10
+    while _server_sessions(postgres_url) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _server_sessions(postgres_url) == 6
+
+
+@pytest.mark.postgres
+def test_no_connections_are_opened_ahead_when_warming_is_off(postgres_url: str, start_server) -> None:
+    start_server(postgres_url, workers=2, env={"CHATAPI_DB_POOL_WARM": "0"})
+    time.sleep(1)
+    # At most the connections the readiness checks used.
+    assert _server_sessions(postgres_url) <= 2

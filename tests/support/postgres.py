@@ -14,10 +14,22 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
 from tests.support.ports import free_port
+
+
+def query_value(database_url: str, sql: str) -> Any:
+    """The first column of the first row `sql` returns, on a connection of its own."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
 
 
 def find_pg_bin() -> Path:
