@@ -234,7 +234,10 @@ def test_each_worker_opens_its_first_connections_as_it_starts(postgres_url: str,
     deadline = time.monotonic() + 10
     while _server_sessions(postgres_url) < 6 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _server_sessions(postgres_url) == 6
+    # Three each; a readiness check that held its connection while the
+    # warm-up ran adds one more to that worker. Six or more is only
+    # possible when both workers warmed up.
+    assert 6 <= _server_sessions(postgres_url) <= 8
 
 
 @pytest.mark.postgres
