@@ -102,14 +102,6 @@ def _stored(row: Any) -> _Stored | ApiError:
     return _Stored(row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id, row.low_head, row.high_head)
 
 
-def _rolled_back(exc: DBAPIError) -> bool:
-    """Whether PostgreSQL certainly rolled the transaction back: a constraint
-    violation or a deadlock (SQLSTATE classes 23 and 40), not a lost connection,
-    after which a commit may or may not have happened."""
-    code = getattr(exc.orig, "pgcode", None) or ""
-    return code.startswith(("23", "40"))
-
-
 class _Replay(Exception):
     """A send whose client_id was seen before: answer with the original."""
 
@@ -420,15 +412,28 @@ class Chat:
             "client_ids": [send.client_id for send in sends],
             "nows": [send.now for send in sends],
         }
-        try:
-            rows = self._db.fetch_all(pg_functions.CALL_SEND_BATCH, params)
-        except DBAPIError as exc:
-            if not _rolled_back(exc):
-                raise
-            # The batch was rolled back as a whole (a replayed client_id, most
-            # likely): each send again, on its own, so only that one fails.
+        rows = self._fetch_batch(pg_functions.CALL_SEND_BATCH, params)
+        if rows is None:
+            # A replayed client_id, most likely: only that send must fail.
             return [self._store_message_pg(send) for send in sends]
         return [_stored(row) for row in rows]
+
+    def _fetch_batch(self, statement: str, params: dict[str, Any]) -> list[Any] | None:
+        """The rows of a batch call, or None when PostgreSQL certainly rolled all of it back.
+
+        Certainly: a constraint violation or a deadlock (SQLSTATE classes 23
+        and 40); the caller then runs the batch's calls again one by one, so
+        that each gets its own outcome. After a lost connection a commit may
+        or may not have happened, and running them again could store a send
+        twice: that error is raised, to every call of the batch.
+        """
+        try:
+            return self._db.fetch_all(statement, params)
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "pgcode", None) or ""
+            if code.startswith(("23", "40")):
+                return None
+            raise
 
     def _store_message_pg(self, send: _Send) -> _Stored | Exception:
         """One send's outcome through `chatapi_send` (`pg_functions.SEND_FUNCTION`), in one round trip."""
@@ -556,13 +561,9 @@ class Chat:
             "limits": [poll.limit for poll in polls],
             "lazy_step": ACKED_POS_LAZY_STEP,
         }
-        try:
-            rows = self._db.fetch_all(pg_functions.CALL_POLL_BATCH, params)
-        except DBAPIError as exc:
-            if not _rolled_back(exc):
-                raise
-            # Rolled back as a whole (a deadlock with a transaction outside
-            # the lock order, say): each poll again, on its own.
+        rows = self._fetch_batch(pg_functions.CALL_POLL_BATCH, params)
+        if rows is None:
+            # A deadlock with a transaction outside the lock order, say.
             return [self._poll_and_acknowledge_one_pg(poll) for poll in polls]
         answers: dict[int, list[Any]] = {}
         for row in rows:
