@@ -222,6 +222,9 @@ def post_worker_init(worker: Worker) -> None:
     wakeups = services.wakeups
     # In the background: a database that is slow to answer must not hold up the worker's start.
     gevent.spawn(services.db.warm_up, services.settings.db_pool_warm)
+    # Listen for other processes' wake-ups from the start rather than from
+    # the first request (the app starts it there too, for other servers).
+    services.notifier.start()
     # Flask's __call__ only calls wsgi_app (with any middleware). Calling
     # it directly spares every request one C-level call, which each waiting
     # long-poll would keep on its saved stack (docs/performance.md, change 25).

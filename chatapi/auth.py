@@ -41,9 +41,11 @@ def hash_password(password: str) -> str:
 def _verify(password_hash: str, password: str) -> bool:
     # Caught here, in the pool thread: gevent's thread pool logs a traceback
     # for every exception that leaves it, i.e. for every failed sign-in.
+    # argon2 hashes UTF-8: a password with a lone surrogate cannot be encoded,
+    # and cannot be anyone's (sign-up refuses it), so it is simply wrong.
     try:
         return _hasher.verify(password_hash, password)
-    except (VerificationError, InvalidHashError):
+    except (VerificationError, InvalidHashError, UnicodeEncodeError):
         return False
 
 

@@ -421,17 +421,18 @@ class Chat:
     def _fetch_batch(self, statement: str, params: dict[str, Any]) -> list[Any] | None:
         """The rows of a batch call, or None when PostgreSQL certainly rolled all of it back.
 
-        Certainly: a constraint violation or a deadlock (SQLSTATE classes 23
-        and 40); the caller then runs the batch's calls again one by one, so
-        that each gets its own outcome. After a lost connection a commit may
-        or may not have happened, and running them again could store a send
-        twice: that error is raised, to every call of the batch.
+        Certainly: a constraint violation (SQLSTATE class 23), a
+        serialization failure or a deadlock (40001, 40P01, 40002); the caller
+        then runs the batch's calls again one by one, so that each gets its
+        own outcome. After a lost connection, or 40003 (statement completion
+        unknown), a commit may or may not have happened, and running them
+        again could store a send twice: that error is raised, to every call
+        of the batch.
         """
         try:
             return self._db.fetch_all(statement, params)
         except DBAPIError as exc:
-            code = getattr(exc.orig, "pgcode", None) or ""
-            if code.startswith(("23", "40")):
+            if certainly_rolled_back(exc):
                 return None
             raise
 
@@ -640,6 +641,11 @@ class Chat:
                 if waiter.cut_short or remaining <= 0:
                     return page
                 woken = waiter.wait(remaining)
+                if waiter.cut_short:
+                    # Drained (SIGTERM) or replaced by the user's newer
+                    # request: answer at once, without a query; at a stop,
+                    # ten thousand re-checks would not fit in its 2 s.
+                    return page
                 pushed = pushed_page(waiter) if woken and pushed_page is not None else None
                 if woken:
                     self._on_woken(pushed is not None)
@@ -707,6 +713,15 @@ ACKED_POS_LAZY_STEP = 64
 BATCHES_IN_FLIGHT = 1
 BATCH_MAX = 64
 BATCH_MAX_WAIT_SECS = 0.05
+# Besides class 23, the SQLSTATEs after which PostgreSQL has certainly
+# rolled a batch back (not 40003, statement completion unknown).
+CERTAINLY_ROLLED_BACK = frozenset({"40001", "40002", "40P01"})
+
+
+def certainly_rolled_back(error: DBAPIError) -> bool:
+    """Whether PostgreSQL certainly rolled back the transaction that raised `error`."""
+    code = getattr(error.orig, "pgcode", None) or ""
+    return code.startswith("23") or code in CERTAINLY_ROLLED_BACK
 
 
 # Hot-path statements, built once and run as Core statements: building and

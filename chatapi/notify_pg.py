@@ -93,11 +93,28 @@ def _payload(origin: str, keys: list[str], events: list[str]) -> str:
 
 
 def _parse(payload: str) -> tuple[str, list[str], dict[int, list]]:
-    """A payload's origin, keys and pushed events (see the module docstring)."""
-    origin, _, body = payload.partition("|")
+    """A payload's origin, keys and pushed events (see the module docstring).
+
+    Anyone who can connect to the database can NOTIFY on the channel, so a
+    payload that is not exactly our shape raises ValueError, and its
+    reader wakes every waiter instead of trusting any part of it.
+    """
+    origin, bar, body = payload.partition("|")
+    if not bar:
+        raise ValueError("no origin")
     joined, brace, events = body.partition(",{")
-    pushed = {int(user_id): found for user_id, found in json.loads("{" + events).items()} if brace else {}
-    return origin, joined.split(","), pushed
+    keys = joined.split(",")
+    for key in keys:
+        key_user(key)  # ValueError for a user key without a number
+    pushed: dict[int, list] = {}
+    if brace:
+        for user_id, found in json.loads("{" + events).items():
+            if not isinstance(found, list) or not all(
+                isinstance(event, dict) and type(event.get("pos")) is int for event in found
+            ):
+                raise ValueError(f"pushed events of the wrong shape for user {user_id!r}")
+            pushed[int(user_id)] = found
+    return origin, keys, pushed
 
 
 class PostgresNotifier:
@@ -162,8 +179,11 @@ class PostgresNotifier:
                     for payload in _payloads(self._origin, sorted(keys), pushed):
                         cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 attempt = 0
-            except psycopg2.Error as exc:
-                log.warning("wake-up publisher lost its connection: %s", exc)
+            except Exception as exc:
+                # Most likely the connection (psycopg2.Error); whatever it
+                # is, this greenlet must outlive it, or this process's
+                # commits would never wake the others again.
+                log.warning("wake-up publisher failed: %r", exc)
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -195,9 +215,12 @@ class PostgresNotifier:
                     if conn.notifies:
                         self._deliver([n.payload for n in conn.notifies])
                         conn.notifies.clear()
-            except (psycopg2.Error, OSError) as exc:
+            except Exception as exc:
+                # Most likely the connection (psycopg2.Error, OSError);
+                # whatever it is, listen again: a dead listener would leave
+                # this process's waiters deaf to every other process.
                 self.listening.clear()
-                log.warning("wake-up listener lost its connection: %s", exc)
+                log.warning("wake-up listener failed: %r", exc)
                 if conn is not None and not conn.closed:
                     conn.close()
                 gevent.sleep(_backoff(attempt))

@@ -3,9 +3,10 @@ codes and the chat rules, one behaviour per test."""
 
 from __future__ import annotations
 
+import gevent
 import pytest
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from chatapi.models import Token, User
 
@@ -93,6 +94,9 @@ def test_sign_in_is_case_insensitive_and_token_works(client, accounts) -> None:
         {"username": "alice", "password": "wrong-password"},
         {"username": "nobody", "password": "password123"},
         {"username": "not a name!", "password": "password123"},
+        # A lone surrogate cannot be hashed (argon2 takes UTF-8): still just wrong.
+        {"username": "alice", "password": "password\ud800123"},
+        {"username": "nobody", "password": "password\ud800123"},
     ],
 )
 def test_wrong_credentials(client, accounts, body) -> None:
@@ -546,3 +550,19 @@ def test_no_cookie_session_is_kept_or_set(app, client) -> None:
         seen.append(flask.session._get_current_object())
     assert seen[0] is seen[1] and len(seen[0]) == 0
     assert "Set-Cookie" not in client.get("/healthz").headers
+
+
+def test_a_stop_answers_waiting_polls_without_asking_the_database_again(app, accounts) -> None:
+    """At SIGTERM every waiting poll answers within 2 s: thousands of re-checks would not fit."""
+    services = app.extensions["chatapi"]
+    token = accounts.sign_up("alice")["Authorization"].split()[1]
+    polls = [gevent.spawn(services.chat.events, token, after=0, limit=100, timeout=30) for _ in range(5)]
+    gevent.sleep(0.2)
+    assert not any(poll.ready() for poll in polls)
+    checkouts = []
+    for engine in services.db.engines:
+        event.listen(engine, "checkout", lambda *args: checkouts.append(args))
+    services.wakeups.drain()
+    gevent.joinall(polls, timeout=5, raise_error=True)
+    assert [poll.value.items for poll in polls] == [[]] * 5
+    assert checkouts == []  # not one connection taken from a pool

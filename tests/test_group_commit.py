@@ -8,7 +8,9 @@ import time
 import gevent
 import gevent.event
 import pytest
+from sqlalchemy.exc import DBAPIError
 
+from chatapi.chat import certainly_rolled_back
 from chatapi.group_commit import GroupCommit
 
 
@@ -172,3 +174,27 @@ def test_many_concurrent_callers_each_get_their_own_answer(max_in_flight: int) -
     greenlets = [gevent.spawn(group.submit, n) for n in range(200)]
     gevent.joinall(greenlets, timeout=10, raise_error=True)
     assert [g.value for g in greenlets] == [n * 10 for n in range(200)]
+
+
+class _DriverError(Exception):
+    def __init__(self, pgcode: str | None) -> None:
+        super().__init__(pgcode)
+        self.pgcode = pgcode
+
+
+@pytest.mark.parametrize(
+    ("pgcode", "rolled_back"),
+    [
+        ("23505", True),  # unique violation
+        ("23503", True),  # foreign key violation
+        ("40001", True),  # serialization failure
+        ("40P01", True),  # deadlock
+        ("40003", False),  # statement completion unknown: it may have committed
+        ("08006", False),  # connection failure: it may have committed
+        (None, False),  # no SQLSTATE at all (the connection broke)
+    ],
+)
+def test_a_batch_is_run_again_one_by_one_only_when_certainly_rolled_back(pgcode, rolled_back) -> None:
+    """Running a batch's sends again after a commit that may have happened could store them twice."""
+    error = DBAPIError("SELECT chatapi_send_batch(...)", {}, _DriverError(pgcode))
+    assert certainly_rolled_back(error) is rolled_back

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from chatapi.notify_pg import CHANNEL
 from tests.support.api import Api
 from tests.support.faults import Background
 from tests.support.nginx import NginxProcess
+from tests.support.postgres import query_value
 from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.postgres
@@ -60,8 +62,7 @@ def _wait_and_send(waiter: Api, sender: Api, conversation: int, text: str, kind:
     return returned_at - sent_at
 
 
-def test_a_send_on_one_instance_wakes_a_long_poll_on_the_other(instances) -> None:
-    a, b = instances
+def _assert_wakeups_cross_instances(a: ServerProcess, b: ServerProcess) -> None:
     alice_a = Api(a.base_url).signed_up()
     bob_a = Api(a.base_url).signed_up()
     conversation = alice_a.start(bob_a.username)["id"]
@@ -71,6 +72,25 @@ def test_a_send_on_one_instance_wakes_a_long_poll_on_the_other(instances) -> Non
         for waiter, sender, kind in ((alice_b, bob_a, "events"), (bob_a, alice_b, "messages")):
             delay = _wait_and_send(waiter, sender, conversation, f"cross {round_} {kind}", kind)
             assert delay < 1.0, f"woken {delay:.3f} s after the send on the other instance"
+
+
+def test_a_send_on_one_instance_wakes_a_long_poll_on_the_other(instances) -> None:
+    _assert_wakeups_cross_instances(*instances)
+
+
+def test_foreign_notifications_on_the_channel_leave_the_listeners_working(instances) -> None:
+    """Anyone who can connect to the database can NOTIFY on the wake-up channel.
+    A payload that is not ours wakes every waiter once; no listener dies of it."""
+    a, b = instances
+    listeners = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chatapi-wakeups'"
+    deadline = time.monotonic() + 10
+    while query_value(a.database_url, listeners) < a.workers + b.workers:
+        assert time.monotonic() < deadline, "not every worker is listening"
+        time.sleep(0.1)
+    for payload in ("not ours", "x|u:x", 'x|u:1,{"1": 5}', 'x|u:1,{"1": [{"pos": "5"}]}'):
+        query_value(a.database_url, f"SELECT pg_notify('{CHANNEL}', '{payload}')::text")
+    time.sleep(0.5)
+    _assert_wakeups_cross_instances(a, b)
 
 
 def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gevent
+import pytest
 
 from chatapi import notify_pg
 from chatapi.chat import Page, _pushed_events
@@ -208,9 +209,22 @@ def test_many_keys_split_into_payloads_that_fit() -> None:
     }
 
 
-def test_an_unreadable_notification_makes_every_waiter_check() -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        'other|u:1,{"1": [broken',
+        "u:1",  # no origin
+        "other|u:x",  # a user key without a number
+        'other|u:1,{"x": []}',
+        'other|u:1,{"1": 5}',
+        'other|u:1,{"1": [5]}',
+        'other|u:1,{"1": [{"pos": "5"}]}',
+    ],
+)
+def test_an_unreadable_notification_makes_every_waiter_check(payload: str) -> None:
+    """Anyone with database access can NOTIFY on the channel: never trust, never crash."""
     wakeups = Wakeups(max_waiters_per_user=8)
     notifier = notify_pg.PostgresNotifier("postgresql://unused", wakeups)
     with wakeups.listening([user_key(1)], 1) as alice:
-        notifier._deliver(['other|u:1,{"1": [broken'])
+        notifier._deliver([payload])
         assert alice.woken and alice.take_pushed() is None

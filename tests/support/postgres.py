@@ -22,8 +22,9 @@ from tests.support.ports import free_port
 
 
 def query_value(database_url: str, sql: str) -> Any:
-    """The first column of the first row `sql` returns, on a connection of its own."""
+    """The first column of the first row `sql` returns, on a connection of its own (autocommit)."""
     conn = psycopg2.connect(database_url)
+    conn.autocommit = True
     try:
         with conn.cursor() as cur:
             cur.execute(sql)
