@@ -79,7 +79,10 @@ def create_token() -> Response:
 def delete_current_token() -> Response:
     current_caller()
     chat().revoke(bearer_token())
-    return Response(status=204)
+    response = Response(status=204)
+    # No body, so no Content-Type (Flask labels every Response text/html).
+    del response.headers["Content-Type"]
+    return response
 
 
 @bp.get("/me")
@@ -158,6 +161,10 @@ def list_messages(conversation_id: int) -> Response:
 @bp.get("/events")
 def list_events() -> Response:
     with token_checked_later():
+        if "before" in request.args:
+            # The contract's `before` pages a conversation's history; the
+            # event stream has none. Ignored, it would answer from pos 1.
+            raise ApiError(400, "invalid_parameter", "'before' is not a parameter of the event stream")
         after = validation.int_param(request.args, "after", low=0) or 0
         limit = validation.limit_param(request.args)
         timeout = _long_poll_timeout()

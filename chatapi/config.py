@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from limits import parse_many
+
 DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
 
 # A long-poll answers with an empty page after this long; 25 s stays under the
@@ -18,6 +20,14 @@ LONG_POLL_DEFAULT_SECS = 25.0
 # Clients may ask for longer waits, but never longer than this: it bounds how
 # long a request can pin a worker connection slot.
 LONG_POLL_MAX_SECS = 60.0
+
+
+RATE_LIMIT_SETTINGS = (
+    "rate_limit_signin_per_username",
+    "rate_limit_signin_per_address",
+    "rate_limit_registration_per_address",
+    "rate_limit_send_per_user",
+)
 
 
 class ConfigError(ValueError):
@@ -73,6 +83,16 @@ class Settings:
                 raise ConfigError(f"CHATAPI_{name.upper()} must be at least 1")
         if self.db_pool_warm > self.db_pool_size + self.db_max_overflow:
             raise ConfigError("CHATAPI_DB_POOL_WARM must not exceed CHATAPI_DB_POOL_SIZE + CHATAPI_DB_MAX_OVERFLOW")
+        # Flask-Limiter reads a limit only when a request needs it, and
+        # (swallow_errors, limits.py) would then skip a misspelt one for
+        # ever: a limit the operator set would silently be off.
+        for name in RATE_LIMIT_SETTINGS:
+            try:
+                parse_many(getattr(self, name))
+            except ValueError:
+                raise ConfigError(
+                    f"CHATAPI_{name.upper()} is not a rate limit (like 20/minute): {getattr(self, name)!r}"
+                ) from None
 
     @property
     def is_postgresql(self) -> bool:
@@ -89,6 +109,11 @@ class Settings:
         db_max_overflow = int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow))
         # Unset, it follows a smaller pool down; set above the pool, it is refused.
         warm_default = min(default.db_pool_warm, db_pool_size + db_max_overflow)
+
+        def limit(name: str) -> str:
+            """CHATAPI_RATE_LIMIT_<name>; unset or empty, the default."""
+            return get(f"CHATAPI_RATE_LIMIT_{name}") or getattr(default, f"rate_limit_{name.lower()}")
+
         return cls(
             database_url=database_url,
             registration_open=_flag(get("CHATAPI_REGISTRATION", "on"), "CHATAPI_REGISTRATION"),
@@ -97,16 +122,10 @@ class Settings:
             max_waiters_per_user=int(_number(get("CHATAPI_MAX_WAITERS_PER_USER"), default.max_waiters_per_user)),
             rate_limits_enabled=_flag(get("CHATAPI_RATE_LIMITS", "on"), "CHATAPI_RATE_LIMITS"),
             rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI", default.rate_limit_storage_uri),
-            rate_limit_signin_per_username=get(
-                "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME", default.rate_limit_signin_per_username
-            ),
-            rate_limit_signin_per_address=get(
-                "CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS", default.rate_limit_signin_per_address
-            ),
-            rate_limit_registration_per_address=get(
-                "CHATAPI_RATE_LIMIT_REGISTRATION_PER_ADDRESS", default.rate_limit_registration_per_address
-            ),
-            rate_limit_send_per_user=get("CHATAPI_RATE_LIMIT_SEND_PER_USER", default.rate_limit_send_per_user),
+            rate_limit_signin_per_username=limit("SIGNIN_PER_USERNAME"),
+            rate_limit_signin_per_address=limit("SIGNIN_PER_ADDRESS"),
+            rate_limit_registration_per_address=limit("REGISTRATION_PER_ADDRESS"),
+            rate_limit_send_per_user=limit("SEND_PER_USER"),
             trust_proxy_headers=int(_number(get("CHATAPI_TRUSTED_PROXIES"), 0)),
             db_pool_size=db_pool_size,
             db_max_overflow=db_max_overflow,

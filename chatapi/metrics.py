@@ -22,6 +22,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -100,12 +102,15 @@ class Metrics:
         @app.after_request
         def _count(response: Response) -> Response:
             route = request.url_rule.rule if request.url_rule else "unmatched"
-            key = (request.method, route, response.status_code)
+            # Any word is a method to the HTTP server: as a label, a client
+            # could add series without end.
+            method = request.method if request.method in HTTP_METHODS else "other"
+            key = (method, route, response.status_code)
             child = children.get(key)
             if child is None:
                 child = children[key] = (
-                    self.requests.labels(request.method, route, str(response.status_code)),
-                    self.request_duration.labels(request.method, route),
+                    self.requests.labels(method, route, str(response.status_code)),
+                    self.request_duration.labels(method, route),
                 )
             child[0].inc()
             started = g.get("request_started")

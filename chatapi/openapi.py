@@ -1,4 +1,5 @@
-"""The OpenAPI 3 document of /api/v1, served at /api/v1/openapi.json.
+"""The OpenAPI 3 document of /api/v1, the operational endpoints and the page,
+served at /api/v1/openapi.json.
 
 Written by hand from the contract (shared API.md); a test checks that every
 route the app serves is described here, and schemathesis checks responses
@@ -36,6 +37,8 @@ _BODY_ERRORS = {
 _AUTH_ERRORS = {"401": _error("Missing, invalid or revoked token")}
 _NOT_FOUND = {"404": _error("No such conversation, or the caller is not part of it")}
 _RATE = {"429": _error("Rate limited; see Retry-After")}
+_UNAVAILABLE = {"503": _error("The database is unavailable; retry after Retry-After seconds")}
+_STATUS = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
 _BEARER = [{"bearer": []}]
 
 _CONVERSATION_ID = {
@@ -182,6 +185,11 @@ _SCHEMAS: Json = {
 
 @cache
 def document() -> Json:
+    paths = _paths()
+    for path, operations in paths.items():
+        if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
+            for operation in operations.values():
+                operation["responses"].update(_UNAVAILABLE)  # every one of them needs the database
     return {
         "openapi": "3.1.0",
         "info": {
@@ -194,214 +202,251 @@ def document() -> Json:
             "schemas": _SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {
-            "/api/v1/users": {
-                "post": {
-                    "summary": "Create an account",
-                    "operationId": "createUser",
-                    "requestBody": {"required": True, **_json(_ref("Credentials"))},
-                    "responses": {
-                        "201": _ok("Created", _ref("User")),
-                        "403": _error("Registration is closed on this server"),
-                        "409": _error("Username taken"),
-                        **_BODY_ERRORS,
-                        **_RATE,
-                    },
-                }
+        "paths": paths,
+    }
+
+
+def _paths() -> Json:
+    return {
+        "/api/v1/users": {
+            "post": {
+                "summary": "Create an account",
+                "operationId": "createUser",
+                "requestBody": {"required": True, **_json(_ref("Credentials"))},
+                "responses": {
+                    "201": _ok("Created", _ref("User")),
+                    "403": _error("Registration is closed on this server"),
+                    "409": _error("Username taken"),
+                    **_BODY_ERRORS,
+                    **_RATE,
+                },
+            }
+        },
+        "/api/v1/tokens": {
+            "post": {
+                "summary": "Sign in: get a bearer token",
+                "operationId": "createToken",
+                "requestBody": {"required": True, **_json(_ref("SignIn"))},
+                "responses": {
+                    "201": _ok("Signed in", _ref("Token")),
+                    "401": _error("Wrong username or password"),
+                    **_BODY_ERRORS,
+                    **_RATE,
+                },
+            }
+        },
+        "/api/v1/tokens/current": {
+            "delete": {
+                "summary": "Sign out: revoke the token of this request",
+                "operationId": "deleteCurrentToken",
+                "security": _BEARER,
+                "responses": {"204": {"description": "Revoked"}, **_AUTH_ERRORS},
+            }
+        },
+        "/api/v1/me": {
+            "get": {
+                "summary": "The signed-in user",
+                "operationId": "getMe",
+                "security": _BEARER,
+                "responses": {"200": _ok("The caller", _ref("User")), **_AUTH_ERRORS},
+            }
+        },
+        "/api/v1/conversations": {
+            "get": {
+                "summary": "The caller's conversations, most recent activity first",
+                "operationId": "listConversations",
+                "security": _BEARER,
+                "responses": {
+                    "200": _ok(
+                        "Conversations",
+                        {
+                            "type": "object",
+                            "required": ["conversations"],
+                            "properties": {"conversations": {"type": "array", "items": _ref("Conversation")}},
+                        },
+                    ),
+                    **_AUTH_ERRORS,
+                },
             },
-            "/api/v1/tokens": {
-                "post": {
-                    "summary": "Sign in: get a bearer token",
-                    "operationId": "createToken",
-                    "requestBody": {"required": True, **_json(_ref("SignIn"))},
-                    "responses": {
-                        "201": _ok("Signed in", _ref("Token")),
-                        "401": _error("Wrong username or password"),
-                        **_BODY_ERRORS,
-                        **_RATE,
-                    },
-                }
+            "post": {
+                "summary": "Start (or find) the conversation with a peer",
+                "operationId": "startConversation",
+                "security": _BEARER,
+                "requestBody": {
+                    "required": True,
+                    **_json({"type": "object", "required": ["peer"], "properties": {"peer": {"type": "string"}}}),
+                },
+                "responses": {
+                    "200": _ok("Already existed", _ref("Conversation")),
+                    "201": _ok("Created", _ref("Conversation")),
+                    "404": _error("No such user"),
+                    **_BODY_ERRORS,
+                    **_AUTH_ERRORS,
+                },
             },
-            "/api/v1/tokens/current": {
-                "delete": {
-                    "summary": "Sign out: revoke the token of this request",
-                    "operationId": "deleteCurrentToken",
-                    "security": _BEARER,
-                    "responses": {"204": {"description": "Revoked"}, **_AUTH_ERRORS},
-                }
-            },
-            "/api/v1/me": {
-                "get": {
-                    "summary": "The signed-in user",
-                    "operationId": "getMe",
-                    "security": _BEARER,
-                    "responses": {"200": _ok("The caller", _ref("User")), **_AUTH_ERRORS},
-                }
-            },
-            "/api/v1/conversations": {
-                "get": {
-                    "summary": "The caller's conversations, most recent activity first",
-                    "operationId": "listConversations",
-                    "security": _BEARER,
-                    "responses": {
-                        "200": _ok(
-                            "Conversations",
-                            {
-                                "type": "object",
-                                "required": ["conversations"],
-                                "properties": {"conversations": {"type": "array", "items": _ref("Conversation")}},
+        },
+        "/api/v1/conversations/{id}": {
+            "get": {
+                "summary": "One conversation",
+                "operationId": "getConversation",
+                "security": _BEARER,
+                "parameters": [_CONVERSATION_ID],
+                "responses": {"200": _ok("The conversation", _ref("Conversation")), **_AUTH_ERRORS, **_NOT_FOUND},
+            }
+        },
+        "/api/v1/conversations/{id}/messages": {
+            "get": {
+                "summary": "Messages after a seq (long-poll), before a seq (history), or the latest",
+                "operationId": "listMessages",
+                "security": _BEARER,
+                "parameters": [_CONVERSATION_ID, _AFTER, _BEFORE, _LIMIT, _TIMEOUT],
+                "responses": {
+                    "200": _ok(
+                        "Messages in ascending seq order, and the conversation's head",
+                        {
+                            "type": "object",
+                            "required": ["messages", "last_seq"],
+                            "properties": {
+                                "messages": {"type": "array", "items": _ref("Message")},
+                                "last_seq": _SEQ,
                             },
-                        ),
-                        **_AUTH_ERRORS,
-                    },
-                },
-                "post": {
-                    "summary": "Start (or find) the conversation with a peer",
-                    "operationId": "startConversation",
-                    "security": _BEARER,
-                    "requestBody": {
-                        "required": True,
-                        **_json({"type": "object", "required": ["peer"], "properties": {"peer": {"type": "string"}}}),
-                    },
-                    "responses": {
-                        "200": _ok("Already existed", _ref("Conversation")),
-                        "201": _ok("Created", _ref("Conversation")),
-                        "404": _error("No such user"),
-                        **_BODY_ERRORS,
-                        **_AUTH_ERRORS,
-                    },
+                        },
+                    ),
+                    "400": _error("Invalid parameter"),
+                    **_AUTH_ERRORS,
+                    **_NOT_FOUND,
                 },
             },
-            "/api/v1/conversations/{id}": {
-                "get": {
-                    "summary": "One conversation",
-                    "operationId": "getConversation",
-                    "security": _BEARER,
-                    "parameters": [_CONVERSATION_ID],
-                    "responses": {"200": _ok("The conversation", _ref("Conversation")), **_AUTH_ERRORS, **_NOT_FOUND},
-                }
-            },
-            "/api/v1/conversations/{id}/messages": {
-                "get": {
-                    "summary": "Messages after a seq (long-poll), before a seq (history), or the latest",
-                    "operationId": "listMessages",
-                    "security": _BEARER,
-                    "parameters": [_CONVERSATION_ID, _AFTER, _BEFORE, _LIMIT, _TIMEOUT],
-                    "responses": {
-                        "200": _ok(
-                            "Messages in ascending seq order, and the conversation's head",
-                            {
-                                "type": "object",
-                                "required": ["messages", "last_seq"],
-                                "properties": {
-                                    "messages": {"type": "array", "items": _ref("Message")},
-                                    "last_seq": _SEQ,
+            "post": {
+                "summary": "Send a message; the 201 is sent after it is durably stored",
+                "operationId": "sendMessage",
+                "security": _BEARER,
+                "parameters": [_CONVERSATION_ID],
+                "requestBody": {
+                    "required": True,
+                    **_json(
+                        {
+                            "type": "object",
+                            "required": ["text"],
+                            "properties": {
+                                "text": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": 4000,
+                                    "description": "Plain text: not only white space; no control "
+                                    "characters other than tab, newline, carriage return",
+                                    "pattern": TEXT_PATTERN,
                                 },
-                            },
-                        ),
-                        "400": _error("Invalid parameter"),
-                        **_AUTH_ERRORS,
-                        **_NOT_FOUND,
-                    },
-                },
-                "post": {
-                    "summary": "Send a message; the 201 is sent after it is durably stored",
-                    "operationId": "sendMessage",
-                    "security": _BEARER,
-                    "parameters": [_CONVERSATION_ID],
-                    "requestBody": {
-                        "required": True,
-                        **_json(
-                            {
-                                "type": "object",
-                                "required": ["text"],
-                                "properties": {
-                                    "text": {
-                                        "type": "string",
-                                        "minLength": 1,
-                                        "maxLength": 4000,
-                                        "description": "Plain text: not only white space; no control "
-                                        "characters other than tab, newline, carriage return",
-                                        "pattern": TEXT_PATTERN,
-                                    },
-                                    "client_id": {
-                                        "type": ["string", "null"],
-                                        "pattern": "^[A-Za-z0-9._:-]{1,64}$",
-                                    },
-                                },
-                            }
-                        ),
-                    },
-                    "responses": {
-                        "200": _ok("A replay of an earlier send with this client_id", _ref("Message")),
-                        "201": _ok("Stored", _ref("Message")),
-                        "409": _error("client_id already used for a different text"),
-                        **_BODY_ERRORS,
-                        **_AUTH_ERRORS,
-                        **_NOT_FOUND,
-                        **_RATE,
-                    },
-                },
-            },
-            "/api/v1/conversations/{id}/read": {
-                "post": {
-                    "summary": "Mark messages up to seq as read",
-                    "operationId": "markRead",
-                    "security": _BEARER,
-                    "parameters": [_CONVERSATION_ID],
-                    "requestBody": {
-                        "required": True,
-                        **_json(
-                            {
-                                "type": "object",
-                                "required": ["seq"],
-                                "properties": {
-                                    "seq": {
-                                        "type": "integer",
-                                        "minimum": 0,
-                                        "description": "A JSON integer (no fraction part), at most last_seq",
-                                    }
-                                },
-                            }
-                        ),
-                    },
-                    "responses": {
-                        "200": _ok("The conversation", _ref("Conversation")),
-                        **_BODY_ERRORS,
-                        **_AUTH_ERRORS,
-                        **_NOT_FOUND,
-                    },
-                }
-            },
-            "/api/v1/events": {
-                "get": {
-                    "summary": "The caller's event stream after a position (long-poll)",
-                    "operationId": "listEvents",
-                    "security": _BEARER,
-                    "parameters": [_AFTER, _LIMIT, _TIMEOUT],
-                    "responses": {
-                        "200": _ok(
-                            "Events in ascending pos order, and the stream's head",
-                            {
-                                "type": "object",
-                                "required": ["events", "last_pos"],
-                                "properties": {
-                                    "events": {"type": "array", "items": _ref("Event")},
-                                    "last_pos": {"type": "integer", "minimum": 0},
+                                "client_id": {
+                                    "type": ["string", "null"],
+                                    "pattern": "^[A-Za-z0-9._:-]{1,64}$",
                                 },
                             },
-                        ),
-                        "400": _error("Invalid parameter"),
-                        **_AUTH_ERRORS,
-                    },
-                }
+                        }
+                    ),
+                },
+                "responses": {
+                    "200": _ok("A replay of an earlier send with this client_id", _ref("Message")),
+                    "201": _ok("Stored", _ref("Message")),
+                    "409": _error("client_id already used for a different text"),
+                    **_BODY_ERRORS,
+                    **_AUTH_ERRORS,
+                    **_NOT_FOUND,
+                    **_RATE,
+                },
             },
-            "/api/v1/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "operationId": "getOpenApi",
-                    "responses": {"200": _ok("OpenAPI 3 document", {"type": "object"})},
-                }
-            },
+        },
+        "/api/v1/conversations/{id}/read": {
+            "post": {
+                "summary": "Mark messages up to seq as read",
+                "operationId": "markRead",
+                "security": _BEARER,
+                "parameters": [_CONVERSATION_ID],
+                "requestBody": {
+                    "required": True,
+                    **_json(
+                        {
+                            "type": "object",
+                            "required": ["seq"],
+                            "properties": {
+                                "seq": {
+                                    "type": "integer",
+                                    "minimum": 0,
+                                    "description": "A JSON integer (no fraction part), at most last_seq",
+                                }
+                            },
+                        }
+                    ),
+                },
+                "responses": {
+                    "200": _ok("The conversation", _ref("Conversation")),
+                    **_BODY_ERRORS,
+                    **_AUTH_ERRORS,
+                    **_NOT_FOUND,
+                },
+            }
+        },
+        "/api/v1/events": {
+            "get": {
+                "summary": "The caller's event stream after a position (long-poll)",
+                "operationId": "listEvents",
+                "security": _BEARER,
+                "parameters": [_AFTER, _LIMIT, _TIMEOUT],
+                "responses": {
+                    "200": _ok(
+                        "Events in ascending pos order, and the stream's head",
+                        {
+                            "type": "object",
+                            "required": ["events", "last_pos"],
+                            "properties": {
+                                "events": {"type": "array", "items": _ref("Event")},
+                                "last_pos": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    ),
+                    "400": _error("Invalid parameter"),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/v1/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "getOpenApi",
+                "responses": {"200": _ok("OpenAPI 3 document", {"type": "object"})},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process runs",
+                "operationId": "getHealth",
+                "responses": {"200": _ok("Running", _STATUS)},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: the database answers",
+                "operationId": "getReady",
+                "responses": {"200": _ok("Ready", _STATUS), **_UNAVAILABLE},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of all this server's workers",
+                "operationId": "getMetrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The web page",
+                "operationId": "getWebPage",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
         },
     }

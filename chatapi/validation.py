@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Request
+from werkzeug.datastructures import MultiDict
 
 from chatapi.errors import ApiError
 
@@ -125,10 +126,18 @@ def _parameter_error(name: str, rule: str) -> ApiError:
     return ApiError(400, "invalid_parameter", f"'{name}' must be {rule}")
 
 
-def int_param(args: Mapping[str, str], name: str, *, low: int, high: int | None = None) -> int | None:
-    if name not in args:
+def _single(args: MultiDict[str, str], name: str) -> str | None:
+    """A query parameter's value, None when absent; given twice, it is refused (which one was meant?)."""
+    values = args.getlist(name)
+    if len(values) > 1:
+        raise _parameter_error(name, "given once")
+    return values[0] if values else None
+
+
+def int_param(args: MultiDict[str, str], name: str, *, low: int, high: int | None = None) -> int | None:
+    raw = _single(args, name)
+    if raw is None:
         return None
-    raw = args[name]
     rule = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
     if not _INTEGER.fullmatch(raw):
         raise _parameter_error(name, rule)
@@ -140,15 +149,15 @@ def int_param(args: Mapping[str, str], name: str, *, low: int, high: int | None 
     return value
 
 
-def timeout_param(args: Mapping[str, str], default: float, maximum: float) -> float:
-    if "timeout" not in args:
+def timeout_param(args: MultiDict[str, str], default: float, maximum: float) -> float:
+    raw = _single(args, "timeout")
+    if raw is None:
         return min(default, maximum)
-    raw = args["timeout"]
     if not _DECIMAL.fullmatch(raw):
         raise _parameter_error("timeout", "a number of seconds >= 0")
     return min(float(raw), maximum)
 
 
-def limit_param(args: Mapping[str, str]) -> int:
+def limit_param(args: MultiDict[str, str]) -> int:
     limit = int_param(args, "limit", low=1, high=PAGE_MAX)
     return PAGE_DEFAULT if limit is None else limit

@@ -107,7 +107,8 @@ def test_wrong_credentials(client, accounts, body) -> None:
 
 def test_revoked_token_stops_working_at_once(client, accounts) -> None:
     alice = accounts.sign_up("alice")
-    assert client.delete(f"{API}/tokens/current", headers=alice).status_code == 204
+    revoked = client.delete(f"{API}/tokens/current", headers=alice)
+    assert revoked.status_code == 204 and revoked.data == b"" and "Content-Type" not in revoked.headers
     response = client.get(f"{API}/me", headers=alice)
     assert response.status_code == 401 and error_code(response) == "unauthorized"
     assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -328,15 +329,28 @@ def test_history_latest_before_and_after(client, pair) -> None:
         "timeout=abc",
         "before=1.5",
         "timeout=",
+        "after=1&after=2",
+        "limit=5&limit=5",
+        "timeout=1&timeout=2",
     ],
 )
 def test_bad_query_parameters(client, pair, query) -> None:
     alice, _, conversation_id = pair
     response = client.get(f"{API}/conversations/{conversation_id}/messages?{query}", headers=alice)
     assert response.status_code == 400 and error_code(response) == "invalid_parameter"
-    if "before" not in query:
-        response = client.get(f"{API}/events?{query}", headers=alice)
-        assert response.status_code == 400 and error_code(response) == "invalid_parameter"
+    response = client.get(f"{API}/events?{query}", headers=alice)
+    assert response.status_code == 400 and error_code(response) == "invalid_parameter"
+
+
+@pytest.mark.parametrize("query", ["before=3", "before=abc", "before=", "after=1&before=3"])
+def test_the_event_stream_refuses_before(client, pair, query) -> None:
+    """It has no history paging; answering as if from pos 0 would mislead a client that meant to page back."""
+    alice, _, _ = pair
+    response = client.get(f"{API}/events?{query}&timeout=0", headers=alice)
+    assert response.status_code == 400 and error_code(response) == "invalid_parameter"
+    # A bad token is still told so first, as everywhere.
+    response = client.get(f"{API}/events?{query}&timeout=0", headers={"Authorization": "Bearer nonsense"})
+    assert response.status_code == 401
 
 
 # Events and receipts -----------------------------------------------------------
@@ -527,6 +541,16 @@ def test_ops_endpoints(client) -> None:
         # Reads carry no-store (the contract), these too: probes must see live answers.
         assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store", path
     assert b"chatapi_http_requests_total" in client.get("/metrics").data
+
+
+def test_made_up_methods_share_one_metrics_label(client) -> None:
+    """Each label value is a series kept for ever: clients must not be able to mint them."""
+    for method in ("X0Y", "X1Y", "BREW"):
+        response = client.open("/healthz", method=method)
+        assert response.status_code == 405 and error_code(response) == "method_not_allowed"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'method="other",route="unmatched",status="405"} 3.0' in metrics
+    assert "X0Y" not in metrics and "BREW" not in metrics
 
 
 def test_web_page_is_served_with_a_strict_csp(client) -> None:

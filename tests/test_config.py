@@ -49,6 +49,9 @@ def test_switches_and_limits() -> None:
         {"CHATAPI_DB_POOL_SIZE": "-1"},
         {"CHATAPI_DB_WRITE_POOL_SIZE": "0"},
         {"CHATAPI_DB_POOL_SIZE": "3", "CHATAPI_DB_POOL_WARM": "4"},
+        # A misspelt limit would otherwise be skipped on every request: off.
+        {"CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "2 per minuet"},
+        {"CHATAPI_RATE_LIMIT_SEND_PER_USER": "5/fortnight"},
     ],
 )
 def test_bad_values_are_refused_at_start(env: dict[str, str]) -> None:

@@ -79,6 +79,35 @@ def test_every_rate_limit_answers_429_with_retry_after(limited_server: ServerPro
     assert [m["text"] for m in bob.messages(conversation)["messages"]][-1] == "my own budget"
 
 
+def test_sends_without_a_valid_token_are_refused_401_not_limited_nor_logged(limited_server) -> None:
+    """The per-user send limit needs a user: without one the send is the view's to refuse."""
+    alice, bob = Api(limited_server.base_url).signed_up(), Api(limited_server.base_url).signed_up()
+    conversation = alice.start(bob.username)["id"]
+    strangers = [Api(limited_server.base_url), Api(limited_server.base_url, "not-a-token", "nobody")]
+    for _ in range(4):  # together more than the 5 a minute a user may send
+        for stranger in strangers:
+            response = stranger.post(f"/api/v1/conversations/{conversation}/messages", {"text": "hi"})
+            assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+    # The limit still holds for a real sender.
+    for n in range(5):
+        assert alice.send(conversation, f"message {n}")["seq"] == n + 1
+    _assert_rate_limited(alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": "one more"}), 61)
+
+
+def test_a_send_without_a_token_never_fails_inside_the_rate_limiter(tmp_path: Path, caplog) -> None:
+    """Flask-Limiter logs and swallows any error of a limit's key: a send without a
+    valid token has no user to key on, so it must be exempt, not an error per request."""
+    url = f"sqlite:///{tmp_path / 'keys.sqlite3'}"
+    migrate(url)
+    app = create_app(Settings.from_env({"CHATAPI_DATABASE_URL": url, **LIMITS}))
+    client = app.test_client()
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+        answer = client.post("/api/v1/conversations/1/messages", json={"text": "hi"}, headers=headers)
+        assert answer.status_code == 401
+    assert [record.getMessage() for record in caplog.records if record.name == "flask-limiter"] == []
+    app.extensions["chatapi"].db.dispose()
+
+
 def test_rate_limits_off_switches_every_limit_off(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'off.sqlite3'}"
     migrate(url)

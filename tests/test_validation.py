@@ -6,6 +6,7 @@ import sys
 import unicodedata
 
 import pytest
+from werkzeug.datastructures import MultiDict
 
 from chatapi import validation
 from chatapi.errors import ApiError
@@ -83,30 +84,41 @@ def test_null_client_id_is_absent() -> None:
 
 @pytest.mark.parametrize("raw", ["", "-1", "1.5", "abc", "+3", " 3", "0x10", "1e3"])
 def test_bad_integer_parameters_refused(raw: str) -> None:
-    assert code_of(validation.int_param, {"after": raw}, "after", low=0) == "invalid_parameter"
+    assert code_of(validation.int_param, MultiDict({"after": raw}), "after", low=0) == "invalid_parameter"
 
 
 def test_huge_integer_parameter_is_beyond_any_head() -> None:
-    assert validation.int_param({"after": "9" * 5000}, "after", low=0) >= 10**18
+    assert validation.int_param(MultiDict({"after": "9" * 5000}), "after", low=0) >= 10**18
 
 
 @pytest.mark.parametrize("raw", ["0", "1001", "", "-5"])
 def test_limit_must_be_1_to_1000(raw: str) -> None:
-    assert code_of(validation.limit_param, {"limit": raw}) == "invalid_parameter"
+    assert code_of(validation.limit_param, MultiDict({"limit": raw})) == "invalid_parameter"
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [("0", 0), ("2.5", 2.5), (".5", 0.5), ("60", 60), ("61", 60), ("999", 60)])
 def test_timeouts(raw: str, seconds: float) -> None:
-    assert validation.timeout_param({"timeout": raw}, 25, 60) == seconds
+    assert validation.timeout_param(MultiDict({"timeout": raw}), 25, 60) == seconds
 
 
 @pytest.mark.parametrize("raw", ["", "-1", "abc", "nan", "inf", "1e3", "1,5"])
 def test_bad_timeouts_refused(raw: str) -> None:
-    assert code_of(validation.timeout_param, {"timeout": raw}, 25, 60) == "invalid_parameter"
+    assert code_of(validation.timeout_param, MultiDict({"timeout": raw}), 25, 60) == "invalid_parameter"
+
+
+def _twice(name: str) -> MultiDict:
+    return MultiDict([(name, "1"), (name, "2")])
+
+
+def test_a_parameter_given_twice_is_refused() -> None:
+    """`after=1&after=2`: answering either would guess what the client meant."""
+    assert code_of(validation.int_param, _twice("after"), "after", low=0) == "invalid_parameter"
+    assert code_of(validation.limit_param, _twice("limit")) == "invalid_parameter"
+    assert code_of(validation.timeout_param, _twice("timeout"), 25, 60) == "invalid_parameter"
 
 
 def test_default_timeout_is_25_seconds() -> None:
-    assert validation.timeout_param({}, 25, 60) == 25
+    assert validation.timeout_param(MultiDict({}), 25, 60) == 25
 
 
 def test_the_refused_characters_are_exactly_cc_but_tab_newline_return_and_cs() -> None:
