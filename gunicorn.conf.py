@@ -36,6 +36,18 @@ _on_postgresql = _database_url.startswith(("postgresql", "postgres"))
 
 bind = os.environ.get("CHATAPI_BIND", "127.0.0.1:8000")
 
+
+def _switch(name: str) -> bool:
+    """An on/off variable, default on, in the words chatapi.config accepts
+    (which the master must not import: it would load the app before gevent)."""
+    value = os.environ.get(name, "on").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise SystemExit(f"{name} must be on or off, not {value!r}")
+
+
 # Each worker freezes what it built at start-up out of the cyclic garbage
 # collector's passes and collects its youngest generation every 10,000
 # allocations instead of Python's 700. With the defaults, under load, a
@@ -190,7 +202,7 @@ def on_starting(server: Arbiter) -> None:
         metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         server._chatapi_metrics_dir = metrics_dir
-    if os.environ.get("CHATAPI_MIGRATE", "on") != "off":
+    if _switch("CHATAPI_MIGRATE"):
         # In a child process, so the master never imports the app: workers
         # must import gevent-sensitive modules only after gevent patches them.
         here = os.path.dirname(os.path.abspath(__file__))

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Select, and_, bindparam, case, event, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
@@ -133,12 +133,18 @@ _MESSAGE_COLUMNS = (
 )
 
 
+class Publish(Protocol):
+    """Wakes the waiters of `keys` after a commit, here and in other processes (the Notifier's publish)."""
+
+    def __call__(self, keys: Iterable[str], pushed: Pushed | None = None) -> None: ...
+
+
 class Chat:
     def __init__(
         self,
         db: Database,
         wakeups: Wakeups,
-        publish: Callable[[Iterable[str], Pushed | None], None],
+        publish: Publish,
         on_woken: Callable[[bool], None] = lambda pushed: None,
         on_send_batch: Callable[[int], None] = lambda size: None,
         on_poll_batch: Callable[[int], None] = lambda size: None,
@@ -401,7 +407,7 @@ class Chat:
         One send calls `chatapi_send`, several `chatapi_send_batch`
         (`pg_functions`). An outcome is an exception for a bad token (401), a
         sender outside the conversation (404), or a replayed client_id
-        (IntegrityError: `send` answers it through `_store_message`).
+        (IntegrityError: `send` answers it through `_store_message_in_steps`).
         """
         if len(sends) == 1:
             return [self._store_message_pg(sends[0])]

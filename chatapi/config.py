@@ -1,7 +1,9 @@
 """Settings, read once from environment variables by the app factory.
 
-Every variable chatapi reads is listed here with its default; the README's
-configuration table mirrors this module.
+The app's variables are read here with their defaults; the HTTP server's
+(CHATAPI_BIND, CHATAPI_WORKERS, ...) in gunicorn.conf.py. The README's
+Configuration table lists both, and tests/test_readme.py checks that it
+misses none.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import logging
 import sqlite3
 
 import psycopg2
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
@@ -69,12 +69,10 @@ def init_app(app: Flask) -> None:
         headers = {}
         if status == 405 and error.get_response().headers.get("Allow"):
             headers["Allow"] = error.get_response().headers["Allow"]
-        if status == 429:
-            headers["Retry-After"] = str(getattr(error, "retry_after", None) or 60)
         code = _HTTP_CODES.get(status, "http_error")
         message = error.description or code
         if status == 413:
-            message = "request body is larger than 65536 bytes"
+            message = f"request body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes"
         elif status == 404:
             message = "no such resource"
         return error_response(status, code, message, headers)

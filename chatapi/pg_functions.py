@@ -19,7 +19,7 @@ from typing import Any
 # `Chat._store_message` (chat.py) without the replay check, after the token lookup: no
 # row for a bad token; a row with NULL seq when the user is not in the
 # conversation. A replayed client_id violates the unique constraint here
-# (IntegrityError), and `send` answers it through `_store_message`.
+# (IntegrityError), and `send` answers it through `_store_message_in_steps`.
 SEND_FUNCTION = """
 CREATE FUNCTION pg_temp.chatapi_send(
     p_token_hash varchar, p_conversation_id bigint, p_text text, p_client_id varchar, p_now timestamp

@@ -3,13 +3,15 @@ SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, insert, select
 
 from chatapi.config import Settings
-from chatapi.models import Base
+from chatapi.models import Base, User
 from tests.conftest import migrate
 
 
@@ -31,6 +33,14 @@ def test_migrations_match_models_on_postgresql(postgres_url: str) -> None:
     assert_schema_matches_models(Settings.from_env({"CHATAPI_DATABASE_URL": postgres_url}).database_url)
 
 
-def test_migrating_twice_is_harmless(sqlite_url: str) -> None:
+def test_migrating_again_keeps_the_data(sqlite_url: str) -> None:
+    """Every start migrates (CHATAPI_MIGRATE): a second run must leave schema and rows as they were."""
     migrate(sqlite_url)
+    engine = create_engine(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(insert(User).values(username="alice", password_hash="x", created_at=datetime(2026, 1, 1)))
     migrate(sqlite_url)
+    with engine.connect() as connection:
+        assert connection.scalars(select(User.username)).all() == ["alice"]
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()

@@ -4,10 +4,15 @@ registration switch, shutdown of waiting long-polls."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +20,7 @@ import requests
 from tests.support.api import Api
 from tests.support.metrics import metric
 from tests.support.postgres import query_value
+from tests.support.server import REPO
 
 
 @pytest.mark.postgres
@@ -246,3 +252,24 @@ def test_no_connections_are_opened_ahead_when_warming_is_off(postgres_url: str, 
     time.sleep(1)
     # At most the connections the readiness checks used.
     assert _server_sessions(postgres_url) <= 2
+
+
+@pytest.mark.parametrize(("value", "migrated"), [("off", False), ("false", False), ("0", False), ("yes", True)])
+def test_migrating_at_start_is_a_switch(start_server, tmp_path: Path, value: str, migrated: bool) -> None:
+    """Operators who migrate as a separate deploy step switch it off, in the words every switch takes."""
+    database = tmp_path / "switch.sqlite3"
+    start_server(f"sqlite:///{database}", env={"CHATAPI_MIGRATE": value})
+    tables = {name for (name,) in sqlite3.connect(database).execute("SELECT name FROM sqlite_master")}
+    assert ("alembic_version" in tables) is migrated
+
+
+def test_a_misspelt_migrate_switch_stops_the_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
+        cwd=REPO,
+        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}", "CHATAPI_MIGRATE": "nope"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "CHATAPI_MIGRATE must be on or off" in result.stderr

@@ -41,3 +41,16 @@ def test_readme_walkthrough_works(start_server, tmp_path) -> None:
     assert [(r["delivered_seq"], r["read_seq"]) for r in bob_receipts] == [(1, 1)]
     assert lines[-2] == "204"
     assert json.loads(lines[-1])["error"]["code"] == "unauthorized"
+
+
+def test_the_configuration_table_lists_every_variable_the_code_reads() -> None:
+    """One place documents the configuration: a variable added to the code must be added there."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(CHATAPI_[A-Z_]+)`", section))
+    code = "".join(path.read_text() for path in [*(REPO / "chatapi").glob("*.py"), REPO / "gunicorn.conf.py"])
+    read = set(re.findall(r'"(CHATAPI_[A-Z_]+)"', code))
+    # config.py reads the rate limits through a helper, by suffix: limit("SEND_PER_USER").
+    read |= {f"CHATAPI_RATE_LIMIT_{suffix}" for suffix in re.findall(r'limit\("([A-Z_]+)"\)', code)}
+    assert len(read) > 20, f"found only {sorted(read)} in the code: the patterns are out of date"
+    assert read - documented == set()

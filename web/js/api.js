@@ -1,4 +1,4 @@
-// The HTTP client for /api/v1 (docs: /work/shared/API.md, served as the
+// The HTTP client for /api/v1 (contract: docs/api.md, served as the
 // OpenAPI document at /api/v1/openapi.json). Every failure becomes an
 // ApiError: `status` 0 means the server could not be reached at all.
 

@@ -128,7 +128,7 @@ async function enter(session) {
   try {
     username = (await api.me()).username;
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) return expired();
+    if (error instanceof ApiError && error.status === 401) return sessionEnded();
     // Unreachable for now: start anyway; the client shows "reconnecting" and catches up.
   }
   authView.hidden = true;
@@ -136,7 +136,7 @@ async function enter(session) {
   notice.hidden = true;
   passwordInput.value = "";
   client = new ChatClient(api, username);
-  client.addEventListener("unauthorized", expired);
+  client.addEventListener("unauthorized", sessionEnded);
   view = new ChatView(client);
   client.start();
 }
@@ -150,9 +150,9 @@ function leave() {
   if (location.hash) history.replaceState(null, "", location.pathname);
 }
 
-function expired() {
+function sessionEnded() {
   leave();
-  showAuth("Your session has ended (it expired or was signed out elsewhere). Please sign in again.");
+  showAuth("Your session has ended (it was signed out, perhaps in another tab). Please sign in again.");
 }
 
 async function signOut() {

@@ -1,4 +1,4 @@
-// Text rules shared with the server (API.md, "Precise rules") and the
+// Text rules shared with the server (docs/api.md, "Precise rules") and the
 // formatting of names and times for display.
 
 /** The most a message may hold, counted in Unicode code points. */
