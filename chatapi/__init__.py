@@ -19,6 +19,7 @@ from chatapi import api, errors, limits, ops, validation, web
 from chatapi.chat import Chat
 from chatapi.config import Settings
 from chatapi.db import Database
+from chatapi.longpoll import LongPolls
 from chatapi.metrics import Metrics
 from chatapi.validation import MAX_BODY_BYTES
 from chatapi.wakeups import Pushed, Wakeups
@@ -122,9 +123,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         notifier = LocalNotifier(wakeups)
     chat = Chat(
         db,
-        wakeups,
+        LongPolls(wakeups, on_woken=metrics.count_woken),
         notifier.publish,
-        on_woken=metrics.count_woken,
         on_send_batch=metrics.send_batch_size.observe,
         on_poll_batch=metrics.poll_batch_size.observe,
     )

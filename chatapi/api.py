@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from chatapi import validation
-from chatapi.chat import Caller, Chat, Page, unauthorized
+from chatapi.chat import Caller, Chat, unauthorized
 from chatapi.errors import ApiError
+from chatapi.longpoll import Page
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

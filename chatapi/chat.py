@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import Select, and_, bindparam, case, event, func, insert, or_, select, text, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Select, and_, bindparam, case, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import aliased
@@ -43,8 +42,10 @@ from chatapi import auth, pg_functions, wire
 from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.group_commit import GroupCommit
+from chatapi.longpoll import LongPolls, Page, PushedPage, page_after, pushed_events
 from chatapi.models import Conversation, Event, Member, Message, Token, User
-from chatapi.wakeups import Pushed, Waiter, Wakeups, conversation_key, tokens_key, user_key
+from chatapi.prepared import PreparedStatement, run_prepared, set_up_connection
+from chatapi.wakeups import Pushed, conversation_key, tokens_key, user_key
 from chatapi.wire import Json
 
 
@@ -54,12 +55,6 @@ class Caller:
 
     id: int
     username: str
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Json]
-    head: int
 
 
 class _Stored(NamedTuple):
@@ -143,20 +138,17 @@ class Chat:
     def __init__(
         self,
         db: Database,
-        wakeups: Wakeups,
+        long_polls: LongPolls,
         publish: Publish,
-        on_woken: Callable[[bool], None] = lambda pushed: None,
         on_send_batch: Callable[[int], None] = lambda size: None,
         on_poll_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
         self._db = db
-        self._wakeups = wakeups
+        self._long_polls = long_polls
         self._publish = publish
-        # Told, for each woken long-poll, whether pushed events answered it.
-        self._on_woken = on_woken
         if db.is_postgresql:
             for engine in db.engines:
-                event.listen(engine, "connect", _prepare_statements)
+                event.listen(engine, "connect", set_up_connection)
         # Sends, and polls that acknowledge, that arrive while the database
         # is busy commit together, each kind on its own (group_commit.py);
         # `on_send_batch` and `on_poll_batch` are told each transaction's size.
@@ -179,12 +171,12 @@ class Chat:
         """Wake the users whose streams got `pushed` (per user, as the stream shows them), handing them over."""
         self._publish([user_key(user_id) for user_id in pushed], pushed)
 
-    def _read(self, hot: _Hot, **params: Any) -> list[Any]:
+    def _fetch_prepared(self, prepared: PreparedStatement, **params: Any) -> list[Any]:
         """The rows of one hot read, on PostgreSQL on a bare cursor (`Database.fetch_all`)."""
         if self._db.is_postgresql:
-            return self._db.fetch_all(hot.call, {**hot.defaults, **params})
+            return self._db.fetch_all(prepared.call, {**prepared.defaults, **params})
         with self._db.reading() as connection:
-            return connection.execute(hot.statement, params).all()
+            return connection.execute(prepared.statement, params).all()
 
     # Accounts and tokens -------------------------------------------------
 
@@ -222,7 +214,7 @@ class Chat:
         return {"token": token, "user": wire.user_json(row.id, row.username)}
 
     def authenticate(self, token: str) -> Caller | None:
-        rows = self._read(_AUTHENTICATE, token_hash=auth.token_digest(token))
+        rows = self._fetch_prepared(_AUTHENTICATE, token_hash=auth.token_digest(token))
         return Caller(rows[0].id, rows[0].username) if rows else None
 
     def revoke(self, token: str) -> None:
@@ -494,7 +486,7 @@ class Chat:
                 )
                 return [wire.message_json(row) for row in rows]
 
-            return _page_after(after, head, messages, "seq")
+            return page_after(after, head, messages, "seq")
 
         keys = [conversation_key(conversation_id), tokens_key(caller.id)]
         return self._long_poll(keys, caller.id, token, timeout, check)
@@ -519,9 +511,9 @@ class Chat:
 
         def check(connection: Connection) -> tuple[Page, bool]:
             head = connection.execute(_EVENT_HEAD, {"user_id": caller.id}).scalar_one()
-            return _page_after(after, head, lambda: _events_after(connection, caller.id, after, limit), "pos")
+            return page_after(after, head, lambda: _events_after(connection, caller.id, after, limit), "pos")
 
-        return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check, _pushed_events(after, limit))
+        return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check, pushed_events(after, limit))
 
     def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
         # The re-checks' parameters (they never acknowledge); the first call acknowledges.
@@ -533,7 +525,7 @@ class Chat:
             "acknowledge": False,
         }
         deadline = time.monotonic() + timeout
-        since = self._wakeups.sequence
+        since = self._long_polls.sequence
         rows = self._polls.submit(_Poll(params["token_hash"], after, limit))
         if not rows:
             raise unauthorized()
@@ -550,8 +542,8 @@ class Chat:
                 raise unauthorized()  # Revoked while waiting (`revoke` wakes it).
             return _poll_page(rows, after)
 
-        return self._wait(
-            [user_key(caller_id)], caller_id, deadline, check, since, page, ready, _pushed_events(after, limit)
+        return self._long_polls.wait(
+            [user_key(caller_id)], caller_id, deadline, check, since, page, ready, pushed_events(after, limit)
         )
 
     def _poll_and_acknowledge_pg(self, polls: list[_Poll]) -> list[list[Any] | Exception]:
@@ -593,7 +585,7 @@ class Chat:
         token: str,
         timeout: float,
         check: Callable[[Connection], tuple[Page, bool]],
-        pushed_page: Callable[[Waiter], Page | None] | None = None,
+        pushed_page: PushedPage | None = None,
     ) -> Page:
         """Answer as soon as `check` has something, or with an empty page at the timeout.
 
@@ -609,57 +601,14 @@ class Chat:
 
         def recheck() -> tuple[Page, bool]:
             with self._db.reading() as connection:
-                if _core(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
+                if run_prepared(connection, _AUTHENTICATE, token_hash=token_hash).one_or_none() is None:
                     raise unauthorized()
                 return check(connection)
 
         deadline = time.monotonic() + timeout
-        since = self._wakeups.sequence
+        since = self._long_polls.sequence
         page, ready = check_now()
-        return self._wait(keys, user_id, deadline, recheck, since, page, ready, pushed_page)
-
-    def _wait(
-        self,
-        keys: list[str],
-        user_id: int,
-        deadline: float,
-        check: Callable[[], tuple[Page, bool]],
-        since: int,
-        page: Page,
-        ready: bool,
-        pushed_page: Callable[[Waiter], Page | None] | None = None,
-    ) -> Page:
-        """The rest of a long-poll whose first check gave `page`, noted at wake-up number `since`.
-
-        It answers by `deadline` (time.monotonic()) at the latest.
-
-        Every wake-up of `keys` after `since` re-checks, so none is lost
-        between the first check and the waiter's registration (wakeups.py);
-        a spurious one costs one query. No connection is held while waiting.
-        `pushed_page` answers from the events a wake-up carried, when they
-        are enough, instead of re-checking.
-        """
-        if ready or deadline <= time.monotonic() or self._wakeups.draining:
-            return page
-        with self._wakeups.listening(keys, user_id, since=since) as waiter:
-            while True:
-                remaining = deadline - time.monotonic()
-                if waiter.cut_short or remaining <= 0:
-                    return page
-                woken = waiter.wait(remaining)
-                if waiter.cut_short:
-                    # Drained (SIGTERM) or replaced by the user's newer
-                    # request: answer at once, without a query; at a stop,
-                    # ten thousand re-checks would not fit in its 2 s.
-                    return page
-                pushed = pushed_page(waiter) if woken and pushed_page is not None else None
-                if woken:
-                    self._on_woken(pushed is not None)
-                if pushed is not None:
-                    return pushed
-                page, ready = check()
-                if ready:
-                    return page
+        return self._long_polls.wait(keys, user_id, deadline, recheck, since, page, ready, pushed_page)
 
     # Delivery receipts ----------------------------------------------------
 
@@ -730,35 +679,8 @@ def certainly_rolled_back(error: DBAPIError) -> bool:
     return code.startswith("23") or code in CERTAINLY_ROLLED_BACK
 
 
-# Hot-path statements, built once and run as Core statements: building and
-# running an ORM statement per call cost several times the database's own
-# time (docs/performance.md).
-class _Hot:
-    """A hot-path statement: a Core statement, which PostgreSQL also plans once per connection.
-
-    Planning these statements cost PostgreSQL about as much as running them,
-    and psycopg2 never prepares on its own; so every pooled PostgreSQL
-    connection PREPAREs each of them once (`_prepare_statements`) and runs
-    `EXECUTE name (...)`. SQLite runs the Core statement.
-    """
-
-    all: list[_Hot] = []
-
-    def __init__(self, name: str, statement: Any) -> None:
-        self.statement = statement
-        compiled = statement.compile(dialect=_PG_NUMBERED)
-        self.prepare = f"PREPARE {name} AS {compiled.string}"
-        # Literal values in the statement (e.g. a kind) became parameters too.
-        self.defaults = {key: value for key, value in compiled.params.items() if value is not None}
-        self.execute = text(f"EXECUTE {name} (" + ", ".join(f":{key}" for key in compiled.positiontup) + ")")
-        # The same for `Database.fetch_all` (psycopg2's parameter style).
-        self.call = f"EXECUTE {name} (" + ", ".join(f"%({key})s" for key in compiled.positiontup) + ")"
-        _Hot.all.append(self)
-
-
-_PG_NUMBERED = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
-
-_AUTHENTICATE = _Hot(
+# Hot-path statements (prepared.py).
+_AUTHENTICATE = PreparedStatement(
     "chatapi_authenticate",
     select(User.id, User.username)
     .join(Token, Token.user_id == User.id)
@@ -796,8 +718,8 @@ _bump_head = (
     .values(event_head=User.event_head + bindparam("count"))
     .returning(User.event_head)
 )
-_BUMP_HEAD = _Hot("chatapi_bump_head", _bump_head)
-_BUMP_HEAD_AND_ACK = _Hot(
+_BUMP_HEAD = PreparedStatement("chatapi_bump_head", _bump_head)
+_BUMP_HEAD_AND_ACK = PreparedStatement(
     "chatapi_bump_head_and_ack",
     _bump_head.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
 )
@@ -824,28 +746,8 @@ def _advance_statement(*, read: bool) -> Any:
 
 
 # _advance: the conditional UPDATE that grows a member's marks.
-_ADVANCE_DELIVERED = _Hot("chatapi_advance_delivered", _advance_statement(read=False))
-_ADVANCE_READ = _Hot("chatapi_advance_read", _advance_statement(read=True))
-
-
-def _core(connection: Connection, hot: _Hot, **params: Any) -> Any:
-    """Run a hot-path statement: its prepared plan on PostgreSQL, the Core statement on SQLite."""
-    if connection.dialect.name == "postgresql":
-        return connection.execute(hot.execute, {**hot.defaults, **params})
-    return connection.execute(hot.statement, params)
-
-
-def _prepare_statements(dbapi_connection: Any, _record: Any) -> None:
-    """On each new PostgreSQL connection: create the functions and prepare the hot statements.
-
-    Both live as long as the connection does.
-    """
-    with dbapi_connection.cursor() as cursor:
-        pg_functions.install(cursor)
-        for hot in _Hot.all:
-            cursor.execute(hot.prepare)
-    # psycopg2 opened a transaction for these on a non-autocommit connection; end it.
-    dbapi_connection.commit()
+_ADVANCE_DELIVERED = PreparedStatement("chatapi_advance_delivered", _advance_statement(read=False))
+_ADVANCE_READ = PreparedStatement("chatapi_advance_read", _advance_statement(read=True))
 
 
 def _username_taken() -> ApiError:
@@ -888,9 +790,11 @@ def _append_events(
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
         if acked_pos is not None and acked_pos[0] == user_id:
-            head = _core(connection, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1])
+            head = run_prepared(
+                connection, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1]
+            )
         else:
-            head = _core(connection, _BUMP_HEAD, b_user_id=user_id, count=len(events))
+            head = run_prepared(connection, _BUMP_HEAD, b_user_id=user_id, count=len(events))
         first = head.scalar_one() - len(events) + 1
         if events:
             stored[user_id] = [{**event, "user_id": user_id, "pos": first + i} for i, event in enumerate(events)]
@@ -947,7 +851,9 @@ def _advance(
     The conditional UPDATE makes concurrent calls emit one receipt per growth.
     """
     statement = _ADVANCE_READ if read else _ADVANCE_DELIVERED
-    row = _core(connection, statement, b_conversation_id=conversation_id, b_user_id=user_id, seq=seq).one_or_none()
+    row = run_prepared(
+        connection, statement, b_conversation_id=conversation_id, b_user_id=user_id, seq=seq
+    ).one_or_none()
     return (row.delivered_seq, row.read_seq) if row else None
 
 
@@ -1058,47 +964,6 @@ def _events_after(connection: Connection, user_id: int, after: int, limit: int) 
     return [wire.event_json(row) for row in rows]
 
 
-def _pushed_events(after: int, limit: int) -> Callable[[Waiter], Page | None]:
-    """An event poll's answer from the events pushed to its waiter, or None to re-check the database.
-
-    Only a run of events starting right after `after` will do: the one that
-    made it a run was committed after every position below it (positions are
-    handed out under the user's row lock), so the run is what the database
-    would answer, and the head is at least its last pos. A gap (an event
-    whose wake-up has not come, or came without its events) means re-check.
-    """
-
-    def page(waiter: Waiter) -> Page | None:
-        pushed = waiter.take_pushed()
-        if not pushed:
-            return None
-        by_pos = {event["pos"]: event for event in pushed}
-        run = []
-        while after + len(run) + 1 in by_pos:
-            run.append(by_pos[after + len(run) + 1])
-        if not run:
-            return None
-        return Page(run[:limit], run[-1]["pos"])
-
-    return page
-
-
 def _poll_page(rows: list[Any], after: int) -> tuple[Page, bool]:
     """The page of a `chatapi_poll` answer, and whether to answer now (`check` in `Chat.events`)."""
-    return _page_after(
-        after, rows[0].head, lambda: [wire.event_json(row) for row in rows if row.pos is not None], "pos"
-    )
-
-
-def _page_after(after: int, head: int, items: Callable[[], list[Json]], position: str) -> tuple[Page, bool]:
-    """The answer to "what is after `after`" given the head, and whether to give it now.
-
-    At the head: nothing yet, so wait. Beyond it: answer at once with the
-    head, so the client can resynchronise. Below it: `items()`, answered at
-    once. Each statement reads its own snapshot: more may have committed
-    since the head was read, so the head answered is never below an item.
-    """
-    if after >= head:
-        return Page([], head), after > head
-    found = items()
-    return Page(found, max(head, found[-1][position] if found else 0)), True
+    return page_after(after, rows[0].head, lambda: [wire.event_json(row) for row in rows if row.pos is not None], "pos")

@@ -7,7 +7,7 @@ import gevent
 import pytest
 
 from chatapi import notify_pg
-from chatapi.chat import Page, _pushed_events
+from chatapi.longpoll import Page, pushed_events
 from chatapi.wakeups import RECENT_WAKEUPS, Wakeups, add_pushed, conversation_key, user_key
 
 
@@ -166,7 +166,7 @@ def test_pushed_events_answer_only_with_the_run_right_after_the_cursor() -> None
     def answer(after: int, limit: int, events: list[dict]):
         with wakeups.listening([user_key(1)], 1) as waiter:
             wakeups.wake([user_key(1)], {1: events})
-            return _pushed_events(after, limit)(waiter)
+            return pushed_events(after, limit)(waiter)
 
     page = answer(4, 100, [_event(7), _event(5), _event(6), _event(5)])
     assert page == Page([_event(5), _event(6), _event(7)], 7)
