@@ -88,7 +88,7 @@ class _Poll(NamedTuple):
     limit: int
 
 
-def _stored(row: Any) -> _Stored | ApiError:
+def _stored_from_row(row: Any) -> _Stored | ApiError:
     """A row of `chatapi_send` or `chatapi_send_batch`: the stored message, or why there is none."""
     if row.sender is None:
         return unauthorized()
@@ -414,7 +414,7 @@ class Chat:
         if rows is None:
             # A replayed client_id, most likely: only that send must fail.
             return [self._store_message_pg(send) for send in sends]
-        return [_stored(row) for row in rows]
+        return [_stored_from_row(row) for row in rows]
 
     def _fetch_batch(self, statement: str, params: dict[str, Any]) -> list[Any] | None:
         """The rows of a batch call, or None when PostgreSQL certainly rolled all of it back.
@@ -440,7 +440,7 @@ class Chat:
             rows = self._db.fetch_all(pg_functions.CALL_SEND, send._asdict())
         except DBAPIError as exc:
             return exc
-        return _stored(rows[0]) if rows else unauthorized()
+        return _stored_from_row(rows[0]) if rows else unauthorized()
 
     def mark_read(self, caller: Caller, conversation_id: int, seq: int) -> Json:
         with self._db.writing() as connection:

@@ -278,7 +278,7 @@ $$
 """
 
 
-def _page_after(after: str, limit: str) -> str:
+def _page_sql(after: str, limit: str) -> str:
     """The page of a poll (`_events_after_query` in chat.py, as SQL): the
     caller's events after `after`, at most `limit`, with what each shows."""
     return f"""
@@ -296,7 +296,7 @@ def _page_after(after: str, limit: str) -> str:
     """
 
 
-# A poll's row when no event follows its cursor: the event columns of `_page_after`, NULL.
+# A poll's row when no event follows its cursor: the event columns of `_page_sql`, NULL.
 _NO_EVENT = """NULL::bigint, NULL::varchar, NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::timestamp,
             NULL::bigint, NULL::bigint, NULL::bigint, NULL::varchar, NULL::text, NULL::varchar, NULL::timestamp"""
 
@@ -349,7 +349,7 @@ BEGIN
     ORDER BY page.pos;
 END
 $$
-""".replace("__PAGE__", _page_after("p_after", "p_limit")).replace("__NO_EVENT__", _NO_EVENT)
+""".replace("__PAGE__", _page_sql("p_after", "p_limit")).replace("__NO_EVENT__", _NO_EVENT)
 
 # `chatapi_poll` with acknowledgement for several polls in one transaction
 # (group commit, see group_commit.py): one row per poll as `chatapi_poll`
@@ -526,7 +526,7 @@ BEGIN
     END LOOP;
 END
 $$
-""".replace("__PAGE__", _page_after("p_afters[i]", "p_limits[i]")).replace("__NO_EVENT__", _NO_EVENT)
+""".replace("__PAGE__", _page_sql("p_afters[i]", "p_limits[i]")).replace("__NO_EVENT__", _NO_EVENT)
 
 # Each connection also prepares the calls, so their plans are made once.
 _PREPARE_CALLS = (
