@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +156,14 @@ def start_chat(person: Person, peer: str) -> None:
     person.page.get_by_label("Start a chat with a username").fill(peer)
     person.page.get_by_test_id("new-chat-submit").click()
     expect(person.page.get_by_test_id("conversation-title")).to_have_text(peer)
+
+
+def wait_for(page: Page, condition: Callable[[], object], what: str) -> None:
+    """Polls `condition` while the page runs (route handlers only run inside Playwright's calls)."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {WAIT_MS} ms"
+        page.wait_for_timeout(50)
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -460,3 +471,180 @@ def test_older_history_loads_when_scrolling_up(people, server: ServerProcess) ->
     jump.click()
     expect(texts.last).to_be_in_viewport()
     expect(jump).to_be_hidden()
+
+
+def alice_reads_bob(people, server: ServerProcess, texts: list[str]) -> tuple[Api, Api, int, Person]:
+    """Bob has sent alice `texts`; her page shows them. Returns both APIs, the conversation and her page."""
+    api = Api(server.base_url)
+    api_alice = api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    for text in texts:
+        api_bob.send(conversation_id, text)
+    alice = people("alice")
+    sign_in(alice)
+    alice.open_conversation("bob")
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(len(texts))
+    return api_alice, api_bob, conversation_id, alice
+
+
+def test_history_stays_in_view_when_a_send_is_answered_before_the_stream_catches_up(
+    people, server: ServerProcess
+) -> None:
+    """The answer to alice's send carries seq N+1 while bob's message N is still on its way
+    (a lagging stream: a buffering proxy, a reconnect's backoff, another host)."""
+    api_alice, api_bob, conversation_id, alice = alice_reads_bob(
+        people, server, ["earlier 1", "earlier 2", "earlier 3"]
+    )
+
+    held: list[Route] = []
+    holding = [True]
+    alice.page.route("**/api/v1/events*", lambda route: held.append(route) if holding[0] else route.continue_())
+    Api(server.base_url).signed_up("carol").start("alice")  # answers the poll in flight; the next one is held
+    wait_for(alice.page, lambda: held, "the page's long-poll held here")
+    api_bob.send(conversation_id, "from bob, still on its way")
+    alice.send("my reply")
+    assert alice.message_texts() == ["earlier 1", "earlier 2", "earlier 3", "my reply"]
+
+    holding[0] = False
+    for route in held:
+        route.continue_()
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(5)
+    assert alice.message_texts() == ["earlier 1", "earlier 2", "earlier 3", "from bob, still on its way", "my reply"]
+    assert [m["text"] for m in api_alice.messages(conversation_id)["messages"]] == alice.message_texts()
+
+
+def test_two_tabs_share_their_unsent_messages_and_closing_one_loses_nothing(
+    browser: Browser, server: ServerProcess
+) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
+    context.set_default_timeout(WAIT_MS)
+    try:
+        down = "**/api/v1/conversations/*/messages"
+        context.route(
+            down,
+            lambda route: route.abort("connectionrefused") if route.request.method == "POST" else route.continue_(),
+        )
+        tab_a = Person("alice", context, context.new_page())
+        tab_a.page.goto(server.base_url + "/")
+        sign_in(tab_a)
+        tab_a.open_conversation("bob")
+        tab_b = Person("alice", context, context.new_page())
+        tab_b.page.goto(server.base_url + "/")
+        expect(tab_b.page.get_by_test_id("app-view")).to_be_visible()
+        tab_b.open_conversation("bob")
+
+        tab_a.send("typed in tab A", acknowledged=False)
+        tab_b.send("typed in tab B", acknowledged=False)
+        # Each tab takes up the other's, and the shared storage keeps both.
+        for tab in (tab_a, tab_b):
+            expect(tab.message("typed in tab A")).to_have_attribute("data-state", "pending")
+            expect(tab.message("typed in tab B")).to_have_attribute("data-state", "pending")
+        stored = tab_b.page.evaluate("() => JSON.parse(localStorage.getItem('chatapi.outbox.alice')).map(i => i.text)")
+        assert stored == ["typed in tab A", "typed in tab B"]
+
+        tab_a.page.close()
+        context.unroute(down)
+        tab_b.page.reload()
+        expect(tab_b.message("typed in tab A")).to_have_attribute("data-seq", re.compile(r"^[0-9]+$"))
+        expect(tab_b.message("typed in tab B")).to_have_attribute("data-seq", re.compile(r"^[0-9]+$"))
+        texts = [m["text"] for m in api_bob.messages(conversation_id)["messages"]]
+        assert texts == ["typed in tab A", "typed in tab B"]  # each once, in the order typed
+    finally:
+        context.close()
+
+
+def test_a_restored_server_is_shown_as_it_now_is(people, server: ServerProcess, tmp_path: Path) -> None:
+    """The server's data was replaced (a backup restored): the page starts over, and shows
+    neither the lost messages nor marks above the server's."""
+    _, api_bob, conversation_id, alice = alice_reads_bob(people, server, ["kept 1", "kept 2", "kept 3"])
+    database = Path(server.database_url.removeprefix("sqlite:///"))
+    backup = tmp_path / "backup.sqlite3"
+    with sqlite3.connect(database) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)  # alice's token is in it: she stays signed in
+    for n in range(1, 4):
+        api_bob.send(conversation_id, f"lost {n}")
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(6)
+
+    server.stop()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, database)
+    server.start()
+    expect(alice.page.get_by_test_id("connection-status")).to_be_hidden()
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(3)
+    api_bob.send(conversation_id, "after the restore")
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(4)
+    assert alice.message_texts() == ["kept 1", "kept 2", "kept 3", "after the restore"]
+    # Read on the restored server too (alice's read mark there was below the new message).
+    read = lambda: api_bob.get(f"/api/v1/conversations/{conversation_id}").json()["peer_read_seq"] == 4  # noqa: E731
+    wait_for(alice.page, read, "alice's read mark at the new message")
+
+
+def test_a_send_that_keeps_failing_says_so_and_a_passing_error_leaves_no_false_alarm(
+    people, server: ServerProcess
+) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    alice = people("alice")
+    sign_in(alice)
+    start_chat(alice, "bob")
+    unavailable = '{"error": {"code": "service_unavailable", "message": "the database is unavailable"}}'
+    sends = "**/api/v1/conversations/*/messages"
+    alice.page.route(
+        sends,
+        lambda route: (
+            route.fulfill(status=503, content_type="application/json", body=unavailable)
+            if route.request.method == "POST"
+            else route.continue_()
+        ),
+    )
+    alice.send("patience", acknowledged=False)
+    note = alice.message("patience").get_by_test_id("message-retrying")
+    expect(note).to_contain_text("the database is unavailable")
+    expect(note).to_contain_text("trying again")
+    alice.page.unroute(sends)
+    expect(alice.message("patience")).to_have_attribute("data-state", "sent")
+    expect(note).to_have_count(0)
+
+    # One failed read while opening a conversation: retried, and no "Reconnecting…" left behind.
+    first = {"failed": False}
+
+    def fail_once(route: Route) -> None:
+        if route.request.method == "GET" and not first["failed"]:
+            first["failed"] = True
+            return route.abort("connectionreset")
+        route.continue_()
+
+    api.signed_up("carol").start("alice")
+    alice.page.route("**/api/v1/conversations/*/messages*", fail_once)
+    alice.open_conversation("carol")
+    expect(alice.page.get_by_test_id("connection-status")).to_be_hidden(timeout=5_000)
+    assert first["failed"]
+
+
+def test_keyboard_focus_stays_in_the_history_after_loading_it(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    for n in range(1, 61):  # a page and a bit
+        api_bob.send(conversation_id, f"line {n}")
+    alice = people("alice")
+    sign_in(alice)
+    alice.open_conversation("bob")
+    load = alice.page.get_by_test_id("load-older")
+    expect(load).to_be_visible()
+    load.focus()
+    alice.page.keyboard.press("Enter")
+    expect(alice.page.get_by_test_id("message-text")).to_have_count(60)
+    expect(load).to_be_hidden()
+    expect(alice.page.locator("#history-start")).to_be_focused()
+    # Each message says who wrote it to a screen reader.
+    first = alice.message("line 1")
+    assert first.locator(".visually-hidden").inner_text() == "bob:"

@@ -16,7 +16,13 @@
 //   for a transient reason with the same client_id until the server
 //   acknowledges it: a retry after a lost answer returns the original
 //   message instead of storing a second one. The outbox is kept in
-//   localStorage, so a reload does not lose it either.
+//   localStorage, so a reload does not lose it either; tabs of the same user
+//   share it (each keeps the others' items when it writes, and takes up
+//   theirs), so closing a tab loses nothing.
+// - A conversation shows every known message from the bottom of the history
+//   loaded. The answer to a send can come before the stream's event of an
+//   earlier message from the peer; that message fills its place when its
+//   event comes, and the history above stays in view meanwhile.
 
 import { ApiError } from "./api.js";
 
@@ -64,6 +70,11 @@ function sleep(ms, signal) {
   });
 }
 
+/** Outbox order: the order the messages were typed, in whichever tab. */
+function typedOrder(a, b) {
+  return a.created_at < b.created_at ? -1 : a.created_at > b.created_at ? 1 : 0;
+}
+
 function activity(conversation) {
   return Date.parse(conversation.last_message?.created_at ?? conversation.created_at) || 0;
 }
@@ -80,6 +91,7 @@ export class ChatClient extends EventTarget {
     this.conversations = new Map();
     this.messages = new Map(); // conversation id -> Map(seq -> message)
     this.loaded = new Set(); // conversations whose latest page has been fetched
+    this.floors = new Map(); // conversation id -> lowest seq of the history loaded: shown from there up
     this.cursor = 0;
     this.status = "connecting";
     this.started = false;
@@ -87,14 +99,25 @@ export class ChatClient extends EventTarget {
     this.stopper = new AbortController();
     this.outboxKey = `chatapi.outbox.${username}`;
     this.outbox = this.#loadOutbox();
+    this.outboxGone = new Set(); // client_ids this tab settled or dropped: never taken back from storage
     this.outboxBusy = false;
     this.outboxWake = null;
     this.reading = new Map(); // conversation id -> seq of a read mark in flight
+    this.readFailures = 0;
+    this.readRetry = null;
   }
 
   // Lifecycle -----------------------------------------------------------------
 
   start() {
+    // Another tab of this user wrote the shared outbox: take up what it added.
+    window.addEventListener(
+      "storage",
+      (event) => {
+        if (event.key === this.outboxKey) this.#adoptOutbox();
+      },
+      { signal: this.stopper.signal },
+    );
     this.#run().catch((error) => this.#fatal(error));
     this.#pumpOutbox();
   }
@@ -118,8 +141,11 @@ export class ChatClient extends EventTarget {
     return Math.max(0, conversation.last_seq - conversation.read_seq);
   }
 
-  /** The lowest seq of the unbroken run of known messages that ends at the newest one. */
+  /** The lowest seq shown: the bottom of the history loaded; before any is, of the unbroken run
+   * of known messages that ends at the newest one. */
   floorSeq(conversationId) {
+    const floor = this.floors.get(conversationId);
+    if (floor != null) return floor;
     const bySeq = this.messages.get(conversationId);
     if (!bySeq || bySeq.size === 0) return (this.conversations.get(conversationId)?.last_seq ?? 0) + 1;
     let seq = Math.max(...bySeq.keys());
@@ -131,13 +157,12 @@ export class ChatClient extends EventTarget {
     return this.floorSeq(conversationId) > 1;
   }
 
-  /** The known messages of a conversation in seq order, without gaps. */
+  /** The known messages of a conversation from `floorSeq` up, in seq order. */
   messageList(conversationId) {
     const bySeq = this.messages.get(conversationId);
     if (!bySeq) return [];
-    const list = [];
-    for (let seq = this.floorSeq(conversationId); bySeq.has(seq); seq += 1) list.push(bySeq.get(seq));
-    return list;
+    const floor = this.floorSeq(conversationId);
+    return [...bySeq.values()].filter((message) => message.seq >= floor).sort((a, b) => a.seq - b.seq);
   }
 
   /** Messages typed here that the server has not acknowledged yet, in the order typed. */
@@ -174,6 +199,7 @@ export class ChatClient extends EventTarget {
     if (!this.loaded.has(conversationId)) {
       const page = await this.#call(() => this.api.latestMessages(conversationId, HISTORY_PAGE));
       this.#addMessages(conversationId, page.messages);
+      this.floors.set(conversationId, page.messages.length ? page.messages[0].seq : page.last_seq + 1);
       this.loaded.add(conversationId);
       this.#changed("messages", conversationId);
     }
@@ -186,6 +212,7 @@ export class ChatClient extends EventTarget {
     if (floor <= 1) return false;
     const page = await this.#call(() => this.api.messagesBefore(conversationId, floor, HISTORY_PAGE));
     this.#addMessages(conversationId, page.messages);
+    this.floors.set(conversationId, page.messages.length ? Math.min(floor, page.messages[0].seq) : 1);
     this.#changed("messages", conversationId);
     return page.messages.length > 0;
   }
@@ -211,6 +238,7 @@ export class ChatClient extends EventTarget {
   retry(clientId) {
     const item = this.outbox.find((entry) => entry.client_id === clientId);
     if (!item || item.state !== "failed") return;
+    this.outboxGone.add(item.client_id);
     item.client_id = newClientId();
     item.state = "pending";
     item.error = null;
@@ -222,8 +250,7 @@ export class ChatClient extends EventTarget {
   discard(clientId) {
     const item = this.outbox.find((entry) => entry.client_id === clientId);
     if (!item || item.state !== "failed") return;
-    this.outbox = this.outbox.filter((entry) => entry !== item);
-    this.#saveOutbox();
+    this.#dropFromOutbox([item.client_id]);
     this.#changed("outbox", item.conversation_id);
   }
 
@@ -244,12 +271,17 @@ export class ChatClient extends EventTarget {
     this.api
       .markRead(id, seq)
       .then((updated) => {
+        this.readFailures = 0;
         this.#mergeConversation(updated);
         this.#changed("conversations");
       })
       .catch((error) => {
-        if (error instanceof ApiError && error.status === 401) this.#unauthorized();
-        // Otherwise the next event or visibility change tries again.
+        if (error instanceof ApiError && error.status === 401) return this.#unauthorized();
+        // Not recorded: the peer sees no read tick and other devices an unread count. Try again
+        // after a pause (a quiet conversation may bring no event to do it).
+        this.readFailures += 1;
+        clearTimeout(this.readRetry);
+        this.readRetry = setTimeout(() => this.markRead(), backoffMs(this.readFailures, error.retryAfterSecs));
       })
       .finally(() => {
         if (this.reading.get(id) === seq) this.reading.delete(id);
@@ -274,7 +306,7 @@ export class ChatClient extends EventTarget {
         });
         if (page.events.length === 0 && page.last_pos < this.cursor) {
           // The stream is behind our cursor: the server's data was replaced. Start over.
-          await this.#bootstrap();
+          await this.#startOver();
           continue;
         }
         for (const event of page.events) {
@@ -305,6 +337,14 @@ export class ChatClient extends EventTarget {
     this.started = true;
     this.#setStatus("online");
     this.#changed("conversations");
+  }
+
+  /** Forgets everything the server told (not the outbox) and loads it again. */
+  async #startOver() {
+    for (const known of [this.conversations, this.messages, this.loaded, this.floors, this.reading]) known.clear();
+    this.#changed("messages", this.openId);
+    await this.#bootstrap();
+    if (this.openId != null && this.conversations.has(this.openId)) await this.open(this.openId);
   }
 
   async #apply(event) {
@@ -352,8 +392,7 @@ export class ChatClient extends EventTarget {
             timeoutMs: SEND_TIMEOUT_MS,
           });
           failures = 0;
-          this.outbox = this.outbox.filter((entry) => entry !== item);
-          this.#saveOutbox();
+          this.#dropFromOutbox([item.client_id]);
           this.#addMessages(item.conversation_id, [message]);
           this.#changed("messages", item.conversation_id);
           this.#changed("conversations");
@@ -365,7 +404,7 @@ export class ChatClient extends EventTarget {
           }
           if (!(error instanceof ApiError) || error.transient) {
             failures += 1;
-            item.retrying = true;
+            item.retrying = error.message || "the server cannot be reached";
             this.#changed("outbox", item.conversation_id);
             await this.#outboxPause(backoffMs(failures, error.retryAfterSecs));
             continue;
@@ -408,8 +447,32 @@ export class ChatClient extends EventTarget {
     }
   }
 
+  /** Takes up the items other tabs of this user added to the shared outbox. */
+  #adoptOutbox() {
+    const added = this.#othersOutbox();
+    if (!added.length) return;
+    this.outbox = [...this.outbox, ...added].sort(typedOrder);
+    for (const id of new Set(added.map((item) => item.conversation_id))) this.#changed("outbox", id);
+    this.#pumpOutbox();
+  }
+
+  /** The stored outbox items that are not this tab's and that it has not seen settled or dropped. */
+  #othersOutbox() {
+    const mine = new Set(this.outbox.map((item) => item.client_id));
+    return this.#loadOutbox().filter((item) => !mine.has(item.client_id) && !this.outboxGone.has(item.client_id));
+  }
+
+  #dropFromOutbox(clientIds) {
+    const gone = new Set(clientIds);
+    for (const id of gone) this.outboxGone.add(id);
+    this.outbox = this.outbox.filter((item) => !gone.has(item.client_id));
+    this.#saveOutbox();
+  }
+
   #saveOutbox() {
-    const items = this.outbox.map(({ client_id, conversation_id, text, created_at, state, error }) => ({
+    // Other tabs of this user keep their unsent messages in the same place: keep theirs too.
+    const others = this.#othersOutbox();
+    const own = this.outbox.map(({ client_id, conversation_id, text, created_at, state, error }) => ({
       client_id,
       conversation_id,
       text,
@@ -417,6 +480,7 @@ export class ChatClient extends EventTarget {
       state,
       error,
     }));
+    const items = [...own, ...others].sort(typedOrder);
     try {
       if (items.length) localStorage.setItem(this.outboxKey, JSON.stringify(items));
       else localStorage.removeItem(this.outboxKey);
@@ -464,10 +528,10 @@ export class ChatClient extends EventTarget {
     }
     // A message of mine that arrived through the stream (or a replayed send) settles its outbox entry.
     const settled = new Set(messages.filter((m) => m.sender === this.me && m.client_id).map((m) => m.client_id));
-    if (settled.size && this.outbox.some((item) => settled.has(item.client_id) && item.state === "pending")) {
+    for (const id of settled) this.outboxGone.add(id); // stored: no tab's copy is to be taken up again
+    if (this.outbox.some((item) => settled.has(item.client_id) && item.state === "pending")) {
       // The in-flight send, if any, will get 200 with the same message and find nothing left to do.
-      this.outbox = this.outbox.filter((item) => !settled.has(item.client_id));
-      this.#saveOutbox();
+      this.#dropFromOutbox(settled);
     }
   }
 
@@ -499,7 +563,10 @@ export class ChatClient extends EventTarget {
     let failures = 0;
     for (;;) {
       try {
-        return await fn();
+        const result = await fn();
+        // It failed before and now answered: the server is back (the event loop may be mid-backoff).
+        if (failures) this.#setStatus("online");
+        return result;
       } catch (error) {
         if (this.stopped) throw error;
         if (!(error instanceof ApiError)) throw error;

@@ -345,10 +345,15 @@ export class ChatView {
         sender: this.client.me,
         state: item.state === "failed" ? "failed" : "pending",
         error: item.error,
+        retrying: item.state === "failed" ? null : (item.retrying ?? null),
         clientId: item.client_id,
       });
     }
 
+    // A whole page going in at once (the conversation opened, or older history) is not news:
+    // the live region must not read it all out.
+    const quiet = firstBefore == null || this.loadingOlder;
+    if (quiet) this.messageList.setAttribute("aria-live", "off");
     reconcile(
       this.messageList,
       rows,
@@ -356,6 +361,8 @@ export class ChatView {
       (row) => (row.kind === "day" ? this.#createDay() : this.#createMessage()),
       (node, row) => (row.kind === "day" ? this.#updateDay(node, row) : this.#updateMessage(node, row)),
     );
+
+    if (quiet) requestAnimationFrame(() => this.messageList.setAttribute("aria-live", "polite"));
 
     const hasOlder = this.client.hasOlder(id);
     this.loadOlderButton.hidden = !hasOlder;
@@ -392,6 +399,8 @@ export class ChatView {
     const li = el("li", "message");
     li.dataset.testid = "message";
     const bubble = el("div", "bubble");
+    // Who said it, for screen readers (the page shows it by the bubble's side and colour).
+    const who = el("span", "visually-hidden");
     const text = el("p", "message-text");
     text.dataset.testid = "message-text";
     const meta = el("span", "message-meta");
@@ -400,13 +409,14 @@ export class ChatView {
     state.dataset.testid = "message-state";
     state.setAttribute("role", "img");
     meta.append(time, state);
-    bubble.append(text, meta);
+    bubble.append(who, text, meta);
     li.append(bubble);
     return li;
   }
 
   #updateMessage(li, row) {
-    const [text, meta] = li.firstElementChild.children;
+    const [who, text, meta] = li.firstElementChild.children;
+    who.textContent = row.mine ? "You:" : `${row.sender}:`;
     const [time, state] = meta.children;
     li.classList.toggle("message--mine", row.mine);
     li.classList.toggle("message--theirs", !row.mine);
@@ -430,6 +440,22 @@ export class ChatView {
       state.hidden = true;
     }
     this.#updateFailure(li, row);
+    this.#updateRetrying(li, row);
+  }
+
+  /** A send that keeps failing for a passing reason says so, under its clock. */
+  #updateRetrying(li, row) {
+    let note = li.querySelector(".message-retrying");
+    if (!row.retrying) {
+      note?.remove();
+      return;
+    }
+    if (!note) {
+      note = el("div", "message-retrying");
+      note.dataset.testid = "message-retrying";
+      li.append(note);
+    }
+    note.textContent = `Not sent yet (${row.retrying}); trying again…`;
   }
 
   #updateFailure(li, row) {
@@ -546,7 +572,9 @@ export class ChatView {
     const id = this.openId;
     if (id == null || this.loadingOlder || !this.client.loaded.has(id) || !this.client.hasOlder(id)) return;
     this.loadingOlder = true;
-    this.loadOlderButton.disabled = true;
+    // aria-disabled, not disabled: a disabled button loses the keyboard focus to the page's start.
+    const focused = document.activeElement === this.loadOlderButton;
+    this.loadOlderButton.setAttribute("aria-disabled", "true");
     this.loadOlderButton.textContent = "Loading…";
     try {
       await this.client.loadOlder(id);
@@ -554,9 +582,11 @@ export class ChatView {
       if (!(error instanceof ApiError)) throw error;
     } finally {
       this.loadingOlder = false;
-      this.loadOlderButton.disabled = false;
+      this.loadOlderButton.removeAttribute("aria-disabled");
       this.loadOlderButton.textContent = "Load earlier messages";
     }
+    // The whole history is in: the button went away, so the focus goes to where it stood.
+    if (focused && this.loadOlderButton.hidden) this.historyStart.focus();
     this.#fillViewport();
   }
 
