@@ -9,7 +9,7 @@ from functools import partial
 
 from tests.support.api import PASSWORD, Api
 from tests.support.faults import Background
-from tests.support.metrics import metric
+from tests.support.metrics import metric, scrape
 
 
 def test_message_round_trip_with_ack_and_receipts(api: Api) -> None:
@@ -122,7 +122,7 @@ def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None
 
 def _woken_polls(api: Api) -> dict[str, float]:
     """chatapi_woken_polls_total by answer, over the server's workers."""
-    text = api.get("/metrics").text
+    text = scrape(api.base_url)
     return {answer: metric(text, "chatapi_woken_polls_total", answer=answer) for answer in ("pushed", "query")}
 
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.support.api import Api
-from tests.support.metrics import metric
+from tests.support.metrics import metric, scrape
 
 SENDERS = 4
 MESSAGES_PER_SENDER = 40
@@ -209,7 +209,7 @@ def test_concurrent_sends_commit_in_groups_in_order_without_deadlocks(postgres_u
                     message["seq"],
                 )
 
-    text = api.get("/metrics").text
+    text = scrape(api.base_url)
     batches = metric(text, "chatapi_send_batch_size_count")
     assert metric(text, "chatapi_send_batch_size_sum") == len(acked)
     assert batches < len(acked), "no send was committed together with another"
@@ -276,7 +276,7 @@ def test_acknowledging_polls_commit_in_groups(postgres_url: str, start_server) -
     assert sorted(e["user"] for e in stream if e["type"] == "receipt" and e["user"] != alice.username) == sorted(
         peer.username for peer in peers
     )
-    text = api.get("/metrics").text
+    text = scrape(api.base_url)
     assert metric(text, "chatapi_poll_batch_size_count") < metric(text, "chatapi_poll_batch_size_sum"), (
         "no acknowledging poll was committed together with another"
     )

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import re
 
+import requests
+
+
+def scrape(base_url: str) -> str:
+    """The server's /metrics, on a connection of its own: a test's session may hold a kept-alive
+    connection that the server (keep-alive 1 s in tests) is closing just as it is reused."""
+    response = requests.get(base_url + "/metrics", timeout=30)
+    response.raise_for_status()
+    return response.text
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels` (over workers, routes, ...)."""
