@@ -90,8 +90,8 @@ export class ChatClient extends EventTarget {
     this.me = username;
     this.conversations = new Map();
     this.messages = new Map(); // conversation id -> Map(seq -> message)
-    this.loaded = new Set(); // conversations whose latest page has been fetched
-    this.floors = new Map(); // conversation id -> lowest seq of the history loaded: shown from there up
+    // Conversations whose latest page has been fetched -> the lowest seq loaded: shown from there up.
+    this.loaded = new Map();
     this.cursor = 0;
     this.status = "connecting";
     this.started = false;
@@ -141,16 +141,9 @@ export class ChatClient extends EventTarget {
     return Math.max(0, conversation.last_seq - conversation.read_seq);
   }
 
-  /** The lowest seq shown: the bottom of the history loaded; before any is, of the unbroken run
-   * of known messages that ends at the newest one. */
+  /** The lowest seq shown: the bottom of the history loaded (nothing before the latest page is). */
   floorSeq(conversationId) {
-    const floor = this.floors.get(conversationId);
-    if (floor != null) return floor;
-    const bySeq = this.messages.get(conversationId);
-    if (!bySeq || bySeq.size === 0) return (this.conversations.get(conversationId)?.last_seq ?? 0) + 1;
-    let seq = Math.max(...bySeq.keys());
-    while (bySeq.has(seq - 1)) seq -= 1;
-    return seq;
+    return this.loaded.get(conversationId) ?? (this.conversations.get(conversationId)?.last_seq ?? 0) + 1;
   }
 
   hasOlder(conversationId) {
@@ -199,8 +192,7 @@ export class ChatClient extends EventTarget {
     if (!this.loaded.has(conversationId)) {
       const page = await this.#call(() => this.api.latestMessages(conversationId, HISTORY_PAGE));
       this.#addMessages(conversationId, page.messages);
-      this.floors.set(conversationId, page.messages.length ? page.messages[0].seq : page.last_seq + 1);
-      this.loaded.add(conversationId);
+      this.loaded.set(conversationId, page.messages.length ? page.messages[0].seq : page.last_seq + 1);
       this.#changed("messages", conversationId);
     }
     this.markRead();
@@ -212,7 +204,7 @@ export class ChatClient extends EventTarget {
     if (floor <= 1) return false;
     const page = await this.#call(() => this.api.messagesBefore(conversationId, floor, HISTORY_PAGE));
     this.#addMessages(conversationId, page.messages);
-    this.floors.set(conversationId, page.messages.length ? Math.min(floor, page.messages[0].seq) : 1);
+    this.loaded.set(conversationId, page.messages.length ? Math.min(floor, page.messages[0].seq) : 1);
     this.#changed("messages", conversationId);
     return page.messages.length > 0;
   }
@@ -341,7 +333,7 @@ export class ChatClient extends EventTarget {
 
   /** Forgets everything the server told (not the outbox) and loads it again. */
   async #startOver() {
-    for (const known of [this.conversations, this.messages, this.loaded, this.floors, this.reading]) known.clear();
+    for (const known of [this.conversations, this.messages, this.loaded, this.reading]) known.clear();
     this.#changed("messages", this.openId);
     await this.#bootstrap();
     if (this.openId != null && this.conversations.has(this.openId)) await this.open(this.openId);
