@@ -10,6 +10,7 @@ patches nothing.)
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
@@ -106,6 +107,22 @@ class KeepAliveHandler(PyWSGIHandler):
             return super().read_request(raw_requestline)
         return False
 
+    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
+        # A request whose body length is ambiguous is refused (400, closed),
+        # as RFC 9112 section 6 asks: pywsgi would read any Transfer-Encoding
+        # but exactly "chunked" as no body, and Transfer-Encoding over
+        # Content-Length, so the bytes left over would be taken for the next
+        # request on the connection (request smuggling, behind a proxy that
+        # framed the body the other way).
+        headers = super().MessageClass(*args)
+        encodings = headers.get_all("Transfer-Encoding")
+        lengths = headers.get_all("Content-Length")
+        if encodings and ([value.strip().lower() for value in encodings] != ["chunked"] or lengths):
+            raise ValueError(f"Transfer-Encoding {encodings} with Content-Length {lengths}")
+        if lengths and len(set(lengths)) > 1:
+            raise ValueError(f"Content-Length given as {lengths}")
+        return headers
+
     def handle_one_request(self) -> Any:
         # pywsgi refuses a malformed request line or head (or one over its
         # limits) itself, with a (status, whole response) pair.
@@ -115,8 +132,12 @@ class KeepAliveHandler(PyWSGIHandler):
         return result
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        # Once the worker is shutting down, no connection is kept alive.
-        if not self.worker.alive or not self.worker.cfg.keepalive:
+        # Once the worker is shutting down, no connection is kept alive. Nor
+        # is one whose chunked body was malformed: the app answers (Werkzeug
+        # turns the read error into a 400), but where the body ends is
+        # unknown, so no next request can be read after it.
+        closing = not self.worker.alive or not self.worker.cfg.keepalive or self.wsgi_input._chunked_input_error
+        if closing and not any(name.lower() == "connection" for name, _ in headers):
             headers = [*headers, ("Connection", "close")]
         return super().start_response(status, headers, exc_info)
 
@@ -198,21 +219,21 @@ def on_starting(server: Arbiter) -> None:
         server.log.warning("SQLite runs one worker process; ignoring workers=%s", server.num_workers)
         server.num_workers = 1
         server.cfg.set("workers", 1)
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        server._chatapi_metrics_dir = metrics_dir
     if _switch("CHATAPI_MIGRATE"):
         # In a child process, so the master never imports the app: workers
         # must import gevent-sensitive modules only after gevent patches them.
-        here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=here, check=True)
-
-
-def on_exit(server: Arbiter) -> None:
-    metrics_dir = getattr(server, "_chatapi_metrics_dir", None)
-    if metrics_dir:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # It runs in the master's working directory, as the workers do: the
+        # default SQLite file is found there (alembic.ini finds the rest).
+        alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
+        subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"], check=True)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        master = os.getpid()
+        # Removed when the master exits, however it does (gunicorn's on_exit
+        # is not called when it fails to start, say on a port in use), and
+        # not when a worker, forked from it with this hook, exits.
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(metrics_dir, ignore_errors=True))
 
 
 def child_exit(server: Arbiter, worker: Worker) -> None:

@@ -28,15 +28,25 @@ __all__ = ["create_app", "Settings"]
 
 
 class IdConverter(BaseConverter):
-    """Integer ids in URLs; longer digit strings cannot be ids and fall to 404."""
+    """Integer ids in URLs; more than 18 significant digits cannot be an id and falls to 404."""
 
-    regex = r"[0-9]{1,18}"
+    regex = r"0*[0-9]{1,18}"
 
     def to_python(self, value: str) -> int:
         return int(value)
 
     def to_url(self, value: int) -> str:
         return str(value)
+
+
+class App(Flask):
+    def make_default_options_response(self) -> Response:
+        # Flask answers OPTIONS itself, with the route's Allow header and no
+        # body, but labels it text/html like every Response: a body-less
+        # answer carries no Content-Type (as the 204 of DELETE /tokens/current).
+        response = super().make_default_options_response()
+        del response.headers["Content-Type"]
+        return response
 
 
 class Notifier(Protocol):
@@ -99,7 +109,11 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
-    app = Flask(__name__, static_folder=None)
+    app = App(__name__, static_folder=None)
+    # Werkzeug would answer a path with "//" inside by a 308 redirect to the
+    # merged path, with an HTML body and a Location built from the Host
+    # header. Every path of ours is spelt with single slashes: others are 404.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.session_interface = NoSessions()
@@ -150,6 +164,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         # cached copy would lie to clients, probes and scrapers). The web
         # page's files set their own policy (revalidate on every load).
         response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.after_request
+    def _close_while_draining(response: Response) -> Response:
+        # After SIGTERM no answer keeps its connection: the client's next
+        # request must reach a live process, not this one (whose long-polls
+        # answer at once, so a client would spin on it until it is killed).
+        # pywsgi closes the connection on this header; gunicorn's own worker
+        # drops it and closes by itself.
+        if wakeups.draining:
+            response.headers["Connection"] = "close"
         return response
 
     errors.init_app(app)

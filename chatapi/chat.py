@@ -59,7 +59,8 @@ class Caller:
 
 class _Stored(NamedTuple):
     """A message as stored: who sent it, the conversation's two users, its seq and id,
-    and the two users' stream heads after it (its receipt's pos; the message is just below)."""
+    the two users' stream heads after it (its receipt's pos; the message is just below),
+    and its time (never before its predecessor's: see `_store_message`)."""
 
     sender: str
     user_low_id: int
@@ -68,6 +69,7 @@ class _Stored(NamedTuple):
     message_id: int
     low_head: int
     high_head: int
+    created_at: datetime
 
 
 class _Send(NamedTuple):
@@ -94,7 +96,16 @@ def _stored_from_row(row: Any) -> _Stored | ApiError:
         return unauthorized()
     if row.seq is None:
         return _not_found()
-    return _Stored(row.sender, row.user_low_id, row.user_high_id, row.seq, row.message_id, row.low_head, row.high_head)
+    return _Stored(
+        row.sender,
+        row.user_low_id,
+        row.user_high_id,
+        row.seq,
+        row.message_id,
+        row.low_head,
+        row.high_head,
+        row.created_at,
+    )
 
 
 class _Replay(Exception):
@@ -312,7 +323,9 @@ class Chat:
                 stored = self._store_message_in_steps(token, conversation_id, text_, client_id, now)
             except _Replay as replay:
                 return replay.message, False
-        message = wire.message(stored.message_id, conversation_id, stored.seq, stored.sender, text_, client_id, now)
+        message = wire.message(
+            stored.message_id, conversation_id, stored.seq, stored.sender, text_, client_id, stored.created_at
+        )
         # Both streams got the message and, just above it, the sender's
         # receipt: pushed with the wake-up, so a waiting poll answers
         # without asking the database again.
@@ -346,14 +359,27 @@ class Chat:
         self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
     ) -> _Stored:
         with self._db.writing() as connection:
+            # `now` was read before the conversation's row was locked, so a
+            # message that took the lock earlier may have a later time: its
+            # successor takes that time instead, as in `chatapi_send`.
             head = connection.execute(
                 update(Conversation)
                 .where(
                     Conversation.id == conversation_id,
                     or_(Conversation.user_low_id == caller.id, Conversation.user_high_id == caller.id),
                 )
-                .values(last_seq=Conversation.last_seq + 1, last_activity_at=now)
-                .returning(Conversation.last_seq, Conversation.user_low_id, Conversation.user_high_id)
+                .values(
+                    last_seq=Conversation.last_seq + 1,
+                    last_activity_at=case(
+                        (Conversation.last_activity_at > now, Conversation.last_activity_at), else_=now
+                    ),
+                )
+                .returning(
+                    Conversation.last_seq,
+                    Conversation.user_low_id,
+                    Conversation.user_high_id,
+                    Conversation.last_activity_at,
+                )
             ).one_or_none()
             if head is None:
                 raise _not_found()
@@ -368,7 +394,7 @@ class Chat:
                     sender_id=caller.id,
                     text=text_,
                     client_id=client_id,
-                    created_at=now,
+                    created_at=head.last_activity_at,
                 )
                 .returning(Message.id)
             )
@@ -391,6 +417,7 @@ class Chat:
             message_id,
             stored[head.user_low_id][-1]["pos"],
             stored[head.user_high_id][-1]["pos"],
+            head.last_activity_at,
         )
 
     def _store_messages_pg(self, sends: list[_Send]) -> list[_Stored | Exception]:

@@ -19,7 +19,7 @@ from typing import Any
 import gevent.lock
 import psycopg2
 from psycopg2.extras import NamedTupleCursor
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
@@ -130,9 +130,15 @@ class Database:
             for connection in opened:
                 connection.close()
 
-    def ping(self) -> None:
-        with self.autocommit_engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+    def unready_reason(self) -> str | None:
+        """Why requests cannot be served now, or None: the database must answer, with the schema in place."""
+        try:
+            with self.autocommit_engine.connect() as conn:
+                if not inspect(conn).has_table("alembic_version"):
+                    return "the database schema is not migrated (alembic upgrade head)"
+        except SQLAlchemyError:
+            return "the database does not answer"
+        return None
 
     def dispose(self) -> None:
         for engine in self.engines:

@@ -155,8 +155,9 @@ class PostgresNotifier:
         add_pushed(self._pending_pushed, keys, pushed)
         self._has_pending.set()
 
-    def _connect(self) -> psycopg2.extensions.connection:
-        conn = psycopg2.connect(self._dsn, application_name="chatapi-wakeups")
+    def _connect(self, role: str) -> psycopg2.extensions.connection:
+        # Named for pg_stat_activity: chatapi-listener, chatapi-publisher.
+        conn = psycopg2.connect(self._dsn, application_name=f"chatapi-{role}")
         conn.autocommit = True
         return conn
 
@@ -170,7 +171,7 @@ class PostgresNotifier:
             pushed, self._pending_pushed = self._pending_pushed, {}
             try:
                 if conn is None:
-                    conn = self._connect()
+                    conn = self._connect("publisher")
                     # We may have dropped keys while disconnected: make every
                     # waiter everywhere re-check once.
                     if attempt:
@@ -199,7 +200,7 @@ class PostgresNotifier:
         while True:
             conn = None
             try:
-                conn = self._connect()
+                conn = self._connect("listener")
                 with conn.cursor() as cur:
                     cur.execute(f"LISTEN {CHANNEL}")
                 attempt = 0

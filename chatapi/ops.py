@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
-from sqlalchemy.exc import SQLAlchemyError
 
 from chatapi.errors import error_response
 
@@ -17,10 +16,9 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    try:
-        current_app.extensions["chatapi"].db.ping()
-    except SQLAlchemyError:
-        return error_response(503, "service_unavailable", "the database does not answer")
+    reason = current_app.extensions["chatapi"].db.unready_reason()
+    if reason is not None:
+        return error_response(503, "service_unavailable", reason, {"Retry-After": "1"})
     return jsonify({"status": "ready"})
 
 

@@ -25,7 +25,7 @@ CREATE FUNCTION pg_temp.chatapi_send(
     p_token_hash varchar, p_conversation_id bigint, p_text text, p_client_id varchar, p_now timestamp
 ) RETURNS TABLE (
     sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint,
-    low_head bigint, high_head bigint
+    low_head bigint, high_head bigint, created_at timestamp
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -33,6 +33,7 @@ DECLARE
     the_sender_id bigint;
     the_sender varchar;
     new_seq bigint;
+    new_created_at timestamp;
     low_id bigint;
     high_id bigint;
     new_message_id bigint;
@@ -45,16 +46,18 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_now
+    -- A message's time is never before its predecessor's (nor the
+    -- conversation's start): p_now was read before the row lock was taken.
+    UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = greatest(last_activity_at, p_now)
     WHERE id = p_conversation_id AND the_sender_id IN (user_low_id, user_high_id)
-    RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
+    RETURNING last_seq, user_low_id, user_high_id, last_activity_at INTO new_seq, low_id, high_id, new_created_at;
     IF NOT FOUND THEN
         RETURN QUERY SELECT the_sender, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
-            NULL::bigint;
+            NULL::bigint, NULL::timestamp;
         RETURN;
     END IF;
     INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
-    VALUES (p_conversation_id, new_seq, the_sender_id, p_text, p_client_id, p_now)
+    VALUES (p_conversation_id, new_seq, the_sender_id, p_text, p_client_id, new_created_at)
     RETURNING id INTO new_message_id;
     -- Sending counts as reading (and so as delivery) up to one's own message.
     UPDATE members SET read_seq = new_seq, delivered_seq = new_seq
@@ -71,7 +74,8 @@ BEGIN
            (low_id, low_stream_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq),
            (high_id, high_stream_head - 1, 'message', p_conversation_id, new_message_id, NULL, NULL, NULL),
            (high_id, high_stream_head, 'receipt', p_conversation_id, NULL, the_sender_id, new_seq, new_seq);
-    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id, low_stream_head, high_stream_head;
+    RETURN QUERY SELECT the_sender, new_seq, low_id, high_id, new_message_id, low_stream_head, high_stream_head,
+        new_created_at;
 END
 $$
 """
@@ -94,7 +98,7 @@ CREATE FUNCTION pg_temp.chatapi_send_batch(
     p_token_hashes varchar[], p_conversation_ids bigint[], p_texts text[], p_client_ids varchar[], p_nows timestamp[]
 ) RETURNS TABLE (
     sender varchar, seq bigint, user_low_id bigint, user_high_id bigint, message_id bigint,
-    low_head bigint, high_head bigint
+    low_head bigint, high_head bigint, created_at timestamp
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -108,8 +112,10 @@ DECLARE
     message_ids bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     low_heads bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     high_heads bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    created_ats timestamp[] := array_fill(NULL::timestamp, ARRAY[n]);
     i integer;
     new_seq bigint;
+    new_created_at timestamp;
     new_message_id bigint;
     low_id bigint;
     high_id bigint;
@@ -126,15 +132,16 @@ BEGIN
         SELECT t.n FROM unnest(p_conversation_ids) WITH ORDINALITY AS t (c, n)
         WHERE sender_ids[t.n] IS NOT NULL ORDER BY t.c, t.n
     LOOP
-        UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = p_nows[i]
+        UPDATE conversations SET last_seq = last_seq + 1, last_activity_at = greatest(last_activity_at, p_nows[i])
         WHERE id = p_conversation_ids[i] AND sender_ids[i] IN (user_low_id, user_high_id)
-        RETURNING last_seq, user_low_id, user_high_id INTO new_seq, low_id, high_id;
+        RETURNING last_seq, user_low_id, user_high_id, last_activity_at INTO new_seq, low_id, high_id, new_created_at;
         IF FOUND THEN
             seqs[i] := new_seq;
             low_ids[i] := low_id;
             high_ids[i] := high_id;
+            created_ats[i] := new_created_at;
             INSERT INTO messages (conversation_id, seq, sender_id, text, client_id, created_at)
-            VALUES (p_conversation_ids[i], new_seq, sender_ids[i], p_texts[i], p_client_ids[i], p_nows[i])
+            VALUES (p_conversation_ids[i], new_seq, sender_ids[i], p_texts[i], p_client_ids[i], new_created_at)
             RETURNING id INTO new_message_id;
             message_ids[i] := new_message_id;
         END IF;
@@ -180,7 +187,8 @@ BEGIN
     ) AS e
     WHERE t.s IS NOT NULL;
     RETURN QUERY
-    SELECT sender_names[t.n], seqs[t.n], low_ids[t.n], high_ids[t.n], message_ids[t.n], low_heads[t.n], high_heads[t.n]
+    SELECT sender_names[t.n], seqs[t.n], low_ids[t.n], high_ids[t.n], message_ids[t.n], low_heads[t.n], high_heads[t.n],
+        created_ats[t.n]
     FROM generate_series(1, n) AS t (n);
 END
 $$

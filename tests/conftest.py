@@ -3,6 +3,7 @@ SQLite and on a throwaway PostgreSQL cluster for integration tests."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,25 @@ from chatapi import Settings, create_app
 from tests.support.api import Api
 from tests.support.postgres import PostgresCluster
 from tests.support.server import REPO, ServerProcess
+
+_LEFT_OUT = pytest.StashKey[str]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With CHATAPI_TESTS_ALL=1 (.ci/run), a run that skipped or left out a test is no pass:
+    a stray PYTEST_ADDOPTS or a missing tool must not turn a smaller suite green."""
+    if os.environ.get("CHATAPI_TESTS_ALL") != "1" or exitstatus != pytest.ExitCode.OK:
+        return
+    stats = session.config.pluginmanager.get_plugin("terminalreporter").stats
+    left_out = {kind: len(stats.get(kind, [])) for kind in ("skipped", "deselected", "xfailed", "xpassed")}
+    if any(left_out.values()):
+        session.config.stash[_LEFT_OUT] = f"CHATAPI_TESTS_ALL=1: not every test ran and passed: {left_out}"
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if _LEFT_OUT in config.stash:
+        terminalreporter.write_sep("=", config.stash[_LEFT_OUT], red=True)
 
 
 def migrate(database_url: str) -> None:
@@ -78,12 +98,17 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     servers: list[ServerProcess] = []
 
     def start(
-        database_url: str, workers: int = 1, env: dict[str, str] | None = None, args: list[str] | None = None
+        database_url: str | None,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        cwd: Path = REPO,
+        ready_path: str = "/readyz",
     ) -> ServerProcess:
         log = tmp_path / f"server-{len(servers)}.log"
-        server = ServerProcess(database_url, workers=workers, env=env, log_path=log, args=args)
+        server = ServerProcess(database_url, workers=workers, env=env, log_path=log, args=args, cwd=cwd)
         servers.append(server)
-        return server.start()
+        return server.start(ready_path=ready_path)
 
     yield start
     for server in servers:

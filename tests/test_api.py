@@ -3,6 +3,10 @@ codes and the chat rules, one behaviour per test."""
 
 from __future__ import annotations
 
+import re
+import time
+from datetime import datetime, timedelta
+
 import gevent
 import pytest
 from flask import Flask
@@ -222,7 +226,7 @@ def test_strangers_see_404_for_conversations(client, accounts, pair) -> None:
 
 
 def test_send_returns_the_message_with_its_seq(client, pair) -> None:
-    alice, _, conversation_id = pair
+    alice, bob, conversation_id = pair
     response = send(client, alice, conversation_id, "hello\n<b>bob</b>", client_id="m-1")
     assert response.status_code == 201
     assert response.json == {
@@ -234,6 +238,11 @@ def test_send_returns_the_message_with_its_seq(client, pair) -> None:
         "client_id": "m-1",
         "created_at": response.json["created_at"],
     }
+    # RFC 3339 UTC with microseconds, as every time; the same wherever the message is read.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", response.json["created_at"])
+    assert events(client, bob)["events"][1]["message"] == response.json
+    listed = client.get(f"{API}/conversations/{conversation_id}/messages", headers=bob).json["messages"]
+    assert listed == [response.json]
 
 
 def test_retry_with_same_client_id_stores_one_message(client, pair) -> None:
@@ -247,6 +256,19 @@ def test_retry_with_same_client_id_stores_one_message(client, pair) -> None:
     assert [m["seq"] for m in messages] == [1, 2]
 
 
+def test_a_client_id_is_scoped_to_its_conversation(client, pair, accounts) -> None:
+    """Same sender, same conversation: only that is a replay."""
+    alice, _, conversation_id = pair
+    accounts.sign_up("carol")
+    other_id = client.post(f"{API}/conversations", json={"peer": "carol"}, headers=alice).json["id"]
+    first = send(client, alice, conversation_id, "once", client_id="abc")
+    elsewhere = send(client, alice, other_id, "once", client_id="abc")
+    assert elsewhere.status_code == 201 and elsewhere.json["id"] != first.json["id"]
+    assert (elsewhere.json["conversation_id"], elsewhere.json["seq"]) == (other_id, 1)
+    listed = client.get(f"{API}/conversations/{other_id}/messages", headers=alice).json["messages"]
+    assert listed == [elsewhere.json]
+
+
 def test_client_id_reused_with_other_text_is_409(client, pair) -> None:
     alice, _, conversation_id = pair
     send(client, alice, conversation_id, "first", client_id="abc")
@@ -254,6 +276,21 @@ def test_client_id_reused_with_other_text_is_409(client, pair) -> None:
     assert response.status_code == 409 and error_code(response) == "client_id_reused"
     # The refused send left no gap.
     assert send(client, alice, conversation_id, "third").json["seq"] == 2
+
+
+def test_a_message_is_never_timed_before_the_one_ahead_of_it(app, client, pair) -> None:
+    """A send reads the clock before it waits for the conversation's row, so
+    it may be stored after a send that read it later; it then takes that one's time.
+    (This is the path of every send on SQLite and of replays on PostgreSQL;
+    test_batches_pg.py has PostgreSQL's own.)"""
+    alice, bob, conversation_id = pair
+    chat = app.extensions["chatapi"].chat
+    later = datetime(2100, 1, 2, 3, 4, 5)
+    for headers, now in ((alice, later), (bob, later - timedelta(seconds=1))):
+        token = headers["Authorization"].removeprefix("Bearer ")
+        chat._store_message_in_steps(token, conversation_id, "hi", None, now)
+    listed = client.get(f"{API}/conversations/{conversation_id}/messages", headers=alice).json["messages"]
+    assert [m["created_at"] for m in listed] == ["2100-01-02T03:04:05.000000Z"] * 2
 
 
 def test_null_client_id_is_like_absent(client, pair) -> None:
@@ -313,6 +350,78 @@ def test_history_latest_before_and_after(client, pair) -> None:
     assert seqs(after=7, timeout=0) == []
     # Beyond the head: answered at once (no wait even with a timeout) with the head.
     assert seqs(after=99, timeout=30) == []
+
+
+def test_integers_are_read_by_value_whatever_their_leading_zeros(client, pair) -> None:
+    """Past 18 digits a number is taken as too high to matter; zeros in front add no value."""
+    alice, bob, conversation_id = pair
+    for i in range(1, 4):
+        send(client, alice, conversation_id, f"m{i}")
+    zero, two = "0" * 25, "0" * 24 + "2"
+    url = f"{API}/conversations/{zero}{conversation_id}/messages"
+    body = client.get(f"{url}?after={zero}&limit={two}&timeout=0", headers=bob).json
+    assert [m["seq"] for m in body["messages"]] == [1, 2]
+    body = client.get(f"{url}?before={'0' * 24}3", headers=bob).json
+    assert [m["seq"] for m in body["messages"]] == [1, 2]
+    # after=0 acknowledges nothing: alice's messages are not delivered to bob yet.
+    assert len(events(client, bob, after=zero)["events"]) == 7  # the conversation, 3 messages, their 3 receipts
+    conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
+    assert conversation["peer_delivered_seq"] == 0
+    # Past 18 significant digits, still "beyond the head" and "no such conversation".
+    assert client.get(f"{url}?after=1{zero}&timeout=30", headers=bob).json["messages"] == []
+    response = client.get(f"{API}/conversations/1{zero}", headers=bob)
+    assert response.status_code == 404 and error_code(response) == "not_found"
+
+
+def test_reads_that_cannot_wait_answer_at_once(client, pair) -> None:
+    """History, the latest messages (even of an empty conversation) and a
+    cursor beyond the head never wait, whatever the timeout."""
+    alice, _, conversation_id = pair
+    url = f"{API}/conversations/{conversation_id}/messages"
+    started = time.monotonic()
+    assert client.get(f"{url}?timeout=60", headers=alice).json == {"messages": [], "last_seq": 0}
+    send(client, alice, conversation_id, "one")
+    for query in ("timeout=60", "before=1&timeout=60", "after=5&timeout=60"):
+        assert client.get(f"{url}?{query}", headers=alice).json["last_seq"] == 1, query
+    assert events(client, alice, after=500, timeout=60)["events"] == []
+    # Each would have waited 60 s.
+    assert time.monotonic() - started < 30
+
+
+def test_pages_hold_100_items_unless_told(client, pair) -> None:
+    alice, _, conversation_id = pair
+    for n in range(51):
+        send(client, alice, conversation_id, f"m{n}")
+    messages = client.get(f"{API}/conversations/{conversation_id}/messages?after=0&timeout=0", headers=alice).json
+    assert [m["seq"] for m in messages["messages"]] == list(range(1, 52))
+    latest = client.get(f"{API}/conversations/{conversation_id}/messages", headers=alice).json
+    assert [m["seq"] for m in latest["messages"]] == list(range(1, 52))
+    page = events(client, alice)  # 1 conversation event, then 51 messages with their receipts
+    assert [e["pos"] for e in page["events"]] == list(range(1, 101)) and page["last_pos"] == 103
+    for n in range(51, 120):
+        send(client, alice, conversation_id, f"m{n}")
+    latest = client.get(f"{API}/conversations/{conversation_id}/messages", headers=alice).json
+    assert [m["seq"] for m in latest["messages"]] == list(range(21, 121))
+    page = client.get(f"{API}/conversations/{conversation_id}/messages?after=0&timeout=0", headers=alice).json
+    assert [m["seq"] for m in page["messages"]] == list(range(1, 101)) and page["last_seq"] == 120
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/me",
+        "/conversations",
+        "/conversations/{id}",
+        "/conversations/{id}/messages",
+        "/conversations/{id}/messages?after=0&timeout=0",
+        "/events?timeout=0",
+        "/openapi.json",
+    ],
+)
+def test_reads_are_not_to_be_cached(client, pair, path) -> None:
+    alice, _, conversation_id = pair
+    response = client.get(API + path.format(id=conversation_id), headers=alice)
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
 
 
 @pytest.mark.parametrize(
@@ -433,11 +542,31 @@ def test_messages_cursor_acknowledges_delivery(client, pair) -> None:
     alice, bob, conversation_id = pair
     send(client, alice, conversation_id, "one")
     send(client, alice, conversation_id, "two")
-    client.get(f"{API}/conversations/{conversation_id}/messages?after=1&timeout=0", headers=bob)
+    url = f"{API}/conversations/{conversation_id}/messages"
+
+    def bob_receipts() -> list[tuple[int, int]]:
+        """Bob's receipts, as both streams hold them (his other devices keep unread counts right)."""
+        found = []
+        for headers in (alice, bob):
+            stream = events(client, headers)["events"]
+            found.append([(e["delivered_seq"], e["read_seq"]) for e in stream if e.get("user") == "bob"])
+        assert found[0] == found[1]
+        return found[0]
+
+    client.get(f"{url}?after=1&timeout=0", headers=bob)
     assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
+    assert bob_receipts() == [(1, 0)]
+    # A lower cursor later changes nothing and emits nothing: delivered_seq only grows.
+    client.get(f"{url}?after=0&timeout=0", headers=bob)
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
+    assert bob_receipts() == [(1, 0)]
     # after beyond the head delivers up to the head only.
-    client.get(f"{API}/conversations/{conversation_id}/messages?after=50&timeout=0", headers=bob)
+    client.get(f"{url}?after=50&timeout=0", headers=bob)
     assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 2
+    assert bob_receipts() == [(1, 0), (2, 0)]
+    # Reading: one more receipt, in both streams again.
+    client.post(f"{API}/conversations/{conversation_id}/read", json={"seq": 2}, headers=bob)
+    assert bob_receipts() == [(1, 0), (2, 0), (2, 2)]
 
 
 def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
@@ -502,6 +631,27 @@ def test_unknown_route_is_json_404(client) -> None:
     for path in (f"{API}/nothing", "/nothing", f"{API}/conversations/abc", f"{API}/conversations/{'9' * 30}"):
         response = client.get(path)
         assert response.status_code == 404 and error_code(response) == "not_found", path
+
+
+def test_doubled_slashes_are_not_redirected(client, pair) -> None:
+    """Werkzeug would answer with a 308 to the merged path: an HTML body, and a Location from the Host header."""
+    alice, _, conversation_id = pair
+    for path in (
+        f"{API}//me",
+        f"{API}/conversations//{conversation_id}",
+        f"{API}/conversations/{conversation_id}//messages",
+    ):
+        response = client.get(path, headers=alice)
+        assert response.status_code == 404 and error_code(response) == "not_found", path
+        assert "Location" not in response.headers
+
+
+def test_options_answers_with_allow_and_no_body(client) -> None:
+    response = client.options(f"{API}/conversations/1/messages")
+    assert response.status_code == 200 and response.data == b""
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
+    # Nothing to label: an empty body is not text/html.
+    assert "Content-Type" not in response.headers
 
 
 def test_wrong_method_is_json_405(client) -> None:

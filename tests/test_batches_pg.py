@@ -23,7 +23,10 @@ from tests.support.postgres import PostgresCluster
 pytestmark = pytest.mark.postgres
 
 API = "/api/v1"
-T0 = datetime(2026, 1, 2, 3, 4, 5)
+# The sends' clock: later than the conversations' start, so that each
+# message keeps the time its send read (a message is never timed before the
+# one ahead of it, nor before its conversation began).
+T0 = datetime(2100, 1, 2, 3, 4, 5)
 
 
 def fresh_app(postgres: PostgresCluster) -> Iterator[Flask]:
@@ -136,6 +139,28 @@ def test_a_batch_stores_exactly_what_the_same_sends_one_by_one_store(two_apps: t
     assert [o.seq for o in batched if isinstance(o, _Stored)] == [1, 2, 1, 3, 1, 2, 2]
     assert streams(batch_world) == streams(single_world)
     assert conversations(batch_world) == conversations(single_world)
+
+
+def test_a_message_is_never_timed_before_the_one_ahead_of_it(two_apps: tuple[Flask, Flask]) -> None:
+    """A send reads the clock before it waits for its conversation's row, so a
+    send that reads it later may still be stored first. The next message then
+    takes the time of the one ahead of it, in a batch as one by one."""
+    for app, batched in zip(two_apps, (True, False), strict=True):
+        world = setting(app)
+        chat = app.extensions["chatapi"].chat
+        later, earlier = sends(world, [("alice", "ab", None), ("bob", "ab", None)])
+        later = later._replace(now=T0 + timedelta(seconds=1))
+        if batched:
+            stored = chat._store_messages_pg([later, earlier])
+        else:
+            stored = [chat._store_messages_pg([send])[0] for send in (later, earlier)]
+        assert [(o.seq, o.created_at) for o in stored] == [(1, later.now), (2, later.now)]
+        listed = (
+            world["client"]
+            .get(f"{API}/conversations/{world['conversations']['ab']}/messages", headers=world["headers"]["bob"])
+            .json["messages"]
+        )
+        assert [m["created_at"] for m in listed] == ["2100-01-02T03:04:06.000000Z"] * 2
 
 
 def test_each_send_of_a_batch_is_told_where_its_events_are(app: Flask) -> None:

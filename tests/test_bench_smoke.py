@@ -31,3 +31,7 @@ def test_bench_smoke_delivers_everything_exactly_once_in_order(tmp_path) -> None
         assert result["failures"] == [], result
         checks = result["checks"]
         assert checks["lost"] == checks["duplicated"] == checks["out_of_order"] == checks["pos_gaps"] == 0, result
+        # Nothing lost out of nothing sent would pass the checks above too.
+        measured = result.get("delivery_ms") or result["cross_process_ms"]
+        assert measured["count"] > 0, result["workload"]
+    assert summary["results"][0]["acked"] == summary["results"][0]["scheduled"] > 0

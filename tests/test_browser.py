@@ -224,8 +224,10 @@ def test_two_people_chat_live_and_see_every_message_once_in_order(people, server
     # Newlines are kept on screen.
     assert alice.message(multiline).evaluate("el => getComputedStyle(el.querySelector('p')).whiteSpace") == "pre-wrap"
     # Everyone reads everything at once, so every own message ends up read on both sides.
-    for person in (alice, bob):
-        for item in person.page.locator("[data-testid=message].message--mine").all():
+    for person, count in ((alice, 3), (bob, 2)):
+        own_messages = person.page.locator("[data-testid=message].message--mine")
+        expect(own_messages).to_have_count(count)
+        for item in own_messages.all():
             expect(item).to_have_attribute("data-state", "read")
 
     # The server agrees: each message once, in this order.

@@ -16,8 +16,8 @@ import requests
 from chatapi import Settings, create_app
 from tests.conftest import migrate
 from tests.support.api import PASSWORD, Api, unique_name
-from tests.support.faults import Background, wait_until
-from tests.support.metrics import metric
+from tests.support.faults import Background
+from tests.support.metrics import wait_for_waiting_polls, waiting_polls
 from tests.support.nginx import NginxProcess
 from tests.support.server import ServerProcess
 
@@ -196,10 +196,6 @@ def test_without_trusted_proxies_forwarded_headers_are_ignored(proxied_and_direc
 # Long-poll abuse ------------------------------------------------------------------
 
 
-def _waiting(base_url: str) -> float:
-    return metric(requests.get(base_url + "/metrics", timeout=10).text, "chatapi_longpolls_waiting")
-
-
 def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) -> None:
     _, _, server = proxied_and_direct  # CHATAPI_MAX_WAITERS_PER_USER: the default, 8
     api = Api(server.base_url)
@@ -213,7 +209,7 @@ def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) 
     polls = []
     for n in range(8):
         polls.append(Background(poll))
-        wait_until(lambda n=n: _waiting(server.base_url) >= n + 1, timeout=15, what=f"{n + 1} waiting")
+        wait_for_waiting_polls(server.base_url, n + 1)
     time.sleep(0.3)
     assert not any(p.done for p in polls)
 
@@ -224,12 +220,12 @@ def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) 
     assert returned_at - ninth_at < 1
     time.sleep(0.3)
     assert not any(p.done for p in polls[1:]), "only the oldest may be answered"
-    assert _waiting(server.base_url) == 8
+    assert waiting_polls(server.base_url) == 8
 
     # Another user's long-polls are not affected by alice's cap.
     bob_head = bob.events()["last_pos"]
     bob_poll = Background(lambda: Api(server.base_url, bob.token).events(after=bob_head, timeout=50))
-    wait_until(lambda: _waiting(server.base_url) >= 9, timeout=15, what="bob waiting")
+    wait_for_waiting_polls(server.base_url, 9)
 
     bob.send(conversation, "for everyone")
     for p in polls[1:]:

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.support.api import Api
-from tests.support.metrics import metric
+from tests.support.metrics import metric, scrape, wait_for_waiting_polls
 from tests.support.postgres import query_value
 from tests.support.server import REPO
 
@@ -56,13 +56,10 @@ def test_waiting_gauge_and_wakeups_counter(start_server, tmp_path) -> None:
     head = bob.events()["last_pos"]
     waiter = threading.Thread(target=bob.events, kwargs={"after": head, "timeout": 20})
     waiter.start()
-    deadline = time.monotonic() + 10
-    while metric(requests.get(server.base_url + "/metrics").text, "chatapi_longpolls_waiting") < 1:
-        assert time.monotonic() < deadline, "the waiting long-poll never showed in the gauge"
-        time.sleep(0.05)
+    wait_for_waiting_polls(server.base_url, 1)
     alice.send(conversation_id, "wake")
     waiter.join(10)
-    text = requests.get(server.base_url + "/metrics").text
+    text = scrape(server.base_url)
     assert metric(text, "chatapi_longpolls_waiting") == 0
     assert metric(text, "chatapi_wakeups_total") >= 1
 
@@ -74,32 +71,40 @@ def test_registration_can_be_switched_off(start_server, tmp_path) -> None:
 
 
 # The contract lets the command line choose another worker class; the
-# shutdown promise must hold for gunicorn's own gevent worker too. (Its
-# `gevent_pywsgi` worker answers the long-polls as well, but then serves
-# the clients' kept-alive connections until `graceful_timeout`: see
-# ChatapiWorker.)
-@pytest.mark.parametrize("worker_class", [None, "gevent"])
+# shutdown promise must hold for gunicorn's own gevent workers too. (Their
+# one difference: connections idle between requests keep them alive until
+# `graceful_timeout`, where ChatapiWorker closes them at once.)
+@pytest.mark.parametrize("worker_class", [None, "gevent", "gevent_pywsgi"])
 def test_sigterm_answers_waiting_long_polls_at_once(start_server, tmp_path, worker_class: str | None) -> None:
     args = ["--worker-class", worker_class] if worker_class else None
     server = start_server(f"sqlite:///{tmp_path / 's.sqlite3'}", args=args)
     alice = Api(server.base_url).signed_up()
     head = alice.events()["last_pos"]
-    answers: list[tuple[int, float]] = []
+    answers: list[tuple[int, dict, float]] = []
+    closed: list[str | None] = []
 
     def wait() -> None:
         response = Api(server.base_url, alice.token).get("/api/v1/events", params={"after": head, "timeout": 60})
-        answers.append((response.status_code, time.monotonic()))
+        answers.append((response.status_code, response.json(), time.monotonic()))
+        closed.append(response.headers.get("Connection"))
 
     waiters = [threading.Thread(target=wait) for _ in range(3)]
     for w in waiters:
         w.start()
-    time.sleep(1)
+    wait_for_waiting_polls(server.base_url, 3)
+    alice.http.close()  # no idle kept-alive connection (see above)
     signalled = time.monotonic()
     server.signal(signal.SIGTERM)
     for w in waiters:
         w.join(10)
-    assert [status for status, _ in answers] == [200, 200, 200]
-    assert max(at for _, at in answers) - signalled < 2.0
+    # Answered with what they have: nothing new, and the head to carry on from.
+    assert [(status, body) for status, body, _ in answers] == [(200, {"events": [], "last_pos": head})] * 3
+    # And not on a connection to keep: the clients' next requests must reach a live process.
+    # (gunicorn's own `gevent` worker decides that as each request arrives, so
+    # it closes a client's connection one request later, whatever the app says.)
+    if worker_class != "gevent":
+        assert closed == ["close"] * 3
+    assert max(at for _, _, at in answers) - signalled < 2.0
     assert server.process.wait(15) == 0
 
 
@@ -141,11 +146,7 @@ def test_chunked_bodies_are_held_to_the_size_limit(start_server, tmp_path) -> No
 def test_malformed_http_gets_a_json_error(start_server, tmp_path, request_head: bytes) -> None:
     # Refused by the HTTP server before the app sees it: still the contract's error shape.
     server = start_server(f"sqlite:///{tmp_path / 'm.sqlite3'}")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(request_head)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = _send_until_closed(server.port, request_head)
     head, _, body = answer.partition(b"\r\n\r\n")
     status = head.split(b"\r\n")[0]
     assert status in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 414 URI Too Long"), head
@@ -153,9 +154,61 @@ def test_malformed_http_gets_a_json_error(start_server, tmp_path, request_head: 
     assert json.loads(body)["error"]["code"] == "invalid_request"
 
 
-def _raw_get(sock: socket.socket, path: str = "/healthz") -> bytes:
-    """One GET on a kept-alive socket; the whole response (head and body)."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+_USERS_HEAD = b"POST /api/v1/users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+_SMUGGLED = b"GET /api/v1/smuggled HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        _USERS_HEAD + b"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n" + _SMUGGLED,
+        _USERS_HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n" + _SMUGGLED,
+        _USERS_HEAD + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        _USERS_HEAD + b"Content-Length: 2\r\nContent-Length: 47\r\n\r\n{}" + _SMUGGLED,
+    ],
+    ids=["length-and-chunked", "not-only-chunked", "chunked-twice", "two-lengths"],
+)
+def test_a_body_of_ambiguous_length_is_refused_and_the_connection_closed(
+    start_server, tmp_path, request_bytes: bytes
+) -> None:
+    """Read one way here and another way by a proxy in front, the body's end
+    would decide what the next request is (request smuggling, RFC 9112 section 6)."""
+    server = start_server(f"sqlite:///{tmp_path / 's.sqlite3'}")
+    answer = _send_until_closed(server.port, request_bytes)
+    # One answer, then the server closed the connection: nothing after the head was taken for a request.
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head, head
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+
+
+def test_a_malformed_chunked_body_closes_the_connection(start_server, tmp_path) -> None:
+    server = start_server(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    chunked = _USERS_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        # A well-formed chunked body: answered, and the connection kept for the next request.
+        sock.sendall(chunked + b"2\r\n{}\r\n0\r\n\r\n")
+        assert b"'username' is required" in _read_response(sock)
+        assert _closed_within(sock, 0.5) is None
+        sock.settimeout(10)
+        sock.sendall(chunked + b"zz\r\n{}\r\n0\r\n\r\n" + _SMUGGLED)
+        answer = _read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer, answer
+        assert sock.recv(65536) == b"", "a second answer: the bytes after the bad chunk were read as a request"
+
+
+def _send_until_closed(port: int, request_bytes: bytes) -> bytes:
+    """All the server answers to `request_bytes` on a new connection, until it closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response (head and body) from a kept-alive socket."""
     answer = b""
     while b"\r\n\r\n" not in answer:
         chunk = sock.recv(4096)
@@ -166,6 +219,12 @@ def _raw_get(sock: socket.socket, path: str = "/healthz") -> bytes:
     while len(body) < int(lengths[0]):
         body += sock.recv(4096)
     return head + b"\r\n\r\n" + body
+
+
+def _raw_get(sock: socket.socket, path: str = "/healthz") -> bytes:
+    """One GET on a kept-alive socket; the whole response (head and body)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    return _read_response(sock)
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> float | None:
@@ -179,8 +238,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> float | None:
 
 
 def test_keep_alive_serves_many_requests_and_closes_idle_connections(start_server, tmp_path) -> None:
-    # The test servers run with CHATAPI_KEEPALIVE_SECS=1 (tests/support/server.py).
-    server = start_server(f"sqlite:///{tmp_path / 'k.sqlite3'}")
+    server = start_server(f"sqlite:///{tmp_path / 'k.sqlite3'}", env={"CHATAPI_KEEPALIVE_SECS": "1"})
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         for _ in range(3):
             answer = _raw_get(sock)
@@ -228,7 +286,7 @@ def _server_sessions(database_url: str) -> int:
     return query_value(
         database_url,
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND pid <> pg_backend_pid() AND application_name <> 'chatapi-wakeups'",
+        " AND pid <> pg_backend_pid() AND application_name NOT IN ('chatapi-listener', 'chatapi-publisher')",
     )
 
 
@@ -258,9 +316,32 @@ def test_no_connections_are_opened_ahead_when_warming_is_off(postgres_url: str, 
 def test_migrating_at_start_is_a_switch(start_server, tmp_path: Path, value: str, migrated: bool) -> None:
     """Operators who migrate as a separate deploy step switch it off, in the words every switch takes."""
     database = tmp_path / "switch.sqlite3"
-    start_server(f"sqlite:///{database}", env={"CHATAPI_MIGRATE": value})
+    server = start_server(f"sqlite:///{database}", env={"CHATAPI_MIGRATE": value}, ready_path="/healthz")
     tables = {name for (name,) in sqlite3.connect(database).execute("SELECT name FROM sqlite_master")}
     assert ("alembic_version" in tables) is migrated
+    # Not ready until migrated, and it says why.
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    if migrated:
+        assert readyz.status_code == 200
+    else:
+        assert readyz.status_code == 503 and readyz.headers["Retry-After"] == "1"
+        assert readyz.json()["error"]["message"] == "the database schema is not migrated (alembic upgrade head)"
+        # Migrated as a separate step (from the repository root, as the README says): ready.
+        env = {**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}"}
+        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
+        assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+
+
+def test_the_default_database_is_in_the_working_directory_wherever_that_is(start_server, tmp_path: Path) -> None:
+    """Started from another directory, the schema is migrated in the file the app then uses (API.md: the
+    working directory), not in one beside gunicorn.conf.py."""
+    here = tmp_path / "run"
+    here.mkdir()
+    server = start_server(None, cwd=here, args=["--pythonpath", str(REPO)])
+    alice = Api(server.base_url).signed_up()
+    assert alice.get("/api/v1/me").json()["username"] == alice.username
+    users = sqlite3.connect(here / "chatapi.sqlite3").execute("SELECT username FROM users").fetchall()
+    assert users == [(alice.username,)]
 
 
 def test_a_misspelt_migrate_switch_stops_the_start(tmp_path: Path) -> None:
@@ -273,3 +354,35 @@ def test_a_misspelt_migrate_switch_stops_the_start(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode != 0 and "CHATAPI_MIGRATE must be on or off" in result.stderr
+
+
+def test_the_metrics_directory_goes_with_the_server(start_server, tmp_path: Path) -> None:
+    """Prometheus' files of the workers live in a directory made at start; it is removed
+    when the master exits, also when it never got to serve (gunicorn's on_exit is not called then)."""
+    env = {"TMPDIR": str(tmp_path)}
+    server = start_server(f"sqlite:///{tmp_path / 'm.sqlite3'}", env=env)
+    assert len(list(tmp_path.glob("chatapi-metrics-*"))) == 1
+    assert server.stop() == 0
+    assert list(tmp_path.glob("chatapi-metrics-*")) == []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{taken.getsockname()[1]}",
+            ]
+            + ["wsgi:app"],
+            cwd=REPO,
+            env={**os.environ, **env, "CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'm.sqlite3'}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode != 0 and "Address already in use" in result.stderr
+    assert list(tmp_path.glob("chatapi-metrics-*")) == []

@@ -16,7 +16,9 @@ import pytest
 import requests
 
 from tests.support.api import Api
-from tests.support.metrics import metric, scrape
+from tests.support.faults import wait_until
+from tests.support.metrics import metric, scrape, wait_for_waiting_polls
+from tests.support.postgres import query_value
 
 SENDERS = 4
 MESSAGES_PER_SENDER = 40
@@ -87,7 +89,7 @@ def test_wake_up_crosses_processes_and_hosts(postgres_url: str, start_server) ->
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.3)
+        wait_for_waiting_polls(second.base_url, 1)
         sent_at = time.monotonic()
         alice.send(conversation["id"], f"across {i}")
         waiter.join(25)
@@ -97,7 +99,7 @@ def test_wake_up_crosses_processes_and_hosts(postgres_url: str, start_server) ->
         cursor = answer["page"]["events"][-1]["pos"]
     # "Within milliseconds": the benchmark measures the real figure; here we
     # only rule out falling back to a timeout or polling.
-    assert max(delays) < 1.0, delays
+    assert max(delays) < 2.5, delays
 
 
 @pytest.mark.postgres
@@ -119,7 +121,10 @@ def test_slow_query_does_not_stall_the_worker(postgres_url: str, start_server) -
     sender = threading.Thread(target=blocked_send)
     sender.start()
     try:
-        time.sleep(0.5)
+        lock_waits = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        wait_until(lambda: query_value(postgres_url, lock_waits) == 1, timeout=15, what="the send waiting on the lock")
         assert "response" not in outcome, "the send should be waiting on the row lock"
         started = time.monotonic()
         assert requests.get(server.base_url + "/healthz", timeout=5).status_code == 200
@@ -185,6 +190,10 @@ def test_concurrent_sends_commit_in_groups_in_order_without_deadlocks(postgres_u
     for cid in conversations.values():
         seqs = sorted(m["seq"] for m in acked if m["conversation_id"] == cid)
         assert seqs == list(range(1, 25)), (cid, seqs)
+        # Each send read the clock before it queued for the conversation's
+        # row; still, no message is timed before the one ahead of it.
+        times = [m["created_at"] for m in sorted(acked, key=lambda m: m["seq"]) if m["conversation_id"] == cid]
+        assert times == sorted(times), (cid, times)
     by_id = {m["id"]: m for m in acked}
     for user in users:
         events = user.events(after=0, limit=1000)["events"]
@@ -280,3 +289,57 @@ def test_acknowledging_polls_commit_in_groups(postgres_url: str, start_server) -
     assert metric(text, "chatapi_poll_batch_size_count") < metric(text, "chatapi_poll_batch_size_sum"), (
         "no acknowledging poll was committed together with another"
     )
+
+
+def _at_once(calls: list) -> list:
+    """Every call at the same moment, each on a thread of its own; their results, in order."""
+    barrier = threading.Barrier(len(calls))
+    answers: list = [None] * len(calls)
+
+    def run(n: int) -> None:
+        barrier.wait()
+        answers[n] = calls[n]()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return answers
+
+
+@pytest.mark.postgres
+def test_both_parties_starting_at_once_get_one_conversation(postgres_url: str, start_server) -> None:
+    server = start_server(postgres_url, workers=2)
+    api = Api(server.base_url)
+    for _ in range(8):
+        alice, bob = api.signed_up(), api.signed_up()
+        answers = _at_once(
+            [
+                lambda alice=alice, bob=bob: alice.post("/api/v1/conversations", {"peer": bob.username}),
+                lambda alice=alice, bob=bob: bob.post("/api/v1/conversations", {"peer": alice.username}),
+            ]
+        )
+        assert sorted(a.status_code for a in answers) == [200, 201]
+        assert answers[0].json()["id"] == answers[1].json()["id"]
+        for user in (alice, bob):
+            created = [e for e in user.events()["events"] if e["type"] == "conversation"]
+            assert [e["conversation"]["id"] for e in created] == [answers[0].json()["id"]]
+
+
+@pytest.mark.postgres
+def test_a_send_racing_its_own_retries_is_stored_once(postgres_url: str, start_server) -> None:
+    """A client that resends after a lost response may have the first attempt still in flight."""
+    server = start_server(postgres_url, workers=2)
+    api = Api(server.base_url)
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+    url = f"/api/v1/conversations/{conversation}/messages"
+    senders = [Api(server.base_url, alice.token) for _ in range(6)]
+    for n in range(5):
+        body = {"text": f"once {n}", "client_id": f"k{n}"}
+        answers = _at_once([lambda sender=sender, body=body: sender.post(url, body) for sender in senders])
+        assert sorted(a.status_code for a in answers) == [200] * 5 + [201], [a.text for a in answers]
+        assert all(a.json() == answers[0].json() for a in answers)
+    stored = alice.messages(conversation)["messages"]
+    assert [(m["seq"], m["client_id"], m["text"]) for m in stored] == [(n + 1, f"k{n}", f"once {n}") for n in range(5)]

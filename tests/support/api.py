@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import requests
@@ -15,19 +16,31 @@ def unique_name(prefix: str = "user") -> str:
     return f"{prefix}{next(_names)}"
 
 
+# A kept-alive connection idle for this long is not reused: the server may be
+# closing it at that very moment (its keep-alive is 5 s, CHATAPI_KEEPALIVE_SECS),
+# and a request sent into a closing connection fails (RemoteDisconnected).
+REUSE_IDLE_SECS = 2.0
+
+
 class Api:
     def __init__(self, base_url: str, token: str | None = None, username: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.username = username
         self.http = requests.Session()
+        self._last_answer = time.monotonic()
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = kwargs.pop("headers", {})
         if self.token:
             headers.setdefault("Authorization", f"Bearer {self.token}")
         kwargs.setdefault("timeout", 90)
-        return self.http.request(method, self.base_url + path, headers=headers, **kwargs)
+        if time.monotonic() - self._last_answer > REUSE_IDLE_SECS:
+            self.http.close()  # the session opens new connections as needed
+        try:
+            return self.http.request(method, self.base_url + path, headers=headers, **kwargs)
+        finally:
+            self._last_answer = time.monotonic()
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)

@@ -25,6 +25,10 @@ class SendLog:
     unacked: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def answered_errors(self) -> list[str]:
+        """The failures the server answered ("503 ..."), as opposed to connections lost."""
+        return [error for error in self.errors if error[:3].isdigit()]
+
 
 def post_numbered(client: Api, conversation_id: int, client_id: str, timeout: float = 10) -> requests.Response:
     """Send the message named by `client_id`: the same text every time, so a retry is a replay."""

@@ -18,14 +18,17 @@ REPO = Path(__file__).resolve().parents[2]
 class ServerProcess:
     def __init__(
         self,
-        database_url: str,
+        database_url: str | None,
         workers: int = 1,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         port: int | None = None,
         args: list[str] | None = None,
+        cwd: Path = REPO,
     ) -> None:
+        # None: the default, an SQLite file in the working directory `cwd`.
         self.database_url = database_url
+        self.cwd = cwd
         self.workers = workers
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -35,16 +38,17 @@ class ServerProcess:
         self.extra_args = args or []
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30) -> ServerProcess:
-        env = {
-            **os.environ,
-            "CHATAPI_DATABASE_URL": self.database_url,
-            "CHATAPI_RATE_LIMITS": "off",
-            # Idle keep-alive connections close after this long.
-            "CHATAPI_KEEPALIVE_SECS": "1",
-            **self.extra_env,
+    def start(self, timeout: float = 30, ready_path: str = "/readyz") -> ServerProcess:
+        """Start it and wait until `ready_path` answers 200 (/healthz: the process runs, whatever the database)."""
+        # The shipped defaults, but for what each test sets: no setting of
+        # the environment the tests run in reaches the server.
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith("CHATAPI_") and name not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
         }
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        database = {"CHATAPI_DATABASE_URL": self.database_url} if self.database_url else {}
+        env = {**inherited, **database, "CHATAPI_RATE_LIMITS": "off", **self.extra_env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [
@@ -52,7 +56,7 @@ class ServerProcess:
                 "-m",
                 "gunicorn",
                 "-c",
-                "gunicorn.conf.py",
+                str(REPO / "gunicorn.conf.py"),
                 "--bind",
                 f"127.0.0.1:{self.port}",
                 "--workers",
@@ -60,7 +64,7 @@ class ServerProcess:
                 *self.extra_args,
                 "wsgi:app",
             ],
-            cwd=REPO,
+            cwd=self.cwd,
             env=env,
             stdout=log,
             stderr=log,
@@ -69,7 +73,7 @@ class ServerProcess:
         try:
             wait_until_answering(
                 self.process,
-                self.base_url + "/readyz",
+                self.base_url + ready_path,
                 timeout,
                 ready=lambda response: response.status_code == 200,
                 describe=lambda: f"see {self.log_path}",
@@ -84,8 +88,10 @@ class ServerProcess:
     def wait_workers(self, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
         # SQLite always runs one worker, whatever was asked.
-        expected = 1 if self.database_url.startswith("sqlite") else self.workers
-        while len(self.worker_pids()) < expected and time.monotonic() < deadline:
+        expected = self.workers if (self.database_url or "").startswith("postgresql") else 1
+        while len(self.worker_pids()) < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.worker_pids())} of {expected} workers running; see {self.log_path}")
             time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
@@ -93,6 +99,22 @@ class ServerProcess:
             return []
         out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
         return [int(pid) for pid in out.split()]
+
+    def client_connections(self) -> dict[int, int]:
+        """Each worker's established connections on the server's port (from /proc: no tools needed)."""
+        inodes: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as rows:
+                for row in list(rows)[1:]:
+                    fields = row.split()
+                    local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+                    if local_port == self.port and state == "01":  # ESTABLISHED
+                        inodes.add(f"socket:[{inode}]")
+        counts = {}
+        for pid in self.worker_pids():
+            fd_dir = Path(f"/proc/{pid}/fd")
+            counts[pid] = sum(1 for fd in fd_dir.iterdir() if _readlink(fd) in inodes)
+        return counts
 
     def signal(self, sig: int) -> None:
         assert self.process is not None
@@ -119,3 +141,10 @@ class ServerProcess:
             except ProcessLookupError:
                 pass
         self.process.wait(10)
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
