@@ -99,7 +99,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
     def start(
         database_url: str | None,
-        workers: int = 1,
+        workers: int | None = 1,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         cwd: Path = REPO,

@@ -101,6 +101,22 @@ class Person:
         return self.page.evaluate("() => JSON.parse(localStorage.getItem('chatapi.session') || 'null')?.token ?? null")
 
 
+def watched(person: Person) -> Person:
+    """Records the page's script errors, CSP violations and dialogs, for `assert_quiet`."""
+    person.page.on("pageerror", lambda error: person.errors.append(str(error)))
+    person.page.on(
+        "console",
+        lambda message: "Content Security Policy" in message.text and person.errors.append(message.text),
+    )
+    person.page.on("dialog", lambda dialog: (person.dialogs.append(dialog.message), dialog.dismiss()))
+    return person
+
+
+def assert_quiet(person: Person) -> None:
+    assert person.errors == [], f"script errors in {person.name}'s page: {person.errors}"
+    assert person.dialogs == [], f"dialogs in {person.name}'s page: {person.dialogs}"
+
+
 @pytest.fixture
 def people(browser: Browser, server: ServerProcess) -> Iterator[Callable[..., Person]]:
     """Opens the page in a fresh browser profile; checks afterwards that no script error, CSP violation or
@@ -110,23 +126,15 @@ def people(browser: Browser, server: ServerProcess) -> Iterator[Callable[..., Pe
     def open_page(name: str, viewport: dict[str, int] = DESKTOP) -> Person:
         context = browser.new_context(viewport=viewport)
         context.set_default_timeout(WAIT_MS)
-        page = context.new_page()
-        person = Person(name, context, page)
-        page.on("pageerror", lambda error: person.errors.append(str(error)))
-        page.on(
-            "console",
-            lambda message: "Content Security Policy" in message.text and person.errors.append(message.text),
-        )
-        page.on("dialog", lambda dialog: (person.dialogs.append(dialog.message), dialog.dismiss()))
-        page.goto(server.base_url + "/")
+        person = watched(Person(name, context, context.new_page()))
+        person.page.goto(server.base_url + "/")
         opened.append(person)
         return person
 
     yield open_page
     try:
         for person in opened:
-            assert person.errors == [], f"script errors in {person.name}'s page: {person.errors}"
-            assert person.dialogs == [], f"dialogs in {person.name}'s page: {person.dialogs}"
+            assert_quiet(person)
     finally:
         for person in opened:
             person.context.close()
@@ -531,11 +539,11 @@ def test_two_tabs_share_their_unsent_messages_and_closing_one_loses_nothing(
             down,
             lambda route: route.abort("connectionrefused") if route.request.method == "POST" else route.continue_(),
         )
-        tab_a = Person("alice", context, context.new_page())
+        tab_a = watched(Person("alice", context, context.new_page()))
         tab_a.page.goto(server.base_url + "/")
         sign_in(tab_a)
         tab_a.open_conversation("bob")
-        tab_b = Person("alice", context, context.new_page())
+        tab_b = watched(Person("alice", context, context.new_page()))
         tab_b.page.goto(server.base_url + "/")
         expect(tab_b.page.get_by_test_id("app-view")).to_be_visible()
         tab_b.open_conversation("bob")
@@ -549,6 +557,7 @@ def test_two_tabs_share_their_unsent_messages_and_closing_one_loses_nothing(
         stored = tab_b.page.evaluate("() => JSON.parse(localStorage.getItem('chatapi.outbox.alice')).map(i => i.text)")
         assert stored == ["typed in tab A", "typed in tab B"]
 
+        assert_quiet(tab_a)
         tab_a.page.close()
         context.unroute(down)
         tab_b.page.reload()
@@ -556,6 +565,7 @@ def test_two_tabs_share_their_unsent_messages_and_closing_one_loses_nothing(
         expect(tab_b.message("typed in tab B")).to_have_attribute("data-seq", re.compile(r"^[0-9]+$"))
         texts = [m["text"] for m in api_bob.messages(conversation_id)["messages"]]
         assert texts == ["typed in tab A", "typed in tab B"]  # each once, in the order typed
+        assert_quiet(tab_b)
     finally:
         context.close()
 

@@ -60,6 +60,33 @@ def test_long_poll_wakes_within_milliseconds(api: Api) -> None:
     assert answer["returned_at"] - sent_at < 2.5
 
 
+def test_only_the_requests_a_message_concerns_are_woken(api: Api) -> None:
+    """A message wakes both parties' event streams and its conversation's message
+    polls; a third user's stream and another conversation's polls keep waiting."""
+    alice, bob, carol = api.signed_up(), api.signed_up(), api.signed_up()
+    ours = alice.start(bob.username)["id"]
+    other = bob.start(carol.username)["id"]
+    heads = {user.username: user.events()["last_pos"] for user in (alice, bob, carol)}
+    polls = {
+        "carol's events": Background(lambda: carol.events(after=heads[carol.username], timeout=3)),
+        "the other conversation": Background(lambda: carol.messages(other, after=0, timeout=3)),
+        "bob's events": Background(lambda: bob.events(after=heads[bob.username], timeout=20)),
+        "our conversation": Background(lambda: Api(api.base_url, bob.token).messages(ours, after=0, timeout=20)),
+    }
+    wait_for_waiting_polls(api.base_url, 4)
+    woken_before = metric(scrape(api.base_url), "chatapi_wakeups_total")
+    started = time.monotonic()
+    sent = alice.send(ours, "for bob only")
+    assert [e["message"] for e in polls["bob's events"].join(20)["events"] if e["type"] == "message"] == [sent]
+    assert polls["our conversation"].join(20)["messages"] == [sent]
+    assert polls["carol's events"].join(20) == {"events": [], "last_pos": heads[carol.username]}
+    assert polls["the other conversation"].join(20) == {"messages": [], "last_seq": 0}
+    # They waited for their timeout; the send woke bob's two requests and no other, in any worker.
+    for name in ("carol's events", "the other conversation"):
+        assert polls[name].finished_at - started > 2.0, name
+    assert metric(scrape(api.base_url), "chatapi_wakeups_total") - woken_before == 2
+
+
 def test_concurrent_senders_on_both_sides_get_gapless_seqs(api: Api) -> None:
     alice, bob = api.signed_up(), api.signed_up()
     conversation = alice.start(bob.username)

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.support.api import Api
+from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
 from tests.support.postgres import query_value
 from tests.support.server import REPO
@@ -386,3 +387,13 @@ def test_the_metrics_directory_goes_with_the_server(start_server, tmp_path: Path
         )
     assert result.returncode != 0 and "Address already in use" in result.stderr
     assert list(tmp_path.glob("chatapi-metrics-*")) == []
+
+
+@pytest.mark.postgres
+def test_database_url_is_read_when_chatapi_database_url_is_unset(postgres_url: str, start_server) -> None:
+    """As hosting platforms set it, also in their postgres:// spelling; PostgreSQL brings the default 2 workers."""
+    heroku_style = postgres_url.replace("postgresql://", "postgres://", 1)
+    server = start_server(None, workers=None, env={"DATABASE_URL": heroku_style})
+    alice = Api(server.base_url).signed_up()
+    assert query_value(postgres_url, f"SELECT count(*) FROM users WHERE username = '{alice.username}'") == 1
+    wait_until(lambda: len(server.worker_pids()) == 2, timeout=15, what="the default 2 workers on PostgreSQL")

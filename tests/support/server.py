@@ -19,7 +19,7 @@ class ServerProcess:
     def __init__(
         self,
         database_url: str | None,
-        workers: int = 1,
+        workers: int | None = 1,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         port: int | None = None,
@@ -59,8 +59,8 @@ class ServerProcess:
                 str(REPO / "gunicorn.conf.py"),
                 "--bind",
                 f"127.0.0.1:{self.port}",
-                "--workers",
-                str(self.workers),
+                # None: gunicorn.conf.py's own choice.
+                *(["--workers", str(self.workers)] if self.workers else []),
                 *self.extra_args,
                 "wsgi:app",
             ],
@@ -88,7 +88,7 @@ class ServerProcess:
     def wait_workers(self, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
         # SQLite always runs one worker, whatever was asked.
-        expected = self.workers if (self.database_url or "").startswith("postgresql") else 1
+        expected = (self.workers or 1) if (self.database_url or "").startswith("postgresql") else 1
         while len(self.worker_pids()) < expected:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self.worker_pids())} of {expected} workers running; see {self.log_path}")
