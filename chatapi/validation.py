@@ -35,6 +35,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_int(literal: str) -> int:
+    # Past 18 digits no seq is that high, and Python refuses to parse very
+    # long digit strings, which are valid JSON all the same (and JSON has no
+    # leading zeros, so the length is the magnitude).
+    if len(literal.lstrip("-")) > 18:
+        return -(10**18) if literal.startswith("-") else 10**18
+    return int(literal)
+
+
 def refuse_oversized_body(request: Request) -> None:
     """413 for a body over MAX_BODY_BYTES, the first check of every request (docs/api.md)."""
     if request.content_length is not None:
@@ -57,7 +66,7 @@ def json_body(request: Request) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
     raw = request.get_data(cache=True)
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):

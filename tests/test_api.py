@@ -604,6 +604,16 @@ def test_read_bad_input(client, pair, body, code) -> None:
     assert response.status_code == 400 and error_code(response) == code
 
 
+@pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000])
+def test_a_read_mark_of_thousands_of_digits_is_valid_json_but_no_seq(client, pair, number) -> None:
+    """Python will not read a number that long; it is valid JSON, and too high (or low) a seq."""
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "a")
+    url = f"{API}/conversations/{conversation_id}/read"
+    response = client.post(url, data=f'{{"seq": {number}}}', content_type="application/json", headers=bob)
+    assert response.status_code == 400 and error_code(response) == "invalid_seq"
+
+
 def test_sending_counts_as_reading(client, pair) -> None:
     alice, bob, conversation_id = pair
     send(client, alice, conversation_id, "question?")
