@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from chatapi import validation
+from chatapi import validation, wire
 from chatapi.chat import Caller, Chat, unauthorized
 from chatapi.errors import ApiError
 from chatapi.longpoll import Page
@@ -156,7 +156,9 @@ def list_messages(conversation_id: int) -> Response:
     page: Page = chat().messages(
         caller, bearer_token(), conversation_id, after=after, before=before, limit=limit, timeout=timeout
     )
-    return respond({"messages": page.items, "last_seq": page.head})
+    # A page after a cursor continues from its first items; history and the latest from their last.
+    messages = wire.within_page_size(page.items, keep_last=after is None)
+    return respond({"messages": messages, "last_seq": page.head})
 
 
 @bp.get("/events")
@@ -170,7 +172,7 @@ def list_events() -> Response:
         limit = validation.limit_param(request.args)
         timeout = _long_poll_timeout()
     page = chat().events(bearer_token(), after=after, limit=limit, timeout=timeout)
-    return respond({"events": page.items, "last_pos": page.head})
+    return respond({"events": wire.within_page_size(page.items), "last_pos": page.head})
 
 
 @bp.get("/openapi.json")

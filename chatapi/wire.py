@@ -101,3 +101,31 @@ def event_json(row: Any) -> Json:
     if row.kind == "receipt":
         return receipt_json(row.pos, row.event_conversation_id, row.subject, row.delivered_seq, row.read_seq)
     return {"pos": row.pos, "type": "conversation", "conversation": new_conversation_json(row)}
+
+
+# A page stops short of `limit` items once its texts could pass this many
+# bytes of JSON: 1,000 messages of 4,000 emoji would be 48 MB (JSON escapes
+# each as two \uXXXX, 12 bytes), held in memory for as long as a client
+# leaves the answer unread. Clients already ask again when the last item is
+# below the head (the contract's "limit cut the page"). Escaping keeps every
+# answer ASCII: a character that cannot be UTF-8 can never fail a response.
+PAGE_MAX_BYTES = 1 << 20
+_ITEM_BYTES = 256  # an item's JSON but its text, generously
+_BYTES_PER_CHARACTER = 12
+
+
+def _size(item: Json) -> int:
+    message = item.get("message") or item
+    return _ITEM_BYTES + _BYTES_PER_CHARACTER * len(message.get("text") or "")
+
+
+def within_page_size(items: list[Json], *, keep_last: bool = False) -> list[Json]:
+    """`items` cut to PAGE_MAX_BYTES, always keeping one: the first ones, or the last ones
+    (a page of history, which the client continues below its lowest item)."""
+    ordered = reversed(items) if keep_last else items
+    total = 0
+    for count, item in enumerate(ordered):
+        total += _size(item)
+        if total > PAGE_MAX_BYTES and count > 0:
+            return items[len(items) - count :] if keep_last else items[:count]
+    return items

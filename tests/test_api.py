@@ -13,6 +13,7 @@ from flask import Flask
 from sqlalchemy import event, select
 
 from chatapi.models import Token, User
+from chatapi.wire import PAGE_MAX_BYTES
 
 API = "/api/v1"
 
@@ -404,6 +405,43 @@ def test_pages_hold_100_items_unless_told(client, pair) -> None:
     assert [m["seq"] for m in latest["messages"]] == list(range(21, 121))
     page = client.get(f"{API}/conversations/{conversation_id}/messages?after=0&timeout=0", headers=alice).json
     assert [m["seq"] for m in page["messages"]] == list(range(1, 101)) and page["last_seq"] == 120
+
+
+def test_pages_of_long_texts_stop_at_a_megabyte(client, pair) -> None:
+    """A page is cut by size as well as by `limit` (wire.PAGE_MAX_BYTES): a full page
+    of the longest texts would be tens of megabytes held per unread answer. Clients
+    carry on from the page's edge as after any cut page, and miss nothing."""
+    alice, bob, conversation_id = pair
+    longest = "🙂" * 4000
+    for n in range(30):
+        send(client, alice, conversation_id, f"{n:02d}" + longest[2:])
+    url = f"{API}/conversations/{conversation_id}/messages"
+
+    def page(query: str) -> tuple[list[int], int]:
+        response = client.get(f"{url}?{query}&limit=1000&timeout=0", headers=bob)
+        assert len(response.data) <= PAGE_MAX_BYTES
+        return [m["seq"] for m in response.json["messages"]], response.json["last_seq"]
+
+    first, head = page("after=0")
+    assert head == 30 and first == list(range(1, len(first) + 1)) and 10 <= len(first) < 30
+    rest, _ = page(f"after={first[-1]}")
+    assert first + rest == list(range(1, 31))
+    # History keeps the newest of its range, and pages back from its lowest.
+    latest, _ = page("x=1")
+    assert latest == list(range(31 - len(latest), 31)) and len(latest) < 30
+    earlier, _ = page(f"before={latest[0]}")
+    assert earlier == list(range(1, latest[0]))
+    # The event stream too: in order, without gaps, to the head.
+    cursor, positions = 0, []
+    while True:
+        response = client.get(f"{API}/events?after={cursor}&limit=1000&timeout=0", headers=bob)
+        assert len(response.data) <= PAGE_MAX_BYTES
+        body = response.json
+        if not body["events"]:
+            break
+        positions += [e["pos"] for e in body["events"]]
+        cursor = positions[-1]
+    assert positions == list(range(1, body["last_pos"] + 1)) and body["last_pos"] > 61
 
 
 @pytest.mark.parametrize(

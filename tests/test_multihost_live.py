@@ -142,6 +142,12 @@ def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> Non
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     stranger = api.get(f"/api/v1/conversations/{conversation}", headers={"Authorization": "Bearer nope"})
     assert stranger.status_code == 401 and stranger.headers["WWW-Authenticate"] == "Bearer"
+
+    # Metrics are for the monitoring system, which asks the instances; the proxy says neither what nor which.
+    hidden = api.get("/metrics")
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+    assert "nginx/" not in hidden.headers.get("Server", "")
+    assert requests.get(instances[0].base_url + "/metrics", timeout=10).status_code == 200
     assert api.get("/api/v1/openapi.json").json()["openapi"].startswith("3.")
     assert api.get("/healthz").status_code == 200
     page = api.get("/")
