@@ -12,7 +12,8 @@ import json
 import math
 import time
 
-from flask import Flask, Response, request
+import gevent.lock
+from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 
 from chatapi.api import current_caller
@@ -54,6 +55,25 @@ def _no_valid_caller() -> bool:
     return False
 
 
+class OneAtATime:
+    """Mutual exclusion by key, within this process; a key nobody holds or awaits is forgotten."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[gevent.lock.Semaphore, list[int]]] = {}
+
+    def acquire(self, key: str) -> None:
+        lock, users = self._locks.setdefault(key, (gevent.lock.Semaphore(), [0]))
+        users[0] += 1
+        lock.acquire()
+
+    def release(self, key: str) -> None:
+        lock, users = self._locks[key]
+        lock.release()
+        users[0] -= 1
+        if not users[0]:
+            del self._locks[key]
+
+
 def _failed_signin(response: Response) -> bool:
     return response.status_code == 401
 
@@ -89,6 +109,25 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     views["api.send_message"] = limiter.limit(
         settings.rate_limit_send_per_user, key_func=_sending_user, exempt_when=_no_valid_caller
     )(views["api.send_message"])
+
+    # A failed sign-in counts once its answer is known (after_request), so
+    # attempts sent all at once would all be checked before any counted: a
+    # burst of guesses for one username would pass its limit by as many as
+    # were sent. Here each waits for the previous attempt on its username to
+    # have counted (per process, like the memory:// counters).
+    signin_turns = OneAtATime()
+
+    @app.before_request
+    def _take_signin_turn() -> None:
+        if request.endpoint == "api.create_token":
+            g.signin_turn = _signin_username()
+            signin_turns.acquire(g.signin_turn)
+
+    @app.teardown_request
+    def _end_signin_turn(error: BaseException | None) -> None:
+        turn = g.pop("signin_turn", None)
+        if turn is not None:
+            signin_turns.release(turn)
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(error: RateLimitExceeded) -> Response:

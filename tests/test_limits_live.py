@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,34 @@ def test_every_rate_limit_answers_429_with_retry_after(limited_server: ServerPro
     assert bob.send(conversation, "my own budget")["seq"] == 6
     # Only acknowledged messages exist: the refused send stored nothing.
     assert [m["text"] for m in bob.messages(conversation)["messages"]][-1] == "my own budget"
+
+
+def test_a_burst_of_guesses_for_one_username_gets_no_more_than_its_limit(start_server, tmp_path: Path) -> None:
+    """Each failure counts once answered; attempts sent at the same moment must not all be
+    checked before the first one counts. (One worker: the memory:// counters are per process.)"""
+    server = start_server(
+        f"sqlite:///{tmp_path / 'burst.sqlite3'}",
+        env={
+            **LIMITS,
+            "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "5/minute",
+            "CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS": "1000/minute",
+        },
+    )
+    victim = Api(server.base_url).signed_up()
+    barrier = threading.Barrier(20)
+    statuses: list[int] = []
+
+    def guess(n: int) -> None:
+        guesser = Api(server.base_url)
+        barrier.wait()
+        statuses.append(_sign_in(guesser, victim.username.upper(), f"guess number {n}").status_code)
+
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses) == [401] * 5 + [429] * 15
 
 
 def test_sends_without_a_valid_token_are_refused_401_not_limited_nor_logged(limited_server) -> None:
