@@ -159,15 +159,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         validation.refuse_oversized_body(request)
 
     @app.after_request
-    def _no_store(response: Response) -> Response:
+    def _headers_of_every_answer(response: Response) -> Response:
         # Every answer is live data: the API, errors, health and metrics (a
         # cached copy would lie to clients, probes and scrapers). The web
         # page's files set their own policy (revalidate on every load).
         response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
-    @app.after_request
-    def _close_while_draining(response: Response) -> Response:
         # After SIGTERM no answer keeps its connection: the client's next
         # request must reach a live process, not this one (whose long-polls
         # answer at once, so a client would spin on it until it is killed).
