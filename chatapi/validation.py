@@ -150,10 +150,8 @@ def int_param(args: MultiDict[str, str], name: str, *, low: int, high: int | Non
     rule = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
     if not _INTEGER.fullmatch(raw):
         raise _parameter_error(name, rule)
-    # Past 18 significant digits the exact value cannot matter (no head is
-    # that high), and Python refuses to parse very long digit strings.
-    digits = raw.lstrip("0") or "0"
-    value = int(digits) if len(digits) <= 18 else 10**18
+    # Zeros in front add nothing; past 18 digits, see _parse_int.
+    value = _parse_int(raw.lstrip("0") or "0")
     if value < low or (high is not None and value > high):
         raise _parameter_error(name, rule)
     return value

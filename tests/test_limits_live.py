@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import requests
 from chatapi import Settings, create_app
 from tests.conftest import migrate
 from tests.support.api import PASSWORD, Api, unique_name
-from tests.support.faults import Background
+from tests.support.faults import Background, at_once
 from tests.support.metrics import wait_for_waiting_polls, waiting_polls
 from tests.support.nginx import NginxProcess
 from tests.support.server import ServerProcess
@@ -92,20 +91,11 @@ def test_a_burst_of_guesses_for_one_username_gets_no_more_than_its_limit(start_s
         },
     )
     victim = Api(server.base_url).signed_up()
-    barrier = threading.Barrier(20)
-    statuses: list[int] = []
-
-    def guess(n: int) -> None:
-        guesser = Api(server.base_url)
-        barrier.wait()
-        statuses.append(_sign_in(guesser, victim.username.upper(), f"guess number {n}").status_code)
-
-    threads = [threading.Thread(target=guess, args=(n,)) for n in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert sorted(statuses) == [401] * 5 + [429] * 15
+    guessers = [Api(server.base_url) for _ in range(20)]
+    answers = at_once(
+        [lambda g=g, n=n: _sign_in(g, victim.username.upper(), f"guess number {n}") for n, g in enumerate(guessers)]
+    )
+    assert sorted(answer.status_code for answer in answers) == [401] * 5 + [429] * 15
 
 
 def test_sends_without_a_valid_token_are_refused_401_not_limited_nor_logged(limited_server) -> None:

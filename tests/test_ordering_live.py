@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.support.api import Api
-from tests.support.faults import wait_until
+from tests.support.faults import at_once, wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
 from tests.support.postgres import query_value
 
@@ -291,30 +291,13 @@ def test_acknowledging_polls_commit_in_groups(postgres_url: str, start_server) -
     )
 
 
-def _at_once(calls: list) -> list:
-    """Every call at the same moment, each on a thread of its own; their results, in order."""
-    barrier = threading.Barrier(len(calls))
-    answers: list = [None] * len(calls)
-
-    def run(n: int) -> None:
-        barrier.wait()
-        answers[n] = calls[n]()
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return answers
-
-
 @pytest.mark.postgres
 def test_both_parties_starting_at_once_get_one_conversation(postgres_url: str, start_server) -> None:
     server = start_server(postgres_url, workers=2)
     api = Api(server.base_url)
     for _ in range(8):
         alice, bob = api.signed_up(), api.signed_up()
-        answers = _at_once(
+        answers = at_once(
             [
                 lambda alice=alice, bob=bob: alice.post("/api/v1/conversations", {"peer": bob.username}),
                 lambda alice=alice, bob=bob: bob.post("/api/v1/conversations", {"peer": alice.username}),
@@ -338,7 +321,7 @@ def test_a_send_racing_its_own_retries_is_stored_once(postgres_url: str, start_s
     senders = [Api(server.base_url, alice.token) for _ in range(6)]
     for n in range(5):
         body = {"text": f"once {n}", "client_id": f"k{n}"}
-        answers = _at_once([lambda sender=sender, body=body: sender.post(url, body) for sender in senders])
+        answers = at_once([lambda sender=sender, body=body: sender.post(url, body) for sender in senders])
         assert sorted(a.status_code for a in answers) == [200] * 5 + [201], [a.text for a in answers]
         assert all(a.json() == answers[0].json() for a in answers)
     stored = alice.messages(conversation)["messages"]

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import psycopg2
 import requests
@@ -108,6 +109,19 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         time.sleep(interval)
+
+
+def at_once(calls: list[Callable[[], object]], timeout: float = 60) -> list:
+    """Every call at the same moment, each on a thread of its own; their results in order
+    (a call's exception is raised here)."""
+    barrier = threading.Barrier(len(calls))
+
+    def when_all_are_ready(call: Callable[[], object]) -> object:
+        barrier.wait()
+        return call()
+
+    running = [Background(partial(when_all_are_ready, call)) for call in calls]
+    return [background.join(timeout) for background in running]
 
 
 class Background:
