@@ -19,10 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import Timeout
+from gevent.pywsgi import Input
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
 if TYPE_CHECKING:
@@ -71,6 +73,65 @@ def _protocol_error(status: str, reason: str, message: str) -> bytes:
         "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _seconds(name: str, default: str) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise SystemExit(f"{name} must be a number of seconds above 0")
+    return value
+
+
+# Seconds a request's body may take to arrive, counted from the end of its
+# head. A client that announces a body and sends it slowly, or never, would
+# otherwise hold its connection and greenlet for as long as it likes. 30 s
+# carries the largest body (64 KiB) over a link of about 2 KB/s.
+BODY_TIMEOUT_SECS = _seconds("CHATAPI_BODY_TIMEOUT_SECS", "30")
+
+
+class BodyWithDeadline(Input):
+    """pywsgi's request body, read by a deadline: past it the app's read
+    raises a 408 (werkzeug's RequestTimeout, answered in the contract's
+    error shape) and the connection closes after the answer."""
+
+    __slots__ = ("deadline", "timed_out")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = time.monotonic() + BODY_TIMEOUT_SECS
+        self.timed_out = False
+
+    def _by_deadline(self, read: Any, *args: Any, **kwargs: Any) -> bytes:
+        # What is already buffered is read even past the deadline: a request
+        # that waited for the CPU is not the client's fault.
+        with Timeout(max(self.deadline - time.monotonic(), 0.001), False):
+            return read(*args, **kwargs)
+        self.timed_out = True
+        from werkzeug.exceptions import RequestTimeout  # not at the top: see the module's docstring
+
+        raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT_SECS:g} s")
+
+    def _do_read(self, *args: Any, **kwargs: Any) -> bytes:
+        return self._by_deadline(super()._do_read, *args, **kwargs)
+
+    def _chunked_read(self, *args: Any, **kwargs: Any) -> bytes:
+        return self._by_deadline(super()._chunked_read, *args, **kwargs)
+
+    def _discard(self) -> None:
+        # After the answer pywsgi reads what the app left of the body, to
+        # reach the next request. Past the deadline the connection closes
+        # instead: a closed rfile ends pywsgi's loop over its requests.
+        try:
+            if not self.timed_out:
+                super()._discard()
+        except Exception:
+            if not self.timed_out:
+                raise
+        if self.timed_out:
+            self.rfile.close()
 
 
 # pywsgi answers these with an empty body; every error of ours is JSON.
@@ -123,6 +184,19 @@ class KeepAliveHandler(PyWSGIHandler):
             raise ValueError(f"Content-Length given as {lengths}")
         return headers
 
+    def get_environ(self) -> dict[str, Any]:
+        # The body is read by a deadline. And it is always read through its
+        # length: pywsgi hands the bare socket to a request with "Connection:
+        # upgrade" (for WebSockets, which chatapi does not serve), and Werkzeug
+        # then read a POST's body until the client closed the connection.
+        environ = super().get_environ()
+        self.wsgi_input = BodyWithDeadline(
+            self.rfile, self.content_length, socket=self.wsgi_input.socket, chunked_input=self.wsgi_input.chunked_input
+        )
+        environ["wsgi.input"] = self.wsgi_input
+        environ["wsgi.input_terminated"] = True
+        return environ
+
     def handle_one_request(self) -> Any:
         # pywsgi refuses a malformed request line or head (or one over its
         # limits) itself, with a (status, whole response) pair.
@@ -133,10 +207,11 @@ class KeepAliveHandler(PyWSGIHandler):
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         # Once the worker is shutting down, no connection is kept alive. Nor
-        # is one whose chunked body was malformed: the app answers (Werkzeug
-        # turns the read error into a 400), but where the body ends is
-        # unknown, so no next request can be read after it.
-        closing = not self.worker.alive or not self.worker.cfg.keepalive or self.wsgi_input._chunked_input_error
+        # is one whose body was malformed (chunked) or late: the app answers
+        # (400 or 408), but where the body ends is unknown, so no next request
+        # can be read after it.
+        body = self.wsgi_input
+        closing = not self.worker.alive or not self.worker.cfg.keepalive or body._chunked_input_error or body.timed_out
         if closing and not any(name.lower() == "connection" for name, _ in headers):
             headers = [*headers, ("Connection", "close")]
         return super().start_response(status, headers, exc_info)

@@ -198,6 +198,68 @@ def test_a_malformed_chunked_body_closes_the_connection(start_server, tmp_path) 
         assert sock.recv(65536) == b"", "a second answer: the bytes after the bad chunk were read as a request"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        _USERS_HEAD + b'Content-Length: 60\r\n\r\n{"username": ',
+        _USERS_HEAD + b'Transfer-Encoding: chunked\r\n\r\n40\r\n{"username": ',
+        _USERS_HEAD + b"Content-Length: 60\r\n\r\n",
+    ],
+    ids=["cut-short", "chunked-cut-short", "never-sent"],
+)
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
+    start_server, tmp_path, request_bytes: bytes
+) -> None:
+    """Otherwise a client announcing a body it never sends holds a connection for as long as it likes."""
+    server = start_server(f"sqlite:///{tmp_path / 't.sqlite3'}", env={"CHATAPI_BODY_TIMEOUT_SECS": "1"})
+    started = time.monotonic()
+    answer = _send_until_closed(server.port, request_bytes)
+    assert 0.9 < time.monotonic() - started < 2.5
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head, head
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_a_body_within_its_deadline_is_read_however_it_arrives(start_server, tmp_path) -> None:
+    server = start_server(f"sqlite:///{tmp_path / 't.sqlite3'}", env={"CHATAPI_BODY_TIMEOUT_SECS": "1"})
+    body = json.dumps({"username": "slowpoke", "password": "correct horse"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(_USERS_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        assert _read_response(sock).startswith(b"HTTP/1.1 201 ")
+        # The deadline is each request's own: a kept-alive connection carries on.
+        time.sleep(0.7)
+        assert _raw_get(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_the_app_did_not_read_closes_the_connection_at_the_deadline(start_server, tmp_path) -> None:
+    # No route reads this body; pywsgi reads it after the answer to reach the
+    # next request, and that read has the same deadline.
+    server = start_server(f"sqlite:///{tmp_path / 't.sqlite3'}", env={"CHATAPI_BODY_TIMEOUT_SECS": "1"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/v1/nowhere HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{}")
+        assert _read_response(sock).startswith(b"HTTP/1.1 404 ")
+        closed_after = _closed_within(sock, 5)
+        assert closed_after is not None and closed_after < 2, closed_after
+
+
+def test_a_request_asking_for_an_upgrade_is_answered_like_any_other(start_server, tmp_path) -> None:
+    # As a client asking for HTTP/2 may. pywsgi hands such a request the
+    # bare socket (for WebSockets, which chatapi does not serve), and
+    # Werkzeug then read a POST's body until the client closed the
+    # connection: it was never answered before that.
+    server = start_server(f"sqlite:///{tmp_path / 'u.sqlite3'}")
+    body = json.dumps({"username": "upgrader", "password": "correct horse"}).encode()
+    upgrade = b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(_USERS_HEAD + upgrade + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        answer = _read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 201 ") and b'"username":"upgrader"' in answer, answer
+        assert _raw_get(sock).startswith(b"HTTP/1.1 200 ")
+
+
 def _send_until_closed(port: int, request_bytes: bytes) -> bytes:
     """All the server answers to `request_bytes` on a new connection, until it closes it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
