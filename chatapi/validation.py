@@ -78,12 +78,19 @@ _KIND_NAMES = {str: "a string", int: "an integer"}
 
 
 def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
-    """One field of a JSON body, checked for presence and type (bools are not ints)."""
+    """One field of a JSON body, checked for presence and type (bools are not ints).
+
+    An integer may be written with a zero fraction (`12.0`): JSON has one
+    kind of number, and JSON Schema's `integer`, which the OpenAPI document
+    says, counts it an integer.
+    """
     if name not in body or body[name] is None:
         if required:
             raise ApiError(400, "invalid_request", f"'{name}' is required")
         return None
     value = body[name]
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = _parse_int(str(int(value)))
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(400, "invalid_request", f"'{name}' must be {_KIND_NAMES[kind]}")
     return value

@@ -630,7 +630,9 @@ def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
         ({"seq": -1}, "invalid_seq"),
         ({"seq": "1"}, "invalid_request"),
         ({"seq": True}, "invalid_request"),
-        ({"seq": 1.0}, "invalid_request"),
+        ({"seq": 1.5}, "invalid_request"),
+        ({"seq": 4.0}, "invalid_seq"),
+        ({"seq": 1e300}, "invalid_seq"),
         ({}, "invalid_request"),
     ],
 )
@@ -640,6 +642,15 @@ def test_read_bad_input(client, pair, body, code) -> None:
         send(client, alice, conversation_id, text)
     response = client.post(f"{API}/conversations/{conversation_id}/read", json=body, headers=bob)
     assert response.status_code == 400 and error_code(response) == code
+
+
+def test_a_read_mark_with_a_zero_fraction_is_an_integer(client, pair) -> None:
+    """JSON has one kind of number; JSON Schema's integer (the OpenAPI document's) includes 2.0."""
+    alice, bob, conversation_id = pair
+    for text in ("a", "b", "c"):
+        send(client, alice, conversation_id, text)
+    response = client.post(f"{API}/conversations/{conversation_id}/read", json={"seq": 2.0}, headers=bob)
+    assert response.status_code == 200 and response.json["read_seq"] == 2
 
 
 @pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000])
