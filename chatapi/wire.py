@@ -111,12 +111,20 @@ def event_json(row: Any) -> Json:
 # answer ASCII: a character that cannot be UTF-8 can never fail a response.
 PAGE_MAX_BYTES = 1 << 20
 _ITEM_BYTES = 256  # an item's JSON but its text, generously
-_BYTES_PER_CHARACTER = 12
+
+
+def _text_bytes(text: str) -> int:
+    r"""At most how long `text` is as escaped JSON, without encoding it: an
+    ASCII character is one byte or a two-byte escape (\n, \"), any other
+    one in the Basic Multilingual Plane \uXXXX, any beyond it two of those."""
+    if text.isascii():
+        return 2 * len(text)
+    return (12 if max(text) > "\uffff" else 6) * len(text)
 
 
 def _size(item: Json) -> int:
     message = item.get("message") or item
-    return _ITEM_BYTES + _BYTES_PER_CHARACTER * len(message.get("text") or "")
+    return _ITEM_BYTES + _text_bytes(message.get("text") or "")
 
 
 def within_page_size(items: list[Json], *, keep_last: bool = False) -> list[Json]:

@@ -444,6 +444,17 @@ def test_pages_of_long_texts_stop_at_a_megabyte(client, pair) -> None:
     assert positions == list(range(1, body["last_pos"] + 1)) and body["last_pos"] > 61
 
 
+def test_pages_of_long_ascii_texts_are_cut_only_near_a_megabyte(client, pair) -> None:
+    """Each character counts at its longest escape, which for ASCII is 2 bytes, not an emoji's 12."""
+    alice, bob, conversation_id = pair
+    for n in range(130):
+        send(client, alice, conversation_id, f"{n:03d}" + "x" * 3997)
+    response = client.get(f"{API}/conversations/{conversation_id}/messages?limit=1000", headers=bob)
+    seqs = [m["seq"] for m in response.json["messages"]]
+    assert seqs == list(range(131 - len(seqs), 131)) and 120 <= len(seqs) < 130
+    assert PAGE_MAX_BYTES / 4 < len(response.data) <= PAGE_MAX_BYTES
+
+
 @pytest.mark.parametrize(
     "path",
     [
