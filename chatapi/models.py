@@ -11,6 +11,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -112,3 +113,14 @@ class Event(Base):
 
 
 Index("ix_members_user_id", Member.user_id)
+
+
+class Secret(Base):
+    """Keys the service keeps to itself, made by the migrations. `wakeups`
+    signs the wake-up notifications between processes (notify_pg.py): other
+    database roles can send on the channel, but cannot read this table."""
+
+    __tablename__ = "secrets"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)

@@ -6,11 +6,19 @@ Each worker process keeps two dedicated connections outside the pool:
 - a publisher, sending the keys of committed changes with pg_notify(), and
   the events they pushed (wakeups.py) when they fit.
 
-A payload is `origin|key,key,...` followed, when events are pushed, by
-`,{"<user id>": [events], ...}` (JSON, ASCII). Keys never contain `{`, and
-a listener of an older version reads the JSON as keys that match nobody,
-so its waiters still wake (and re-query) during a rolling deploy. A user's
-events that would not fit in one payload are left out: its waiters re-query.
+A payload is `origin.signature|key,key,...` followed, when events are
+pushed, by `,{"<user id>": [events], ...}` (JSON, ASCII). Keys never contain
+`{`, and a listener of an older version reads the JSON as keys that match
+nobody, so its waiters still wake (and re-query) during a rolling deploy. A
+user's events that would not fit in one payload are left out: its waiters
+re-query.
+
+Any role that can connect to the database can NOTIFY on the channel, so the
+signature (HMAC-SHA256 of `origin|keys...`, keyed by the `wakeups` row of
+the `secrets` table, which the migrations make and other roles cannot read)
+is what makes pushed events trusted. A payload without a valid one is a
+hint: its keys' waiters wake and re-query, and its events are dropped. (The
+channel can still be read by such roles: docs/deploy.md.)
 
 Notifications are sent after the data commits, not inside the data
 transaction: PostgreSQL serialises the commits of all transactions that ran
@@ -28,6 +36,8 @@ their next re-check (their timeout) instead of at once.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -54,6 +64,14 @@ RECONNECT_MAX_SECS = 5.0
 # The listener wakes up this often even when idle, to notice a dead
 # connection that the kernel has not reported yet.
 LISTENER_HEARTBEAT_SECS = 10.0
+# The signature: the first 128 bits of an HMAC-SHA256, in hex. A forger
+# must guess among 2^128, and it costs 33 of a payload's 8,000 bytes.
+SIGNATURE_HEX_CHARS = 32
+KEY_QUERY = "SELECT value FROM secrets WHERE name = 'wakeups'"
+
+
+def _signature(key: bytes, signed: str) -> str:
+    return hmac.new(key, signed.encode(), hashlib.sha256).hexdigest()[:SIGNATURE_HEX_CHARS]
 
 
 def _backoff(attempt: int) -> float:
@@ -61,12 +79,12 @@ def _backoff(attempt: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
-def _payloads(origin: str, keys: Iterable[str], pushed: Pushed) -> list[str]:
+def _payloads(origin: str, keys: Iterable[str], pushed: Pushed, signing_key: bytes | None) -> list[str]:
     """Pack keys, and the events pushed for them, into as few payloads as fit PostgreSQL's limit."""
     payloads: list[str] = []
     chunk_keys: list[str] = []
     chunk_events: list[str] = []
-    empty = len(origin) + 1 + 2  # "origin|" and the braces
+    empty = len(origin) + 1 + SIGNATURE_HEX_CHARS + 1 + 2  # "origin.signature|" and the braces
     size = empty
     for key in keys:
         user_id = key_user(key)
@@ -76,44 +94,50 @@ def _payloads(origin: str, keys: Iterable[str], pushed: Pushed) -> list[str]:
         if entry and empty + cost > MAX_PAYLOAD_BYTES:
             entry, cost = None, len(key) + 1  # Too big to push: its waiters re-query.
         if chunk_keys and size + cost > MAX_PAYLOAD_BYTES:
-            payloads.append(_payload(origin, chunk_keys, chunk_events))
+            payloads.append(_payload(origin, chunk_keys, chunk_events, signing_key))
             chunk_keys, chunk_events, size = [], [], empty
         chunk_keys.append(key)
         if entry:
             chunk_events.append(entry)
         size += cost
     if chunk_keys:
-        payloads.append(_payload(origin, chunk_keys, chunk_events))
+        payloads.append(_payload(origin, chunk_keys, chunk_events, signing_key))
     return payloads
 
 
-def _payload(origin: str, keys: list[str], events: list[str]) -> str:
-    text = origin + "|" + ",".join(keys)
-    return text + ",{" + ",".join(events) + "}" if events else text
+def _payload(origin: str, keys: list[str], events: list[str], signing_key: bytes | None) -> str:
+    body = ",".join(keys) + (",{" + ",".join(events) + "}" if events else "")
+    if signing_key is None:
+        return origin + "|" + body
+    return f"{origin}.{_signature(signing_key, origin + '|' + body)}|{body}"
 
 
-def _parse(payload: str) -> tuple[str, list[str], dict[int, list]]:
+def _parse(payload: str, signing_key: bytes | None) -> tuple[str, list[str], dict[int, list]]:
     """A payload's origin, keys and pushed events (see the module docstring).
 
-    Anyone who can connect to the database can NOTIFY on the channel, so a
-    payload that is not exactly our shape raises ValueError, and its
-    reader wakes every waiter instead of trusting any part of it.
+    A payload that is not exactly our shape raises ValueError, and its
+    reader wakes every waiter instead of trusting any part of it. One that
+    is, but is not signed with `signing_key`, gives its keys and no events.
     """
-    origin, bar, body = payload.partition("|")
+    head, bar, body = payload.partition("|")
     if not bar:
         raise ValueError("no origin")
+    origin, _, signature = head.partition(".")
     joined, brace, events = body.partition(",{")
     keys = joined.split(",")
     for key in keys:
         key_user(key)  # ValueError for a user key without a number
     pushed: dict[int, list] = {}
-    if brace:
+    signed = signing_key is not None and hmac.compare_digest(signature, _signature(signing_key, origin + "|" + body))
+    if brace and signed:
         for user_id, found in json.loads("{" + events).items():
             if not isinstance(found, list) or not all(
                 isinstance(event, dict) and type(event.get("pos")) is int for event in found
             ):
                 raise ValueError(f"pushed events of the wrong shape for user {user_id!r}")
             pushed[int(user_id)] = found
+    elif brace:
+        log.warning("wake-up notification from %.40r with events but no valid signature: events dropped", origin)
     return origin, keys, pushed
 
 
@@ -129,6 +153,7 @@ class PostgresNotifier:
         self._pending: set[str] = set()
         self._pending_pushed: dict[int, list | None] = {}
         self._has_pending = gevent.event.Event()
+        self._signing_key: bytes | None = None  # read from the database as each connection opens
         self._started_in_pid: int | None = None
         self._greenlets: list[gevent.Greenlet] = []
         self.listening = gevent.event.Event()
@@ -159,6 +184,14 @@ class PostgresNotifier:
         # Named for pg_stat_activity: chatapi-listener, chatapi-publisher.
         conn = psycopg2.connect(self._dsn, application_name=f"chatapi-{role}")
         conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(KEY_QUERY)
+                row = cur.fetchone()
+            self._signing_key = bytes(row[0]) if row else None
+        except psycopg2.ProgrammingError as exc:  # the schema is not migrated yet
+            log.warning("no key to sign wake-ups with (%s): events are not pushed across processes", exc)
+            self._signing_key = None
         return conn
 
     def _publish_forever(self) -> None:
@@ -177,7 +210,7 @@ class PostgresNotifier:
                     if attempt:
                         keys.add(WAKE_ALL)
                 with conn.cursor() as cur:
-                    for payload in _payloads(self._origin, sorted(keys), pushed):
+                    for payload in _payloads(self._origin, sorted(keys), pushed, self._signing_key):
                         cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 attempt = 0
             except Exception as exc:
@@ -232,7 +265,7 @@ class PostgresNotifier:
         pushed: dict[int, list | None] = {}
         for payload in payloads:
             try:
-                origin, payload_keys, payload_pushed = _parse(payload)
+                origin, payload_keys, payload_pushed = _parse(payload, self._signing_key)
             except ValueError:
                 # Not ours to read (another program on the channel, or a
                 # damaged payload): whatever it meant, every waiter re-checks.

@@ -14,6 +14,7 @@ import requests
 from chatapi.notify_pg import CHANNEL
 from tests.support.api import Api
 from tests.support.faults import Background
+from tests.support.metrics import wait_for_waiting_polls
 from tests.support.nginx import NginxProcess
 from tests.support.postgres import query_value
 from tests.support.server import ServerProcess
@@ -99,6 +100,36 @@ def test_foreign_notifications_on_the_channel_leave_the_listeners_working(instan
     _assert_wakeups_cross_instances(a, b)
     # The same listening connections: none failed and was replaced (which would also wake everyone).
     assert query_value(a.database_url, backends) == listening
+
+
+def test_events_forged_on_the_channel_never_reach_a_client(instances) -> None:
+    """A well-formed notification from another database role, pushing a message
+    bob never got: his poll is woken, re-queries, and answers only what the
+    database holds (unsigned events are dropped, notify_pg.py)."""
+    a, _ = instances
+    alice = Api(a.base_url).signed_up()
+    bob = Api(a.base_url).signed_up()
+    conversation = alice.start(bob.username)["id"]
+    bob_id, head = bob.get("/api/v1/me").json()["id"], bob.events()["last_pos"]
+    forged = {
+        "pos": head + 1,
+        "type": "message",
+        "message": {
+            "id": 1,
+            "conversation_id": conversation,
+            "seq": 1,
+            "sender": alice.username,
+            "text": "forged",
+            "client_id": None,
+            "created_at": "2026-11-25T00:00:00.000000Z",
+        },
+    }
+    for signature in ("", ".0123456789abcdef0123456789abcdef"):
+        poll = Background(lambda: bob.events(after=head, timeout=3))
+        wait_for_waiting_polls(a.base_url, 1)
+        payload = f"forger{signature}|u:{bob_id}," + json.dumps({str(bob_id): [forged]})
+        query_value(a.database_url, f"SELECT pg_notify('{CHANNEL}', '{payload}')::text")
+        assert poll.join(10) == {"events": [], "last_pos": head}
 
 
 def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> None:

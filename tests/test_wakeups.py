@@ -178,11 +178,14 @@ def test_pushed_events_answer_only_with_the_run_right_after_the_cursor() -> None
     assert answer(4, 2, [_event(5), _event(6), _event(7)]) == Page([_event(5), _event(6)], 7)
 
 
+KEY = b"k" * 32
+
+
 def test_notification_payloads_carry_keys_and_the_events_that_fit() -> None:
     keys = [conversation_key(9), user_key(1), user_key(2), user_key(3)]
     big = [dict(_event(8), user="é" * 2000)]  # 12,000 bytes as JSON: cannot be pushed
-    payloads = notify_pg._payloads("origin", keys, {1: [_event(5), _event(6)], 2: big})
-    parsed = [notify_pg._parse(payload) for payload in payloads]
+    payloads = notify_pg._payloads("origin", keys, {1: [_event(5), _event(6)], 2: big}, KEY)
+    parsed = [notify_pg._parse(payload, KEY) for payload in payloads]
     assert all(len(payload.encode()) < notify_pg.MAX_PAYLOAD_BYTES for payload in payloads)
     assert [key for _, found, _ in parsed for key in found] == keys
     assert {origin for origin, _, _ in parsed} == {"origin"}
@@ -193,16 +196,36 @@ def test_notification_payloads_carry_keys_and_the_events_that_fit() -> None:
 def test_an_older_listener_still_reads_every_key_of_a_payload_with_events() -> None:
     """A rolling deploy: the previous version split the payload on commas after the origin."""
     keys = [conversation_key(9), user_key(1)]
-    (payload,) = notify_pg._payloads("origin", keys, {1: [_event(5)]})
+    (payload,) = notify_pg._payloads("origin", keys, {1: [_event(5)]}, KEY)
     _, _, joined = payload.partition("|")
     assert joined.split(",")[: len(keys)] == keys
 
 
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda payload: payload.replace("origin.", "origin.0", 1)[: len(payload)],  # another signature
+        lambda payload: payload.split(".", 1)[0] + payload[payload.index("|") :],  # none
+        lambda payload: payload.replace('"pos":5', '"pos":6'),  # other events under the signature
+        lambda payload: payload.replace("origin.", "other.", 1),  # another origin under it
+    ],
+    ids=["wrong-signature", "unsigned", "events-changed", "origin-changed"],
+)
+def test_events_are_trusted_only_under_a_valid_signature(forge) -> None:
+    """Any database role can NOTIFY: without our key's signature a payload only wakes (and its waiters re-query)."""
+    keys = [conversation_key(9), user_key(1)]
+    (payload,) = notify_pg._payloads("origin", keys, {1: [_event(5)]}, KEY)
+    assert notify_pg._parse(payload, KEY)[2] == {1: [_event(5)]}
+    assert notify_pg._parse(payload, b"another key" * 3)[1:] == (keys, {})
+    assert notify_pg._parse(forge(payload), KEY)[1:] == (keys, {})
+    assert notify_pg._parse(payload, None)[1:] == (keys, {}), "no key to check with: nothing is trusted"
+
+
 def test_many_keys_split_into_payloads_that_fit() -> None:
     keys = [user_key(n) for n in range(3000)]
-    payloads = notify_pg._payloads("origin", keys, {n: [_event(n)] for n in range(3000)})
+    payloads = notify_pg._payloads("origin", keys, {n: [_event(n)] for n in range(3000)}, KEY)
     assert len(payloads) > 1 and all(len(payload) < notify_pg.MAX_PAYLOAD_BYTES for payload in payloads)
-    parsed = [notify_pg._parse(payload) for payload in payloads]
+    parsed = [notify_pg._parse(payload, KEY) for payload in payloads]
     assert [key for _, found, _ in parsed for key in found] == keys
     assert {user: events for _, _, found in parsed for user, events in found.items()} == {
         n: [_event(n)] for n in range(3000)
