@@ -13,7 +13,12 @@ Json = dict[str, Any]
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """A stored (naive, UTC) time as the contract spells it: always six decimals, then Z.
+
+    isoformat takes a third of strftime's time, and every message and event
+    answered spells one (docs/performance.md, change 32).
+    """
+    return moment.isoformat(timespec="microseconds") + "Z"
 
 
 def user_json(user_id: int, username: str) -> Json:

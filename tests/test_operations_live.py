@@ -71,6 +71,16 @@ def test_registration_can_be_switched_off(start_server, tmp_path) -> None:
     assert response.status_code == 403 and response.json()["error"]["code"] == "registration_closed"
 
 
+@pytest.mark.parametrize("access_log", ["-", None])
+def test_the_access_log_is_written_only_when_switched_on(start_server, tmp_path, access_log: str | None) -> None:
+    env = {"CHATAPI_ACCESS_LOG": access_log} if access_log else None
+    server = start_server(f"sqlite:///{tmp_path / 'a.sqlite3'}", env=env)
+    assert requests.get(server.base_url + "/api/v1/me", timeout=5).status_code == 401
+    server.stop()
+    lines = [line for line in server.log_path.read_text().splitlines() if '"GET /api/v1/me HTTP/1.1" 401' in line]
+    assert len(lines) == (1 if access_log else 0), server.log_path.read_text()
+
+
 # The contract lets the command line choose another worker class; the
 # shutdown promise must hold for gunicorn's own gevent workers too. (Their
 # one difference: connections idle between requests keep them alive until

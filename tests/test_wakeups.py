@@ -251,3 +251,18 @@ def test_an_unreadable_notification_makes_every_waiter_check(payload: str) -> No
     with wakeups.listening([user_key(1)], 1) as alice:
         notifier._deliver([payload])
         assert alice.woken and alice.take_pushed() is None
+
+
+def test_a_process_skips_its_own_notifications_and_takes_the_others() -> None:
+    """publish() wakes the publisher's own waiters; hearing its payload again must not wake them twice."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    notifier = notify_pg.PostgresNotifier("postgresql://unused", wakeups)
+    notifier._signing_key = KEY
+    keys = [user_key(1)]
+    (own,) = notify_pg._payloads(notifier._origin, keys, {1: [_event(5)]}, KEY)
+    (other,) = notify_pg._payloads("other", keys, {1: [_event(5)]}, KEY)
+    with wakeups.listening(keys, 1) as alice:
+        notifier._deliver([own])
+        assert not alice.woken
+        notifier._deliver([other])
+        assert alice.woken and alice.take_pushed() == [_event(5)]
