@@ -80,6 +80,19 @@ def test_a_send_on_one_instance_wakes_a_long_poll_on_the_other(instances) -> Non
     _assert_wakeups_cross_instances(*instances)
 
 
+def test_instances_reach_the_database_through_its_unix_socket(postgres, start_server) -> None:
+    """On the database's host its Unix socket is cheaper than TCP (docs/performance.md, change 32):
+    the app, the migrations and the wake-up connections all take a URL that names it."""
+    database = postgres.new_database().rsplit("/", 1)[1]
+    url = f"postgresql://postgres@/{database}?host={postgres.root}&port={postgres.port}"
+    a, b = start_server(url, workers=1), start_server(url, workers=1)
+    _assert_wakeups_cross_instances(a, b)
+    backends = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chatapi-listener'"
+    assert query_value(url, listening) == 2 and query_value(url, backends) >= 4
+    assert query_value(url, backends + " AND client_addr IS NOT NULL") == 0, "a connection went over TCP"
+
+
 def test_foreign_notifications_on_the_channel_leave_the_listeners_working(instances) -> None:
     """Anyone who can connect to the database can NOTIFY on the wake-up channel.
     A payload that is not ours wakes every waiter once; no listener dies of it."""
