@@ -141,7 +141,14 @@ def send_message(conversation_id: int) -> Response:
 
 def _long_poll_timeout() -> float:
     settings = current_app.extensions["chatapi"].settings
-    return validation.timeout_param(request.args, settings.long_poll_default_secs, settings.long_poll_max_secs)
+    timeout = validation.timeout_param(request.args, settings.long_poll_default_secs, settings.long_poll_max_secs)
+    return 0 if _only_looking() else timeout
+
+
+def _only_looking() -> bool:
+    """HEAD is safe in HTTP: a probe or a link checker looks without reading, so
+    it acknowledges no delivery and waits for nothing (docs/api.md)."""
+    return request.method == "HEAD"
 
 
 @bp.get("/conversations/<id:conversation_id>/messages")
@@ -154,7 +161,14 @@ def list_messages(conversation_id: int) -> Response:
     limit = validation.limit_param(request.args)
     timeout = _long_poll_timeout()
     page: Page = chat().messages(
-        caller, bearer_token(), conversation_id, after=after, before=before, limit=limit, timeout=timeout
+        caller,
+        bearer_token(),
+        conversation_id,
+        after=after,
+        before=before,
+        limit=limit,
+        timeout=timeout,
+        acknowledge=not _only_looking(),
     )
     # A page after a cursor continues from its first items; history and the latest from their last.
     messages = wire.within_page_size(page.items, keep_last=after is None)
@@ -171,7 +185,7 @@ def list_events() -> Response:
         after = validation.int_param(request.args, "after", low=0) or 0
         limit = validation.limit_param(request.args)
         timeout = _long_poll_timeout()
-    page = chat().events(bearer_token(), after=after, limit=limit, timeout=timeout)
+    page = chat().events(bearer_token(), after=after, limit=limit, timeout=timeout, acknowledge=not _only_looking())
     return respond({"events": wire.within_page_size(page.items), "last_pos": page.head})
 
 

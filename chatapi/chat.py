@@ -491,13 +491,18 @@ class Chat:
         before: int | None,
         limit: int,
         timeout: float,
+        acknowledge: bool = True,
     ) -> Page:
+        """A conversation's messages: its history, or those after a cursor, long-polling.
+
+        The cursor acknowledges delivery up to it, unless not `acknowledge`.
+        """
         with self._db.reading() as connection:
             conversation = _membership(connection, caller.id, conversation_id)
             if after is None:
                 return _history(connection, conversation_id, before, limit, conversation.last_seq)
         upto = min(after, conversation.last_seq)
-        if upto > conversation.delivered_seq:
+        if acknowledge and upto > conversation.delivered_seq:
             self._acknowledge_conversation(caller, conversation_id, upto)
 
         def check(connection: Connection) -> tuple[Page, bool]:
@@ -520,8 +525,10 @@ class Chat:
 
     # The event stream -----------------------------------------------------
 
-    def events(self, token: str | None, *, after: int, limit: int, timeout: float) -> Page:
+    def events(self, token: str | None, *, after: int, limit: int, timeout: float, acknowledge: bool = True) -> Page:
         """The events of the token's user after `after`, long-polling up to `timeout`; 401 for a bad token.
+
+        `after` acknowledges the message events up to it, unless not `acknowledge`.
 
         Takes the token, not a Caller: on PostgreSQL the token lookup, the
         acknowledgement and the first check are one round trip
@@ -530,11 +537,12 @@ class Chat:
         if token is None:
             raise unauthorized()
         if self._db.is_postgresql:
-            return self._events_pg(token, after, limit, timeout)
+            return self._events_pg(token, after, limit, timeout, acknowledge)
         caller = self.authenticate(token)
         if caller is None:
             raise unauthorized()
-        self._acknowledge_events(caller, after)
+        if acknowledge:
+            self._acknowledge_events(caller, after)
 
         def check(connection: Connection) -> tuple[Page, bool]:
             head = connection.execute(_EVENT_HEAD, {"user_id": caller.id}).scalar_one()
@@ -542,8 +550,9 @@ class Chat:
 
         return self._long_poll([user_key(caller.id)], caller.id, token, timeout, check, pushed_events(after, limit))
 
-    def _events_pg(self, token: str, after: int, limit: int, timeout: float) -> Page:
-        # The re-checks' parameters (they never acknowledge); the first call acknowledges.
+    def _events_pg(self, token: str, after: int, limit: int, timeout: float, acknowledge: bool) -> Page:
+        # The re-checks' parameters: they never acknowledge. The first call
+        # does (unless only looking), grouped with others (`_polls`).
         params = {
             "token_hash": auth.token_digest(token),
             "after": after,
@@ -553,7 +562,10 @@ class Chat:
         }
         deadline = time.monotonic() + timeout
         since = self._long_polls.sequence
-        rows = self._polls.submit(_Poll(params["token_hash"], after, limit))
+        if acknowledge:
+            rows = self._polls.submit(_Poll(params["token_hash"], after, limit))
+        else:
+            rows = self._db.fetch_all(pg_functions.CALL_POLL, params)
         if not rows:
             raise unauthorized()
         caller_id, receipts = rows[0].caller_id, rows[0].receipts

@@ -618,6 +618,24 @@ def test_messages_cursor_acknowledges_delivery(client, pair) -> None:
     assert bob_receipts() == [(1, 0), (2, 0), (2, 2)]
 
 
+def test_head_looks_without_acknowledging_or_waiting(client, pair) -> None:
+    """HEAD is safe in HTTP: a probe or a link checker must not mark messages delivered, nor wait."""
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "one")
+    head = events(client, bob)["last_pos"]
+    started = time.monotonic()
+    for url, after in ((f"{API}/events", head), (f"{API}/conversations/{conversation_id}/messages", 1)):
+        response = client.head(url, query_string={"after": after, "timeout": 30}, headers=bob)
+        assert response.status_code == 200 and response.data == b""
+        assert response.headers["Cache-Control"] == "no-store"
+    assert time.monotonic() - started < 10, "HEAD waited for news"
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 0
+    assert [e for e in events(client, alice)["events"] if e.get("user") == "bob"] == []
+    # The same GET acknowledges.
+    events(client, bob, after=head)
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
+
+
 def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
     alice, bob, conversation_id = pair
     for text in ("a", "b", "c"):
