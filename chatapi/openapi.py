@@ -191,8 +191,11 @@ _SCHEMAS: Json = {
 def document() -> Json:
     paths = _paths()
     for path, operations in paths.items():
-        if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
-            for operation in operations.values():
+        for operation in operations.values():
+            # Any request's body is held to the limit before anything else
+            # (validation.refuse_oversized_body), a GET's too.
+            operation["responses"].setdefault("413", _BODY_ERRORS["413"])
+            if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
                 operation["responses"].update(_UNAVAILABLE)  # every one of them needs the database
     return {
         "openapi": "3.1.0",

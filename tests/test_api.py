@@ -771,6 +771,9 @@ def test_body_size_limit_is_64_kib(client, pair) -> None:
     over = exact[:-2] + 'x"}'
     response = client.post(url, data=over, content_type="application/json", headers=alice)
     assert response.status_code == 413 and error_code(response) == "payload_too_large"
+    # Whatever the route and method, before the token is looked at.
+    response = client.get(f"{API}/me", data=over, content_type="application/json")
+    assert response.status_code == 413 and error_code(response) == "payload_too_large"
 
 
 def test_ops_endpoints(client) -> None:

@@ -39,6 +39,7 @@ def test_every_operation_documents_success_and_errors(client) -> None:
         for method, operation in operations.items():
             statuses = set(operation["responses"])
             assert any(s.startswith("2") for s in statuses), (method, path)
+            assert "413" in statuses, (method, path)  # any request's body is held to 64 KiB
             if operation.get("security"):
                 assert "401" in statuses, (method, path)
             if "requestBody" in operation:
