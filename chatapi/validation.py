@@ -4,6 +4,7 @@ the contract's code, so no input can reach the database unchecked."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -91,6 +92,10 @@ def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = Tr
     value = body[name]
     if kind is int and isinstance(value, float) and value.is_integer():
         value = _parse_int(str(int(value)))
+    elif kind is int and isinstance(value, float) and math.isinf(value):
+        # 1e400 is an integer too, but past a float's range Python reads it
+        # as infinity: past 18 digits, as _parse_int reads integers.
+        value = -(10**18) if value < 0 else 10**18
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(400, "invalid_request", f"'{name}' must be {_KIND_NAMES[kind]}")
     return value

@@ -682,9 +682,10 @@ def test_a_read_mark_with_a_zero_fraction_is_an_integer(client, pair) -> None:
     assert response.status_code == 200 and response.json["read_seq"] == 2
 
 
-@pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000])
-def test_a_read_mark_of_thousands_of_digits_is_valid_json_but_no_seq(client, pair, number) -> None:
-    """Python will not read a number that long; it is valid JSON, and too high (or low) a seq."""
+@pytest.mark.parametrize("number", ["9" * 5000, "-" + "9" * 5000, "1e400", "-1e400"])
+def test_a_read_mark_past_any_seq_is_valid_json_but_no_seq(client, pair, number) -> None:
+    """Python will not read 5,000 digits, and reads 1e400 as infinity; each is a valid JSON integer,
+    and too high (or low) a seq."""
     alice, bob, conversation_id = pair
     send(client, alice, conversation_id, "a")
     url = f"{API}/conversations/{conversation_id}/read"
