@@ -90,12 +90,13 @@ def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = Tr
             raise ApiError(400, "invalid_request", f"'{name}' is required")
         return None
     value = body[name]
-    if kind is int and isinstance(value, float) and value.is_integer():
-        value = _parse_int(str(int(value)))
-    elif kind is int and isinstance(value, float) and math.isinf(value):
-        # 1e400 is an integer too, but past a float's range Python reads it
-        # as infinity: past 18 digits, as _parse_int reads integers.
-        value = -(10**18) if value < 0 else 10**18
+    if kind is int and isinstance(value, float):
+        if value.is_integer():
+            value = _parse_int(str(int(value)))
+        elif math.isinf(value):
+            # 1e400 is an integer too, but past a float's range Python reads
+            # it as infinity: past 18 digits, as _parse_int reads integers.
+            value = -(10**18) if value < 0 else 10**18
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(400, "invalid_request", f"'{name}' must be {_KIND_NAMES[kind]}")
     return value
