@@ -81,7 +81,7 @@ def test_a_send_on_one_instance_wakes_a_long_poll_on_the_other(instances) -> Non
 
 
 def test_instances_reach_the_database_through_its_unix_socket(postgres, start_server) -> None:
-    """On the database's host its Unix socket is cheaper than TCP (docs/performance.md, change 32):
+    """On the database's host its Unix socket may be named instead of 127.0.0.1 (docs/deploy.md):
     the app, the migrations and the wake-up connections all take a URL that names it."""
     database = postgres.new_database().rsplit("/", 1)[1]
     url = f"postgresql://postgres@/{database}?host={postgres.root}&port={postgres.port}"

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 from tests.support.server import REPO
 
@@ -54,10 +55,13 @@ def test_the_configuration_table_lists_every_variable_the_code_reads() -> None:
     read |= {f"CHATAPI_RATE_LIMIT_{suffix}" for suffix in re.findall(r'limit\("([A-Z_]+)"\)', code)}
     assert len(read) > 20, f"found only {sorted(read)} in the code: the patterns are out of date"
     assert read - documented == set()
+
     # And no document or example names a variable that does not exist (a
     # misspelt one is silently ignored by whoever sets it).
+    def named(path: Path) -> set[str]:
+        return set(re.findall(r"\b(CHATAPI_[A-Z_]*[A-Z])\b", path.read_text()))
+
     tools = [*(REPO / "bin").iterdir(), *(REPO / "tests").rglob("*.py"), *(REPO / "bench").glob("*.py")]
-    read |= {name for path in tools for name in re.findall(r"\b(CHATAPI_[A-Z_]*[A-Z])\b", path.read_text())}
+    read |= {name for path in tools for name in named(path)}
     for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "deploy").rglob("*.*")]:
-        named = set(re.findall(r"\b(CHATAPI_[A-Z_]*[A-Z])\b", path.read_text()))
-        assert named - read == set(), f"{path.name} names variables nothing reads"
+        assert named(path) - read == set(), f"{path.name} names variables nothing reads"
