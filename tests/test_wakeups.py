@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import time
+
 import gevent
 import pytest
 
 from chatapi import notify_pg
 from chatapi.longpoll import Page, pushed_events
-from chatapi.wakeups import RECENT_WAKEUPS, Wakeups, add_pushed, conversation_key, user_key
+from chatapi.wakeups import RECENT_WAKEUPS, WAKE_ALL, Wakeups, add_pushed, conversation_key, user_key
+from tests.conftest import migrate
 
 
 def test_only_the_concerned_waiters_wake() -> None:
@@ -230,6 +233,38 @@ def test_many_keys_split_into_payloads_that_fit() -> None:
     assert {user: events for _, _, found in parsed for user, events in found.items()} == {
         n: [_event(n)] for n in range(3000)
     }
+
+
+@pytest.mark.postgres
+def test_a_round_of_many_payloads_reaches_the_other_processes_whole(postgres_url: str) -> None:
+    """A publisher sends a round of payloads in one statement (`notify_pg.NOTIFY_ROUND`): each must arrive, signed."""
+    migrate(postgres_url)  # the signing key
+    heard: list[tuple[tuple[str, ...], dict]] = []
+
+    class Recorded(Wakeups):
+        def wake(self, keys, pushed=None) -> int:
+            keys = tuple(key for key in keys if key != WAKE_ALL)  # the listener's wake-all as it connects
+            if keys:
+                heard.append((keys, dict(pushed or {})))
+            return super().wake(keys, pushed)
+
+    keys = [user_key(n) for n in range(3000)]
+    pushed = {n: [_event(n)] for n in range(3000)}
+    assert len(notify_pg._payloads("origin", keys, pushed, KEY)) > 5
+    listener = notify_pg.PostgresNotifier(postgres_url, Recorded(max_waiters_per_user=8))
+    publisher = notify_pg.PostgresNotifier(postgres_url, Wakeups(max_waiters_per_user=8))
+    listener.start()
+    try:
+        assert listener.listening.wait(10)
+        publisher.publish(keys, pushed)
+        deadline = time.monotonic() + 10
+        while sum(len(found) for found, _ in heard) < len(keys) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+    finally:
+        listener.stop()
+        publisher.stop()
+    assert sorted(key for found, _ in heard for key in found) == sorted(keys)
+    assert {user: events for _, found in heard for user, events in found.items()} == pushed
 
 
 @pytest.mark.parametrize(
