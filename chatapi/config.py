@@ -71,12 +71,17 @@ class Settings:
     # instead of opening connections that would only wait on each other.
     db_write_pool_size: int = 10
     # Autocommit connections each worker opens as it starts, in the
-    # background. A pool otherwise grows on demand, and a new connection
-    # (a PostgreSQL backend, then its functions and prepared statements)
-    # took 10-50 ms: the first requests after a start waited for them. In
-    # `bin/bench latency` the first half second's worst delivery went from
-    # 58-108 ms to 14-23 ms (docs/performance.md, change 31).
-    db_pool_warm: int = 4
+    # background: by default the whole pool (unset, it follows
+    # CHATAPI_DB_POOL_SIZE). A pool otherwise grows on demand, and a new
+    # connection (a PostgreSQL backend, then its functions and prepared
+    # statements) took 10-50 ms: the first requests after a start waited
+    # for them, and under load they came all at once, on a machine busy
+    # with the load itself. In `bin/bench latency` R=1000, warming 4 left the
+    # first 3 s at delivery p99 0.26-1.9 s; the whole pool, 0.27-0.39 s
+    # (docs/performance.md, changes 31 and 34). The connections are the
+    # ones the pool would hold under load anyway: the connection budget
+    # (docs/deploy.md) is the same, and is met from the start.
+    db_pool_warm: int = 35
 
     def __post_init__(self) -> None:
         # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
@@ -109,8 +114,9 @@ class Settings:
         database_url = _with_driver(database_url)
         db_pool_size = int(_number(get("CHATAPI_DB_POOL_SIZE"), default.db_pool_size))
         db_max_overflow = int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow))
-        # Unset, it follows a smaller pool down; set above the pool, it is refused.
-        warm_default = min(default.db_pool_warm, db_pool_size + db_max_overflow)
+        # Unset, the whole pool (overflow connections are closed on return:
+        # not worth opening); set above the pool, it is refused.
+        warm_default = db_pool_size
 
         def limit(name: str) -> str:
             """CHATAPI_RATE_LIMIT_<name>; unset or empty, the default."""

@@ -27,9 +27,10 @@ def test_database_url_falls_back_to_database_url() -> None:
     assert Settings.from_env(both).database_url == "sqlite:///y.db"
 
 
-def test_connections_opened_at_start_follow_a_smaller_pool_unless_set() -> None:
-    assert Settings.from_env({}).db_pool_warm == 4
+def test_each_worker_opens_its_whole_pool_at_start_unless_set() -> None:
+    assert Settings.from_env({}).db_pool_warm == Settings().db_pool_size == 35
     assert Settings.from_env({"CHATAPI_DB_POOL_SIZE": "2"}).db_pool_warm == 2
+    assert Settings.from_env({"CHATAPI_DB_POOL_SIZE": "50", "CHATAPI_DB_MAX_OVERFLOW": "5"}).db_pool_warm == 50
     assert Settings.from_env({"CHATAPI_DB_POOL_WARM": "0"}).db_pool_warm == 0
 
 
