@@ -7,18 +7,21 @@ Each worker process keeps two dedicated connections outside the pool:
   the events they pushed (wakeups.py) when they fit.
 
 A payload is `origin.signature|key,key,...` followed, when events are
-pushed, by `,{"<user id>": [events], ...}` (JSON, ASCII). Keys never contain
-`{`, and a listener of an older version reads the JSON as keys that match
-nobody, so its waiters still wake (and re-query) during a rolling deploy. A
-user's events that would not fit in one payload are left out: its waiters
-re-query.
+pushed, by `,~` and the events sealed: `{"<user id>": [events], ...}` (JSON)
+encrypted with AES-256-GCM under a fresh 96-bit nonce, in URL-safe base64.
+Keys never contain `~` or `,`, and a listener of an older version reads the
+sealed events as one more key that matches nobody, so its waiters still
+wake (and re-query) during a rolling deploy. A user's events that would not
+fit in one payload are left out: its waiters re-query.
 
-Any role that can connect to the database can NOTIFY on the channel, so the
-signature (HMAC-SHA256 of `origin|keys...`, keyed by the `wakeups` row of
-the `secrets` table, which the migrations make and other roles cannot read)
-is what makes pushed events trusted. A payload without a valid one is a
-hint: its keys' waiters wake and re-query, and its events are dropped. (The
-channel can still be read by such roles: docs/deploy.md.)
+Any role that can connect to the database can LISTEN and NOTIFY on the
+channel. The `wakeups` row of the `secrets` table (made by the migrations,
+not readable by other roles) keys both protections: the signature
+(HMAC-SHA256 of `origin|keys...`) is what makes pushed events trusted, and
+the encryption (its key derived with HKDF) keeps them from being read. A
+payload without a valid signature is a hint: its keys' waiters wake and
+re-query, and its events are dropped. What such a role can still read is
+which user and conversation ids are woken, and when (docs/deploy.md).
 
 Notifications are sent after the data commits, not inside the data
 transaction: PostgreSQL serialises the commits of all transactions that ran
@@ -44,6 +47,9 @@ their next re-check (their timeout) instead of at once.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -56,6 +62,10 @@ from collections.abc import Iterable
 import gevent
 import gevent.event
 import psycopg2
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gevent.select import select
 
 from chatapi.wakeups import WAKE_ALL, Pushed, Wakeups, add_pushed, key_user
@@ -76,6 +86,10 @@ LISTENER_HEARTBEAT_SECS = 10.0
 # must guess among 2^128, and it costs 33 of a payload's 8,000 bytes.
 SIGNATURE_HEX_CHARS = 32
 KEY_QUERY = "SELECT value FROM secrets WHERE name = 'wakeups'"
+# Sealed events: `,~` then base64 of the nonce, the ciphertext and GCM's tag.
+SEALED_MARK = ",~"
+NONCE_BYTES = 12
+TAG_BYTES = 16
 # A round of payloads: one statement, one transaction (see the module docstring).
 NOTIFY_ROUND = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload"
 
@@ -89,37 +103,70 @@ def _backoff(attempt: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
+@functools.lru_cache(maxsize=4)
+def _cipher(key: bytes) -> AESGCM:
+    """The events' cipher: its own key, derived from the signing key, so that neither use weakens the other."""
+    return AESGCM(HKDF(algorithm=SHA256(), length=32, salt=None, info=b"chatapi wake-up events").derive(key))
+
+
+def _sealed_size(events_json_size: int) -> int:
+    """The length of `,~` and the sealed events, for JSON of that many bytes (base64: 4 characters per 3 bytes)."""
+    return len(SEALED_MARK) + 4 * -(-(NONCE_BYTES + events_json_size + TAG_BYTES) // 3)
+
+
 def _payloads(origin: str, keys: Iterable[str], pushed: Pushed, signing_key: bytes | None) -> list[str]:
-    """Pack keys, and the events pushed for them, into as few payloads as fit PostgreSQL's limit."""
+    """Pack keys, and the events pushed for them, into as few payloads as fit PostgreSQL's limit.
+
+    Without a key, no events: nobody could trust or read them.
+    """
     payloads: list[str] = []
     chunk_keys: list[str] = []
     chunk_events: list[str] = []
-    empty = len(origin) + 1 + SIGNATURE_HEX_CHARS + 1 + 2  # "origin.signature|" and the braces
-    size = empty
+    head = len(origin) + 1 + SIGNATURE_HEX_CHARS + 1  # "origin.signature|"
+    keys_size = 0
+    events_size = 1  # the JSON's braces, and a comma per entry but the first
+
+    def size(keys_size: int, events_size: int) -> int:
+        return head + keys_size + (_sealed_size(events_size) if events_size > 1 else 0)
+
     for key in keys:
         user_id = key_user(key)
-        events = pushed.get(user_id) if user_id is not None else None
+        events = pushed.get(user_id) if user_id is not None and signing_key is not None else None
         entry = f'"{user_id}":' + json.dumps(events, separators=(",", ":")) if events else None
-        cost = len(key) + 1 + (len(entry) + 1 if entry else 0)
-        if entry and empty + cost > MAX_PAYLOAD_BYTES:
-            entry, cost = None, len(key) + 1  # Too big to push: its waiters re-query.
-        if chunk_keys and size + cost > MAX_PAYLOAD_BYTES:
+        key_cost, entry_cost = len(key) + 1, (len(entry) + 1 if entry else 0)
+        if entry and size(key_cost, 1 + entry_cost) > MAX_PAYLOAD_BYTES:
+            entry, entry_cost = None, 0  # Too big to push: its waiters re-query.
+        if chunk_keys and size(keys_size + key_cost, events_size + entry_cost) > MAX_PAYLOAD_BYTES:
             payloads.append(_payload(origin, chunk_keys, chunk_events, signing_key))
-            chunk_keys, chunk_events, size = [], [], empty
+            chunk_keys, chunk_events, keys_size, events_size = [], [], 0, 1
         chunk_keys.append(key)
+        keys_size += key_cost
         if entry:
             chunk_events.append(entry)
-        size += cost
+            events_size += entry_cost
     if chunk_keys:
         payloads.append(_payload(origin, chunk_keys, chunk_events, signing_key))
     return payloads
 
 
 def _payload(origin: str, keys: list[str], events: list[str], signing_key: bytes | None) -> str:
-    body = ",".join(keys) + (",{" + ",".join(events) + "}" if events else "")
+    body = ",".join(keys)
     if signing_key is None:
         return origin + "|" + body
+    if events:
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = nonce + _cipher(signing_key).encrypt(nonce, ("{" + ",".join(events) + "}").encode(), None)
+        body += SEALED_MARK + base64.urlsafe_b64encode(sealed).decode()
     return f"{origin}.{_signature(signing_key, origin + '|' + body)}|{body}"
+
+
+def _unseal(sealed: str, key: bytes) -> dict:
+    """The events sealed by `_payload`; ValueError if they were not sealed with `key`."""
+    try:
+        raw = base64.urlsafe_b64decode(sealed.encode())
+        return json.loads(_cipher(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], None))
+    except (binascii.Error, InvalidTag) as exc:
+        raise ValueError("sealed events that do not open with our key") from exc
 
 
 def _origin(payload: str) -> str:
@@ -138,20 +185,20 @@ def _parse(payload: str, signing_key: bytes | None) -> tuple[str, list[str], dic
     if not bar:
         raise ValueError("no origin")
     origin, _, signature = head.partition(".")
-    joined, brace, events = body.partition(",{")
+    joined, sealed_mark, sealed = body.partition(SEALED_MARK)
     keys = joined.split(",")
     for key in keys:
         key_user(key)  # ValueError for a user key without a number
     pushed: dict[int, list] = {}
     signed = signing_key is not None and hmac.compare_digest(signature, _signature(signing_key, origin + "|" + body))
-    if brace and signed:
-        for user_id, found in json.loads("{" + events).items():
+    if sealed_mark and signed and signing_key is not None:
+        for user_id, found in _unseal(sealed, signing_key).items():
             if not isinstance(found, list) or not all(
                 isinstance(event, dict) and type(event.get("pos")) is int for event in found
             ):
                 raise ValueError(f"pushed events of the wrong shape for user {user_id!r}")
             pushed[int(user_id)] = found
-    elif brace:
+    elif sealed_mark:
         log.warning("wake-up notification from %.40r with events but no valid signature: events dropped", origin)
     return origin, keys, pushed
 

@@ -4,10 +4,14 @@ and the whole contract works through the proxy."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import select
 import time
 from collections.abc import Iterator
 
+import psycopg2
 import pytest
 import requests
 
@@ -115,10 +119,39 @@ def test_foreign_notifications_on_the_channel_leave_the_listeners_working(instan
     assert query_value(a.database_url, backends) == listening
 
 
+def test_a_role_listening_on_the_channel_cannot_read_the_messages(instances) -> None:
+    """Any role that can connect to the database can LISTEN on the wake-up channel.
+    The events pushed on it are sealed (notify_pg.py): it hears which users are
+    woken, not what was said, nor by whom."""
+    a, b = instances
+    alice = Api(a.base_url).signed_up()
+    bob = Api(a.base_url).signed_up()
+    conversation = alice.start(bob.username)["id"]
+    eavesdropper = psycopg2.connect(a.database_url)
+    eavesdropper.autocommit = True
+    try:
+        with eavesdropper.cursor() as cur:
+            cur.execute(f"LISTEN {CHANNEL}")
+        text = f"the vault code is {os.urandom(4).hex()}"
+        # Bob waits on the other instance: the message reaches him through the channel.
+        _wait_and_send(Api(b.base_url, bob.token, bob.username), alice, conversation, text, "events")
+        heard: list[str] = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            select.select([eavesdropper], [], [], 0.2)
+            eavesdropper.poll()
+            heard += [notification.payload for notification in eavesdropper.notifies]
+            eavesdropper.notifies.clear()
+    finally:
+        eavesdropper.close()
+    assert any(",~" in payload for payload in heard), f"no pushed events heard: {heard}"
+    assert not [payload for payload in heard if text in payload or alice.username in payload or bob.username in payload]
+
+
 def test_events_forged_on_the_channel_never_reach_a_client(instances) -> None:
     """A well-formed notification from another database role, pushing a message
-    bob never got: his poll is woken, re-queries, and answers only what the
-    database holds (unsigned events are dropped, notify_pg.py)."""
+    bob never got, in the clear or sealed without our key: his poll is woken,
+    re-queries, and answers only what the database holds (notify_pg.py)."""
     a, _ = instances
     alice = Api(a.base_url).signed_up()
     bob = Api(a.base_url).signed_up()
@@ -137,12 +170,15 @@ def test_events_forged_on_the_channel_never_reach_a_client(instances) -> None:
             "created_at": "2026-11-25T00:00:00.000000Z",
         },
     }
+    events = json.dumps({str(bob_id): [forged]})
+    sealed = "~" + base64.urlsafe_b64encode(os.urandom(12) + events.encode() + os.urandom(16)).decode()
     for signature in ("", ".0123456789abcdef0123456789abcdef"):
-        poll = Background(lambda: bob.events(after=head, timeout=3))
-        wait_for_waiting_polls(a.base_url, 1)
-        payload = f"forger{signature}|u:{bob_id}," + json.dumps({str(bob_id): [forged]})
-        query_value(a.database_url, f"SELECT pg_notify('{CHANNEL}', '{payload}')::text")
-        assert poll.join(10) == {"events": [], "last_pos": head}
+        for pushed in (events, sealed):
+            poll = Background(lambda: bob.events(after=head, timeout=3))
+            wait_for_waiting_polls(a.base_url, 1)
+            payload = f"forger{signature}|u:{bob_id},{pushed}"
+            query_value(a.database_url, f"SELECT pg_notify('{CHANNEL}', '{payload}')::text")
+            assert poll.join(10) == {"events": [], "last_pos": head}
 
 
 def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> None:

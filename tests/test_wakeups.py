@@ -209,7 +209,7 @@ def test_an_older_listener_still_reads_every_key_of_a_payload_with_events() -> N
     [
         lambda payload: payload.replace("origin.", "origin.0", 1)[: len(payload)],  # another signature
         lambda payload: payload.split(".", 1)[0] + payload[payload.index("|") :],  # none
-        lambda payload: payload.replace('"pos":5', '"pos":6'),  # other events under the signature
+        lambda payload: _flip(payload, payload.index(",~") + 10),  # other sealed events under the signature
         lambda payload: payload.replace("origin.", "other.", 1),  # another origin under it
     ],
     ids=["wrong-signature", "unsigned", "events-changed", "origin-changed"],
@@ -222,6 +222,20 @@ def test_events_are_trusted_only_under_a_valid_signature(forge) -> None:
     assert notify_pg._parse(payload, b"another key" * 3)[1:] == (keys, {})
     assert notify_pg._parse(forge(payload), KEY)[1:] == (keys, {})
     assert notify_pg._parse(payload, None)[1:] == (keys, {}), "no key to check with: nothing is trusted"
+
+
+def _flip(text: str, index: int) -> str:
+    return text[:index] + ("B" if text[index] == "A" else "A") + text[index + 1 :]
+
+
+def test_pushed_events_cannot_be_read_on_the_channel() -> None:
+    """Any database role can LISTEN: what it hears names users, and says nothing of their messages."""
+    secret = dict(_event(5), type="message", message={"text": "meet me at noon", "sender": "alice"})
+    (payload,) = notify_pg._payloads("origin", [user_key(1)], {1: [secret]}, KEY)
+    assert "noon" not in payload and "alice" not in payload and '"pos"' not in payload
+    assert notify_pg._parse(payload, KEY)[2] == {1: [secret]}
+    (again,) = notify_pg._payloads("origin", [user_key(1)], {1: [secret]}, KEY)
+    assert again != payload, "a fresh nonce for every payload"
 
 
 def test_many_keys_split_into_payloads_that_fit() -> None:
