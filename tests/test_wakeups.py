@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import gevent
 import pytest
 
 from chatapi import notify_pg
 from chatapi.longpoll import Page, pushed_events
-from chatapi.wakeups import RECENT_WAKEUPS, WAKE_ALL, Wakeups, add_pushed, conversation_key, user_key
+from chatapi.wakeups import RECENT_WAKEUPS, WAKE_ALL, Pushed, Wakeups, add_pushed, conversation_key, user_key
 from tests.conftest import migrate
 
 
@@ -256,7 +257,7 @@ def test_a_round_of_many_payloads_reaches_the_other_processes_whole(postgres_url
     heard: list[tuple[tuple[str, ...], dict]] = []
 
     class Recorded(Wakeups):
-        def wake(self, keys, pushed=None) -> int:
+        def wake(self, keys: Iterable[str], pushed: Pushed | None = None) -> int:
             keys = tuple(key for key in keys if key != WAKE_ALL)  # the listener's wake-all as it connects
             if keys:
                 heard.append((keys, dict(pushed or {})))
