@@ -17,7 +17,7 @@ from chatapi.wakeups import Waiter, Wakeups
 from chatapi.wire import Json
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Page:
     """What a read answers: its items, and the head of the conversation or stream."""
 
