@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg2
-
 from bench.httpc import Connection
 from chatapi.config import Settings
+from tests.support.postgres import database_connections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +31,7 @@ class Server:
     def start(self, timeout: float = 60) -> Server:
         env = {**os.environ, "CHATAPI_DATABASE_URL": self.database_url, "CHATAPI_RATE_LIMITS": "off", **self.env}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        connections_before = self._database_connections()
+        connections_before = database_connections(self.database_url)
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
         if self.workers:
             command += ["--workers", str(self.workers)]
@@ -60,22 +59,12 @@ class Server:
         # Each worker holds its warm pool and its listener (the publisher
         # connects when there is something to publish).
         wanted = connections_before + expected * (Settings.from_env(env).db_pool_warm + 1)
-        while self._database_connections() < wanted:
+        while database_connections(self.database_url) < wanted:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the workers did not open their {wanted} connections in {timeout}s")
             time.sleep(0.1)
         return self
-
-    def _database_connections(self) -> int:
-        """Client connections to our database, other than the one asking."""
-        with psycopg2.connect(self.database_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            (count,) = cur.fetchone()
-        conn.close()
-        return count
 
     def _ready(self) -> bool:
         conn = Connection("127.0.0.1", self.port, timeout=2)

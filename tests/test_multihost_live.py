@@ -20,7 +20,7 @@ from tests.support.api import Api
 from tests.support.faults import Background
 from tests.support.metrics import wait_for_waiting_polls
 from tests.support.nginx import NginxProcess
-from tests.support.postgres import query_value
+from tests.support.postgres import database_connections, query_value
 from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.postgres
@@ -91,10 +91,9 @@ def test_instances_reach_the_database_through_its_unix_socket(postgres, start_se
     url = f"postgresql://postgres@/{database}?host={postgres.root}&port={postgres.port}"
     a, b = start_server(url, workers=1), start_server(url, workers=1)
     _assert_wakeups_cross_instances(a, b)
-    backends = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    assert query_value(url, backends + " AND application_name = 'chatapi-listener'") == 2
-    assert query_value(url, backends) >= 4
-    assert query_value(url, backends + " AND client_addr IS NOT NULL") == 0, "a connection went over TCP"
+    assert database_connections(url, "application_name = 'chatapi-listener'") == 2
+    assert database_connections(url) >= 4
+    assert database_connections(url, "client_addr IS NOT NULL") == 0, "a connection went over TCP"
 
 
 def test_foreign_notifications_on_the_channel_leave_the_listeners_working(instances) -> None:

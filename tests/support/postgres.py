@@ -33,6 +33,15 @@ def query_value(database_url: str, sql: str) -> Any:
         conn.close()
 
 
+def database_connections(database_url: str, where: str = "TRUE") -> int:
+    """The client connections to the URL's database (but the one asking) for which `where` holds."""
+    return query_value(
+        database_url,
+        "SELECT count(*) FROM pg_stat_activity"
+        f" WHERE datname = current_database() AND pid <> pg_backend_pid() AND ({where})",
+    )
+
+
 def find_pg_bin() -> Path:
     candidates = []
     if os.environ.get("CHATAPI_PG_BIN"):
