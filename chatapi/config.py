@@ -81,7 +81,7 @@ class Settings:
     # (docs/performance.md, changes 31 and 34). The connections are the
     # ones the pool would hold under load anyway: the connection budget
     # (docs/deploy.md) is the same, and is met from the start.
-    db_pool_warm: int = 35
+    db_pool_warm: int = db_pool_size
 
     def __post_init__(self) -> None:
         # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
