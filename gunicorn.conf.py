@@ -225,8 +225,9 @@ class KeepAliveHandler(PyWSGIHandler):
         return super().start_response(status, headers, exc_info)
 
 
-class ManyAcceptsServer(PyWSGIServer):
-    """pywsgi's server, accepting up to 100 waiting connections each time the socket is ready.
+class ChatapiServer(PyWSGIServer):
+    """pywsgi's server, accepting up to 100 waiting connections each time the
+    socket is ready, and serving each connection without gevent's helper.
 
     With several worker processes pywsgi accepts one connection per turn of
     the event loop (`set_max_accept`), to spread connections evenly. Under
@@ -235,12 +236,34 @@ class ManyAcceptsServer(PyWSGIServer):
     new connections waited in the listen queue for up to 18 s while the
     requests on open connections were answered in under 0.5 s. gevent's
     default of 100 took that tail away (docs/performance.md, change 28).
+
+    gevent starts each connection's greenlet on a helper that calls the
+    handler as `handle(*args)`, a call that goes through C. A waiting
+    long-poll keeps every C-level call on its greenlet's saved stack: about
+    430 bytes for each of thousands of idle connections (docs/performance.md,
+    change 35). `_serve_connection` does the helper's work with plain calls.
     """
 
     max_accept = 100
 
     def set_max_accept(self) -> None:
         pass  # keep max_accept
+
+    def do_handle(self, sock: socket.socket, address: Any) -> None:
+        if self._spawn is None:
+            super().do_handle(sock, address)
+            return
+        try:
+            self._spawn(self._serve_connection, sock, address)
+        except BaseException:
+            self.do_close(sock, address)
+            raise
+
+    def _serve_connection(self, sock: socket.socket, address: Any) -> None:
+        try:
+            self._handle(sock, address)
+        finally:
+            self.do_close(sock, address)
 
 
 class ChatapiWorker(GeventPyWSGIWorker):
@@ -256,7 +279,7 @@ class ChatapiWorker(GeventPyWSGIWorker):
     gunicorn's own worker waits up to `keepalive` seconds for each.
     """
 
-    server_class = ManyAcceptsServer
+    server_class = ChatapiServer
 
     def init_process(self) -> None:
         self.idle_connections = set()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from flask import Flask, Response, request
+from flask.globals import request_ctx
 from flask.sessions import NullSession, SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
@@ -47,6 +48,19 @@ class App(Flask):
         response = super().make_default_options_response()
         del response.headers["Content-Type"]
         return response
+
+    def dispatch_request(self) -> object:
+        # Flask calls every view as view(**view_args), a call that goes
+        # through C, and a waiting long-poll keeps each C-level call on its
+        # greenlet's saved stack: about 430 bytes for each of thousands of
+        # waiting event polls (docs/performance.md, change 35). A view
+        # without URL arguments, the event stream's among them, is called
+        # plainly, which stays in the interpreter's loop. Everything else
+        # (errors, OPTIONS, views with arguments) is Flask's own dispatch.
+        req = request_ctx.request
+        if req.routing_exception is None and not req.view_args and req.method != "OPTIONS":
+            return self.ensure_sync(self.view_functions[req.url_rule.endpoint])()
+        return super().dispatch_request()
 
 
 class Notifier(Protocol):

@@ -735,10 +735,18 @@ def test_doubled_slashes_are_not_redirected(client, pair) -> None:
         assert "Location" not in response.headers
 
 
-def test_options_answers_with_allow_and_no_body(client) -> None:
-    response = client.options(f"{API}/conversations/1/messages")
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/conversations/1/messages", {"GET", "HEAD", "POST", "OPTIONS"}),
+        # A route without URL arguments, which chatapi dispatches itself.
+        ("/events", {"GET", "HEAD", "OPTIONS"}),
+    ],
+)
+def test_options_answers_with_allow_and_no_body(client, path: str, allowed: set[str]) -> None:
+    response = client.options(f"{API}{path}")
     assert response.status_code == 200 and response.data == b""
-    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
+    assert set(response.headers["Allow"].split(", ")) == allowed
     # Nothing to label: an empty body is not text/html.
     assert "Content-Type" not in response.headers
 
