@@ -56,9 +56,8 @@ class Server:
             self._ready()
         # And its pool, in the background (CHATAPI_DB_POOL_WARM): a run
         # measures a started service, not one still opening connections.
-        # Each worker holds its warm pool and its listener (the publisher
-        # connects when there is something to publish).
-        wanted = connections_before + expected * (Settings.from_env(env).db_pool_warm + 1)
+        # Each worker holds its warm pool, its listener and its publisher.
+        wanted = connections_before + expected * (Settings.from_env(env).db_pool_warm + 2)
         while database_connections(self.database_url) < wanted:
             if time.monotonic() > deadline:
                 self.stop()

@@ -257,23 +257,36 @@ class PostgresNotifier:
         return conn
 
     def _publish_forever(self) -> None:
-        attempt = 0
+        attempt = 0  # failures in a row
         conn = None
         while True:
+            if conn is None:
+                # Connected as the process starts, like the listener: the
+                # first commit after a start would otherwise wait for a new
+                # backend (10-50 ms) before its wake-ups went out.
+                try:
+                    conn = self._connect("publisher")
+                    with conn.cursor() as cur:
+                        # For this session's transactions only, which notify and write nothing.
+                        cur.execute("SET synchronous_commit = off")
+                except Exception as exc:
+                    log.warning("wake-up publisher could not connect: %r", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    gevent.sleep(_backoff(attempt))
+                    attempt += 1
+                    continue
+                if attempt:
+                    # We may have dropped keys while disconnected: make every
+                    # waiter everywhere re-check once.
+                    self._pending.add(WAKE_ALL)
+                    self._has_pending.set()
             self._has_pending.wait()
             self._has_pending.clear()
             keys, self._pending = self._pending, set()
             pushed, self._pending_pushed = self._pending_pushed, {}
             try:
-                if conn is None:
-                    conn = self._connect("publisher")
-                    with conn.cursor() as cur:
-                        # For this session's transactions only, which notify and write nothing.
-                        cur.execute("SET synchronous_commit = off")
-                    # We may have dropped keys while disconnected: make every
-                    # waiter everywhere re-check once.
-                    if attempt:
-                        keys.add(WAKE_ALL)
                 with conn.cursor() as cur:
                     payloads = _payloads(self._origin, sorted(keys), pushed, self._signing_key)
                     cur.execute(NOTIFY_ROUND, (CHANNEL, payloads))
@@ -283,8 +296,7 @@ class PostgresNotifier:
                 # is, this greenlet must outlive it, or this process's
                 # commits would never wake the others again.
                 log.warning("wake-up publisher failed: %r", exc)
-                if conn is not None:
-                    conn.close()
+                conn.close()
                 conn = None
                 # Re-sent without their events: other processes re-query.
                 self._pending.update(keys)

@@ -20,7 +20,7 @@ import requests
 from tests.support.api import Api
 from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
-from tests.support.postgres import query_value
+from tests.support.postgres import database_connections, query_value
 from tests.support.server import REPO
 
 
@@ -375,6 +375,20 @@ def test_each_worker_opens_its_first_connections_as_it_starts(postgres_url: str,
     # warm-up ran adds one more to that worker. Six or more is only
     # possible when both workers warmed up.
     assert 6 <= _server_sessions(postgres_url) <= 8
+
+
+@pytest.mark.postgres
+def test_each_worker_connects_for_wake_ups_as_it_starts(postgres_url: str, start_server) -> None:
+    # Not at the first send: its wake-ups to the other processes would
+    # wait for a new backend first (10-50 ms).
+    start_server(postgres_url, workers=2, env={"CHATAPI_DB_POOL_WARM": "0"})
+
+    def connected(role: str) -> int:
+        return database_connections(postgres_url, f"application_name = 'chatapi-{role}'")
+
+    wait_until(lambda: connected("listener") == connected("publisher") == 2, 10, what="a listener and a publisher each")
+    time.sleep(0.5)
+    assert connected("listener") == connected("publisher") == 2
 
 
 @pytest.mark.postgres
