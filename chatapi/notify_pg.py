@@ -251,6 +251,10 @@ class PostgresNotifier:
                 cur.execute(KEY_QUERY)
                 row = cur.fetchone()
             self._signing_key = bytes(row[0]) if row else None
+            if self._signing_key is not None:
+                # Derived now, not at the first wake-up: the first derivation
+                # in a process costs about 1.5 ms (OpenSSL's set-up).
+                _cipher(self._signing_key)
         except psycopg2.ProgrammingError as exc:  # the schema is not migrated yet
             log.warning("no key to sign wake-ups with (%s): events are not pushed across processes", exc)
             self._signing_key = None
