@@ -29,6 +29,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGISe
 
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
     from types import FrameType
 
     from gunicorn.arbiter import Arbiter
@@ -254,14 +255,17 @@ class ChatapiServer(PyWSGIServer):
             super().do_handle(sock, address)
             return
         try:
-            self._spawn(self._serve_connection, sock, address)
+            # The handler is taken now, as gevent's helper takes it: a
+            # graceful stop closes the server (which drops `_handle`) while
+            # connections it has accepted may not have started yet.
+            self._spawn(self._serve_connection, self._handle, sock, address)
         except BaseException:
             self.do_close(sock, address)
             raise
 
-    def _serve_connection(self, sock: socket.socket, address: Any) -> None:
+    def _serve_connection(self, handle: Callable[..., Any], sock: socket.socket, address: Any) -> None:
         try:
-            self._handle(sock, address)
+            handle(sock, address)
         finally:
             self.do_close(sock, address)
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -57,6 +58,7 @@ import logging
 import os
 import random
 import secrets
+import time
 from collections.abc import Iterable
 
 import gevent
@@ -86,6 +88,9 @@ LISTENER_HEARTBEAT_SECS = 10.0
 # must guess among 2^128, and it costs 33 of a payload's 8,000 bytes.
 SIGNATURE_HEX_CHARS = 32
 KEY_QUERY = "SELECT value FROM secrets WHERE name = 'wakeups'"
+# Seconds between looks for a key that was not there (the schema migrated
+# after the worker started).
+KEY_RETRY_SECS = 1.0
 # Sealed events: `,~` then base64 of the nonce, the ciphertext and GCM's tag.
 SEALED_MARK = ",~"
 NONCE_BYTES = 12
@@ -216,6 +221,7 @@ class PostgresNotifier:
         self._pending_pushed: dict[int, list | None] = {}
         self._has_pending = gevent.event.Event()
         self._signing_key: bytes | None = None  # read from the database as each connection opens
+        self._key_wanted_at = 0.0  # when to look again for a key that was not there
         self._started_in_pid: int | None = None
         self._greenlets: list[gevent.Greenlet] = []
         self.listening = gevent.event.Event()
@@ -247,18 +253,33 @@ class PostgresNotifier:
         conn = psycopg2.connect(self._dsn, application_name=f"chatapi-{role}")
         conn.autocommit = True
         try:
-            with conn.cursor() as cur:
-                cur.execute(KEY_QUERY)
-                row = cur.fetchone()
-            self._signing_key = bytes(row[0]) if row else None
-            if self._signing_key is not None:
-                # Derived now, not at the first wake-up: the first derivation
-                # in a process costs about 1.5 ms (OpenSSL's set-up).
-                _cipher(self._signing_key)
+            self._read_key(conn)
         except psycopg2.ProgrammingError as exc:  # the schema is not migrated yet
             log.warning("no key to sign wake-ups with (%s): events are not pushed across processes", exc)
             self._signing_key = None
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _read_key(self, conn: psycopg2.extensions.connection) -> None:
+        """Read the signing key (ProgrammingError before the migrations made its table)."""
+        with conn.cursor() as cur:
+            cur.execute(KEY_QUERY)
+            row = cur.fetchone()
+        key = bytes(row[0]) if row else None
+        if key is not None:
+            # Derived now, not at the first wake-up: the first derivation in
+            # a process costs about 1.5 ms (OpenSSL's set-up).
+            _cipher(key)
+        self._signing_key = key
+
+    def _read_key_if_missing(self, conn: psycopg2.extensions.connection) -> None:
+        """Look for the key again if the process started before the migrations made it (CHATAPI_MIGRATE=off)."""
+        if self._signing_key is None and time.monotonic() >= self._key_wanted_at:
+            self._key_wanted_at = time.monotonic() + KEY_RETRY_SECS
+            with contextlib.suppress(psycopg2.ProgrammingError):
+                self._read_key(conn)
 
     def _publish_forever(self) -> None:
         attempt = 0  # failures in a row
@@ -291,6 +312,7 @@ class PostgresNotifier:
             keys, self._pending = self._pending, set()
             pushed, self._pending_pushed = self._pending_pushed, {}
             try:
+                self._read_key_if_missing(conn)
                 with conn.cursor() as cur:
                     payloads = _payloads(self._origin, sorted(keys), pushed, self._signing_key)
                     cur.execute(NOTIFY_ROUND, (CHANNEL, payloads))
@@ -328,6 +350,7 @@ class PostgresNotifier:
                             cur.execute("SELECT 1")
                     conn.poll()
                     if conn.notifies:
+                        self._read_key_if_missing(conn)
                         self._deliver([n.payload for n in conn.notifies])
                         conn.notifies.clear()
             except Exception as exc:

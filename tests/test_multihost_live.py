@@ -16,9 +16,10 @@ import pytest
 import requests
 
 from chatapi.notify_pg import CHANNEL
+from tests.conftest import migrate
 from tests.support.api import Api
-from tests.support.faults import Background
-from tests.support.metrics import wait_for_waiting_polls
+from tests.support.faults import Background, wait_until
+from tests.support.metrics import metric, scrape, wait_for_waiting_polls
 from tests.support.nginx import NginxProcess
 from tests.support.postgres import database_connections, query_value
 from tests.support.server import ServerProcess
@@ -94,6 +95,24 @@ def test_instances_reach_the_database_through_its_unix_socket(postgres, start_se
     assert database_connections(url, "application_name = 'chatapi-listener'") == 2
     assert database_connections(url) >= 4
     assert database_connections(url, "client_addr IS NOT NULL") == 0, "a connection went over TCP"
+
+
+def test_instances_started_before_the_migrations_push_wake_up_events_once_migrated(postgres, start_server) -> None:
+    """With CHATAPI_MIGRATE=off the schema, and the wake-ups' key with it, can come after the
+    workers: they look for the key again, and then push events across instances."""
+    url = postgres.new_database()
+    env = {"CHATAPI_MIGRATE": "off"}
+    a, b = (start_server(url, workers=1, env=env, ready_path="/healthz") for _ in range(2))
+    # Both instances have looked for the key, and found no table.
+    wake_up_connections = "application_name IN ('chatapi-listener', 'chatapi-publisher')"
+    wait_until(lambda: database_connections(url, wake_up_connections) == 4, 10, what="the wake-up connections")
+    migrate(url)
+    _assert_wakeups_cross_instances(a, b)
+    # The event polls waited on b: each answered from the events its wake-up carried.
+    woken = scrape(b.base_url)
+    assert metric(woken, "chatapi_woken_polls_total", answer="pushed") == 3, woken
+    assert metric(woken, "chatapi_woken_polls_total", answer="query") == 0, woken
+    assert "no valid signature" not in b.log_path.read_text()
 
 
 def test_foreign_notifications_on_the_channel_leave_the_listeners_working(instances) -> None:
