@@ -51,7 +51,7 @@ class Server:
         expected = self.workers or 2
         while len(self.worker_pids()) < expected and time.monotonic() < deadline:
             time.sleep(0.1)
-        # Every worker opens its LISTEN connection on its first request; warm them all.
+        # A few requests, to reach every worker: none measured is its first.
         for _ in range(4 * expected):
             self._ready()
         # And its pool, in the background (CHATAPI_DB_POOL_WARM): a run
