@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import gevent
 from gevent import Timeout
@@ -166,8 +167,19 @@ class KeepAliveHandler(PyWSGIHandler):
     def read_request(self, raw_requestline: str) -> Any:
         # The same for a request head that stalls (False answers 400 and closes).
         with Timeout(self.worker.cfg.keepalive or None, False):
-            return super().read_request(raw_requestline)
+            parsed = super().read_request(raw_requestline)
+            if parsed and self.path.lower().startswith(("http://", "https://")):
+                self._from_absolute_form()
+            return parsed
         return False
+
+    def _from_absolute_form(self) -> None:
+        # A request target may be a whole URL (RFC 9112, section 3.2.2), as
+        # sent to a proxy. pywsgi took all of it for the path (a 404), where
+        # gunicorn's own parser takes its path. (Its host would replace the
+        # Host header, which nothing in chatapi reads.)
+        target = urlsplit(self.path)
+        self.path = (target.path or "/") + (f"?{target.query}" if target.query else "")
 
     def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
         # A request whose body length is ambiguous is refused (400, closed),

@@ -10,16 +10,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from flask import Flask, Response, request
+from flask import Flask, Request, Response, request
 from flask.globals import request_ctx
 from flask.sessions import NullSession, SessionInterface
+from werkzeug.datastructures import MultiDict
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
+from werkzeug.utils import cached_property
 
 from chatapi import api, errors, limits, ops, validation, web
 from chatapi.chat import Chat
 from chatapi.config import Settings
 from chatapi.db import Database
+from chatapi.errors import ApiError
 from chatapi.longpoll import LongPolls
 from chatapi.metrics import Metrics
 from chatapi.validation import MAX_BODY_BYTES
@@ -40,7 +43,22 @@ class IdConverter(BaseConverter):
         return str(value)
 
 
+class ApiRequest(Request):
+    @cached_property
+    def args(self) -> MultiDict[str, str]:
+        # Werkzeug decodes the query string as UTF-8, strictly: a raw byte
+        # that is not UTF-8 (percent-encoded ones it keeps as they are) was
+        # a 500 wherever a view read a parameter. Raised here, it is a bad
+        # parameter, answered after the token check like any other.
+        try:
+            return super().args
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_parameter", "the query string is not UTF-8") from None
+
+
 class App(Flask):
+    request_class = ApiRequest
+
     def make_default_options_response(self) -> Response:
         # Flask answers OPTIONS itself, with the route's Allow header and no
         # body, but labels it text/html like every Response: a body-less

@@ -22,6 +22,8 @@ _HTTP_CODES = {
     408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    # A Range the web page's files cannot satisfy (they honour Range).
+    416: "invalid_request",
     429: "rate_limited",
     503: "service_unavailable",
 }

@@ -30,7 +30,8 @@ def client_address() -> str:
 def _signin_username() -> str:
     try:
         username = json.loads(request.get_data(cache=True) or b"{}").get("username")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
+        # Not JSON, not an object, or nested too deep: the view answers 400.
         username = None
     return f"signin:{username.lower()}" if isinstance(username, str) else f"signin-address:{client_address()}"
 

@@ -810,6 +810,28 @@ def test_web_page_is_served_with_a_strict_csp(client) -> None:
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
 
 
+def test_an_unsatisfiable_range_on_the_web_page_is_a_contract_error(client) -> None:
+    response = client.get("/", headers={"Range": "bytes=999999-"})
+    assert response.status_code == 416 and error_code(response) == "invalid_request"
+    assert client.get("/", headers={"Range": "bytes=0-9"}).status_code == 206
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [("/events", b"timeout=0&q=caf\xe9"), ("/events", b"after=1\xff"), ("/conversations/{id}/messages", b"q=\xe9")],
+)
+def test_a_query_string_that_is_not_utf8_is_a_bad_parameter(client, pair, path: str, query: bytes) -> None:
+    """Raw bytes that are not UTF-8 (not percent-encoded): 400, after the token check as always."""
+    alice, _, conversation = pair
+    url = f"{API}{path.format(id=conversation)}"
+    # As a WSGI server hands them on: the request line's bytes, one character each.
+    raw = {"QUERY_STRING": query.decode("latin-1")}
+    response = client.get(url, headers=alice, environ_overrides=raw)
+    assert response.status_code == 400 and error_code(response) == "invalid_parameter"
+    response = client.get(url, environ_overrides=raw)
+    assert response.status_code == 401 and error_code(response) == "unauthorized"
+
+
 def test_no_cookie_session_is_kept_or_set(app, client) -> None:
     """Requests share one empty session that refuses writes, so nothing can leak between callers."""
     import flask

@@ -127,6 +127,20 @@ def test_a_send_without_a_token_never_fails_inside_the_rate_limiter(tmp_path: Pa
     app.extensions["chatapi"].db.dispose()
 
 
+def test_a_sign_in_body_nested_too_deep_is_400_with_the_limits_on(tmp_path: Path) -> None:
+    """The per-username sign-in limit reads the body's username before the view does:
+    a body it cannot parse must reach the view, which answers it 400 like /users does."""
+    url = f"sqlite:///{tmp_path / 'deep.sqlite3'}"
+    migrate(url)
+    app = create_app(Settings.from_env({"CHATAPI_DATABASE_URL": url, **LIMITS}))
+    client = app.test_client()
+    for body in ("[" * 3000 + "]" * 3000, '{"a": ' * 5000 + "1" + "}" * 5000):
+        for path in ("/api/v1/tokens", "/api/v1/users"):
+            answer = client.post(path, data=body, content_type="application/json")
+            assert answer.status_code == 400 and answer.json["error"]["code"] == "invalid_json", (path, answer.data)
+    app.extensions["chatapi"].db.dispose()
+
+
 def test_rate_limits_off_switches_every_limit_off(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'off.sqlite3'}"
     migrate(url)

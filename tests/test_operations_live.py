@@ -165,6 +165,19 @@ def test_malformed_http_gets_a_json_error(start_server, tmp_path, request_head: 
     assert json.loads(body)["error"]["code"] == "invalid_request"
 
 
+def test_a_request_target_in_absolute_form_is_served_by_its_path(start_server, tmp_path) -> None:
+    """RFC 9112, section 3.2.2: a server must accept a whole URL as the request target."""
+    server = start_server(f"sqlite:///{tmp_path / 'a.sqlite3'}")
+    for target, status in (
+        (b"http://chat.example/healthz", b"200"),
+        (b"HTTPS://chat.example:8443/api/v1/openapi.json?x=1", b"200"),
+        (b"http://chat.example/nowhere", b"404"),
+    ):
+        head = b"GET " + target + b" HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        answer = _send_until_closed(server.port, head)
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:300]
+
+
 _USERS_HEAD = b"POST /api/v1/users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
 _SMUGGLED = b"GET /api/v1/smuggled HTTP/1.1\r\nHost: test\r\n\r\n"
 
