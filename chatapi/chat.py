@@ -935,8 +935,10 @@ def _history(connection: Connection, conversation_id: int, before: int | None, l
         .order_by(Message.seq.desc())
         .limit(limit)
     )
-    if before is not None:
-        query = query.where(Message.seq < min(before, head + 1))
+    # Up to the head read before, whatever committed since: on PostgreSQL
+    # each statement reads its own snapshot, and the page must not hold a
+    # message above the `last_seq` it answers.
+    query = query.where(Message.seq <= (head if before is None else min(before - 1, head)))
     rows = list(connection.execute(query))
     rows.reverse()
     return Page([wire.message_json(row) for row in rows], head)

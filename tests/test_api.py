@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import event, select
 
+from chatapi import chat as chat_module
 from chatapi.models import Token, User
 from chatapi.wire import PAGE_MAX_BYTES
 
@@ -808,6 +809,24 @@ def test_web_page_is_served_with_a_strict_csp(client) -> None:
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("before", [None, 5])
+def test_a_page_of_history_holds_no_message_above_its_last_seq(app, client, pair, monkeypatch, before) -> None:
+    """A send that commits between the head's read and the page's (each its own statement
+    on PostgreSQL) is left to the next read: `last_seq` is the head the answer was made at."""
+    alice, bob, conversation = pair
+    client.post(f"{API}/conversations/{conversation}/messages", json={"text": "one"}, headers=alice)
+    history = chat_module._history
+
+    def history_after_a_send(connection, *args):
+        app.extensions["chatapi"].chat.send(alice["Authorization"].split()[1], conversation, "two", None)
+        return history(connection, *args)
+
+    monkeypatch.setattr(chat_module, "_history", history_after_a_send)
+    query = "" if before is None else f"?before={before}"
+    page = client.get(f"{API}/conversations/{conversation}/messages{query}", headers=bob).json
+    assert page["last_seq"] == 1 and [m["seq"] for m in page["messages"]] == [1], page
 
 
 def test_an_unsatisfiable_range_on_the_web_page_is_a_contract_error(client) -> None:
