@@ -337,6 +337,12 @@ control_socket_disable = not control_socket
 
 def on_starting(server: Arbiter) -> None:
     """In the master, once: migrate the schema, prepare shared metrics storage."""
+    if server.cfg.preload_app:
+        # Loaded in the master, the app would be imported before gevent
+        # patches each worker (see the top of this file), and the workers
+        # would share one wake-up origin and no metrics directory: wake-ups
+        # between them were lost, and /metrics was empty.
+        raise SystemExit("chatapi cannot run with --preload (preload_app): each worker must load the app itself")
     if not _on_postgresql and server.num_workers > 1:
         server.log.warning("SQLite runs one worker process; ignoring workers=%s", server.num_workers)
         server.num_workers = 1

@@ -215,7 +215,8 @@ class PostgresNotifier:
         self._dsn = dsn
         self._wakeups = wakeups
         # Tags our own notifications so the listener can skip them: local
-        # waiters were already woken directly at commit time.
+        # waiters were already woken directly at commit time. Made again in
+        # each process that starts (a fork must not share its parent's).
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._pending: set[str] = set()
         self._pending_pushed: dict[int, list | None] = {}
@@ -231,6 +232,7 @@ class PostgresNotifier:
         if self._started_in_pid == os.getpid():
             return
         self._started_in_pid = os.getpid()
+        self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.listening.clear()
         self._greenlets = [gevent.spawn(self._listen_forever), gevent.spawn(self._publish_forever)]
 

@@ -456,6 +456,20 @@ def test_a_misspelt_migrate_switch_stops_the_start(tmp_path: Path) -> None:
     assert result.returncode != 0 and "CHATAPI_MIGRATE must be on or off" in result.stderr
 
 
+def test_preloading_the_app_in_the_master_is_refused(tmp_path: Path) -> None:
+    """With --preload every worker would share the master's wake-up origin and skip the others'
+    wake-ups as its own, and /metrics would be empty: refused, with the reason."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "--preload", "wsgi:app"],
+        cwd=REPO,
+        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "cannot run with --preload" in result.stderr
+
+
 def test_the_metrics_directory_goes_with_the_server(start_server, tmp_path: Path) -> None:
     """Prometheus' files of the workers live in a directory made at start; it is removed
     when the master exits, also when it never got to serve (gunicorn's on_exit is not called then)."""

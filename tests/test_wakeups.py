@@ -303,6 +303,22 @@ def test_an_unreadable_notification_makes_every_waiter_check(payload: str) -> No
         assert alice.woken and alice.take_pushed() is None
 
 
+def test_each_process_tags_its_notifications_with_an_origin_of_its_own(monkeypatch) -> None:
+    """A notifier made before a fork must not tag the children's notifications alike:
+    each would skip the others' as its own."""
+    notifier = notify_pg.PostgresNotifier("postgresql://unused", Wakeups(max_waiters_per_user=8))
+    origins = set()
+    try:
+        for pid in (1001, 1002):
+            monkeypatch.setattr(notify_pg.os, "getpid", lambda pid=pid: pid)
+            notifier.start()
+            origins.add(notifier._origin)
+            notifier.stop()
+    finally:
+        notifier.stop()
+    assert len(origins) == 2 and all(origin.startswith(("1001-", "1002-")) for origin in origins)
+
+
 def test_a_process_skips_its_own_notifications_and_takes_the_others() -> None:
     """publish() wakes the publisher's own waiters; hearing its payload again must not wake them twice."""
     wakeups = Wakeups(max_waiters_per_user=8)
