@@ -45,7 +45,7 @@ from chatapi.group_commit import GroupCommit
 from chatapi.longpoll import LongPolls, Page, PushedPage, page_after, pushed_events
 from chatapi.models import Conversation, Event, Member, Message, Token, User
 from chatapi.prepared import PreparedStatement, run_prepared, set_up_connection
-from chatapi.wakeups import Pushed, conversation_key, tokens_key, user_key
+from chatapi.wakeups import Pushed, conversation_key, token_key, user_key
 from chatapi.wire import Json
 
 
@@ -230,12 +230,13 @@ class Chat:
 
     def revoke(self, token: str) -> None:
         """Delete the token; the long-polls waiting on it answer 401 at once."""
+        token_hash = auth.token_digest(token)
         with self._db.writing() as connection:
             user_id = connection.scalar(
-                Token.__table__.delete().where(Token.token_hash == auth.token_digest(token)).returning(Token.user_id)
+                Token.__table__.delete().where(Token.token_hash == token_hash).returning(Token.user_id)
             )
         if user_id is not None:
-            self._publish([user_key(user_id), tokens_key(user_id)])
+            self._publish([token_key(token_hash)])
 
     # Conversations --------------------------------------------------------
 
@@ -520,7 +521,7 @@ class Chat:
 
             return page_after(after, head, messages, "seq")
 
-        keys = [conversation_key(conversation_id), tokens_key(caller.id)]
+        keys = [conversation_key(conversation_id)]
         return self._long_poll(keys, caller.id, token, timeout, check)
 
     # The event stream -----------------------------------------------------
@@ -582,7 +583,14 @@ class Chat:
             return _poll_page(rows, after)
 
         return self._long_polls.wait(
-            [user_key(caller_id)], caller_id, deadline, check, since, page, ready, pushed_events(after, limit)
+            [user_key(caller_id), token_key(params["token_hash"])],
+            caller_id,
+            deadline,
+            check,
+            since,
+            page,
+            ready,
+            pushed_events(after, limit),
         )
 
     def _poll_and_acknowledge_pg(self, polls: list[_Poll]) -> list[list[Any] | Exception]:
@@ -633,6 +641,7 @@ class Chat:
         so a waiting request answers 401 once it is revoked (`revoke` wakes it).
         """
         token_hash = auth.token_digest(token)
+        keys = [*keys, token_key(token_hash)]
 
         def check_now() -> tuple[Page, bool]:
             with self._db.reading() as connection:

@@ -3,8 +3,8 @@
 Design (docs/design.md, "Wake-ups"): a long-poll checks the database once;
 if there is nothing for it, it registers a `Waiter` under the keys it cares
 about (`u:<user id>` for a user's event stream, `c:<conversation id>` for one
-conversation's messages, `t:<user id>` for a revoked token) and sleeps until
-woken or its timeout. A commit wakes the keys it touched; the woken request
+conversation's messages, `t:<token digest prefix>` for its token's
+revocation) and sleeps until woken or its timeout. A commit wakes the keys it touched; the woken request
 re-queries and sleeps again if there is still nothing new. Waiters hold no
 database connection while they sleep.
 
@@ -78,9 +78,13 @@ def conversation_key(conversation_id: int) -> str:
     return f"c:{conversation_id}"
 
 
-def tokens_key(user_id: int) -> str:
-    """Woken when one of the user's tokens is revoked: its waiting requests re-check it and answer 401."""
-    return f"t:{user_id}"
+def token_key(token_hash: str) -> str:
+    """Woken when the token is revoked: its waiting requests re-check it and answer 401.
+
+    Per token, not per user: the user's requests on its other tokens (other
+    devices) are not woken. 64 bits of the digest tell tokens apart.
+    """
+    return f"t:{token_hash[:16]}"
 
 
 class Waiter:

@@ -120,7 +120,7 @@ def test_concurrent_senders_on_both_sides_get_gapless_seqs(api: Api) -> None:
 
 def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None:
     """The token stops working at once, also for the long-polls already waiting on
-    it (in any worker); a long-poll on the user's other token keeps waiting."""
+    it (in any worker); a long-poll on the user's other token keeps waiting, unwoken."""
     alice, bob = api.signed_up(), api.signed_up()
     conversation = alice.start(bob.username)["id"]
     signed_in = alice.post("/api/v1/tokens", {"username": alice.username, "password": PASSWORD})
@@ -138,12 +138,15 @@ def test_revoking_a_token_ends_its_waiting_long_polls_with_401(api: Api) -> None
         "other device": Background(lambda: other_device.get("/api/v1/events", params={"after": head, "timeout": 3})),
     }
     wait_for_waiting_polls(api.base_url, 3)
+    woken_before = metric(scrape(api.base_url), "chatapi_wakeups_total")
     revoked_at = time.monotonic()
     assert alice.request("DELETE", "/api/v1/tokens/current").status_code == 204
     for name in ("events", "messages"):
         assert polls[name].join(25).status_code == 401, name
         waited = polls[name].finished_at - revoked_at
         assert waited < 2.0, f"{name} waited {waited:.2f} s after the revocation"
+    # Only the revoked token's long-polls were woken, not the other device's.
+    assert metric(scrape(api.base_url), "chatapi_wakeups_total") - woken_before == 2
     other_answer = polls["other device"].join(25)
     assert other_answer.status_code == 200 and other_answer.json() == {"events": [], "last_pos": head}
     assert polls["other device"].finished_at - started > 2.5, "the other token's long-poll must wait for its timeout"
