@@ -321,6 +321,27 @@ def test_server_restart_mid_conversation_loses_and_repeats_nothing(people, serve
     assert [m["text"] for m in api_alice.messages(conversation_id)["messages"]] == expected
 
 
+def test_a_stopping_server_is_not_asked_again_and_again(people, server: ServerProcess) -> None:
+    """While it drains (SIGTERM) a server answers waiting long-polls at once, empty, and any
+    new one too: the page pauses before asking again instead of spinning on it until it is gone."""
+    Api(server.base_url).signed_up("alice")
+    alice = people("alice")
+    sign_in(alice)
+    expect(alice.page.get_by_test_id("connection-status")).to_be_hidden()
+    alice.page.wait_for_timeout(1000)  # the page's long-poll is waiting
+    stopping = alice.page.evaluate("performance.now()")
+    server.stop()
+    stopped = alice.page.evaluate("performance.now()")
+    polls = alice.page.evaluate(
+        """([from, to]) => performance.getEntriesByType("resource")
+            .filter((entry) => entry.name.includes("/api/v1/events"))
+            .filter((entry) => entry.startTime >= from && entry.startTime <= to).length""",
+        [stopping, stopped],
+    )
+    # The answer the stop gave the waiting poll, then a few paced ones (about 100 before).
+    assert polls <= 6, f"{polls} event polls in the {(stopped - stopping) / 1000:.2f} s the server took to stop"
+
+
 def test_failed_and_lost_sends_are_retried_with_the_same_client_id_and_stored_once(
     people, server: ServerProcess
 ) -> None:

@@ -285,11 +285,13 @@ export class ChatClient extends EventTarget {
   async #run() {
     const signal = this.stopper.signal;
     let failures = 0;
+    let emptyEarly = 0;
     await this.#bootstrap();
     while (!this.stopped) {
       try {
         // After a failure, a quick probe (timeout 0) tells at once whether the server is back.
         const timeoutSecs = this.status === "online" ? LONG_POLL_SECS : 0;
+        const askedAt = Date.now();
         const page = await this.api.events(this.cursor, {
           limit: EVENTS_PAGE,
           timeoutSecs,
@@ -309,6 +311,12 @@ export class ChatClient extends EventTarget {
         failures = 0;
         this.#setStatus("online");
         this.markRead();
+        // Nothing, long before the timeout: the server is stopping (it answers waiting polls at
+        // once while it drains, and would answer the next one at once too) or another tab's
+        // poll took our place. Pause before asking again rather than spin on it.
+        const early = timeoutSecs > 0 && page.events.length === 0 && Date.now() - askedAt < timeoutSecs * 500;
+        emptyEarly = early ? emptyEarly + 1 : 0;
+        if (early) await sleep(backoffMs(emptyEarly), signal).catch(() => {});
       } catch (error) {
         if (this.stopped) return;
         if (error instanceof ApiError && error.status === 401) return this.#unauthorized();
