@@ -103,6 +103,11 @@ def _signature(key: bytes, signed: str) -> str:
     return hmac.new(key, signed.encode(), hashlib.sha256).hexdigest()[:SIGNATURE_HEX_CHARS]
 
 
+def _new_origin() -> str:
+    """This process's tag on its notifications: its pid, and a random part (pids are reused)."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _backoff(attempt: int) -> float:
     delay = min(RECONNECT_MAX_SECS, RECONNECT_FIRST_SECS * 2**attempt)
     return delay * random.uniform(0.5, 1.0)
@@ -217,7 +222,7 @@ class PostgresNotifier:
         # Tags our own notifications so the listener can skip them: local
         # waiters were already woken directly at commit time. Made again in
         # each process that starts (a fork must not share its parent's).
-        self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._origin = _new_origin()
         self._pending: set[str] = set()
         self._pending_pushed: dict[int, list | None] = {}
         self._has_pending = gevent.event.Event()
@@ -232,7 +237,7 @@ class PostgresNotifier:
         if self._started_in_pid == os.getpid():
             return
         self._started_in_pid = os.getpid()
-        self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._origin = _new_origin()
         self.listening.clear()
         self._greenlets = [gevent.spawn(self._listen_forever), gevent.spawn(self._publish_forever)]
 
