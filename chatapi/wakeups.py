@@ -4,9 +4,9 @@ Design (docs/design.md, "Wake-ups"): a long-poll checks the database once;
 if there is nothing for it, it registers a `Waiter` under the keys it cares
 about (`u:<user id>` for a user's event stream, `c:<conversation id>` for one
 conversation's messages, `t:<token digest prefix>` for its token's
-revocation) and sleeps until woken or its timeout. A commit wakes the keys it touched; the woken request
-re-queries and sleeps again if there is still nothing new. Waiters hold no
-database connection while they sleep.
+revocation) and sleeps until woken or its timeout. A commit wakes the keys
+it touched; the woken request re-queries and sleeps again if there is still
+nothing new. Waiters hold no database connection while they sleep.
 
 A wake-up may also carry the new events themselves ("pushed" events, per
 user): a send knows the message and receipt it added to each stream and
