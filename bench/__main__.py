@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -51,15 +53,18 @@ SUITE = [
 CHECK_KEYS = (
     "lost",
     "duplicated",
+    "misdelivered",
     "out_of_order",
     "pos_gaps",
     "seq_gaps",
     "live_duplicates",
     "live_out_of_order",
     "live_pos_gaps",
+    "live_misdelivered",
     "undelivered_at_drain",
     "not_acked",
     "idle_not_held",
+    "not_sampled",
 )
 PASSWORD = "bench password"
 
@@ -76,7 +81,11 @@ class Bench:
         self.servers: list[Server] = []
 
     def __enter__(self) -> Bench:
-        self.cluster.start()
+        try:
+            self.cluster.start()
+        except BaseException:
+            self.cluster.destroy()  # a postmaster that started anyway, and its directory
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -140,15 +149,23 @@ class Bench:
             # Each idle long-poll holds one connection slot; leave headroom
             # since gunicorn cannot choose which worker accepts.
             env["CHATAPI_WORKER_CONNECTIONS"] = str(max(10_000, 2 * params["idle"]))
-        server = self.start_server(database_url, f"{tag}-server", env)
-        spec: dict = {"workload": workload, **params, "base_urls": [server.base_url]}
-        servers = [server]
-        if workload == "wake":
-            # A second instance on the same database: the multi-host case.
-            other = self.start_server(database_url, f"{tag}-server-b", env)
-            servers.append(other)
-            spec["base_urls"].append(other.base_url)
-        spec["pairs"] = self.make_pairs(server, database_url, params.get("pairs", params.get("concurrency", 1)), "pair")
+        servers: list[Server] = []
+        try:
+            servers.append(self.start_server(database_url, f"{tag}-server", env))
+            if workload == "wake":
+                # A second instance on the same database: the multi-host case.
+                servers.append(self.start_server(database_url, f"{tag}-server-b", env))
+            return self._load(workload, params, tag, database_url, servers)
+        finally:
+            for s in servers:
+                s.stop()
+            self.servers = [s for s in self.servers if s not in servers]
+
+    def _load(self, workload: str, params: dict, tag: str, database_url: str, servers: list[Server]) -> dict:
+        """Seed the users, run the load generator against `servers`, and collect its result."""
+        spec: dict = {"workload": workload, **params, "base_urls": [s.base_url for s in servers]}
+        pair_count = params.get("pairs", params.get("concurrency", 1))
+        spec["pairs"] = self.make_pairs(servers[0], database_url, pair_count, "pair")
         if workload == "idle":
             spec["idle_users"] = self.seed_users(database_url, params["idle"], "idle")
             spec["idle_hold_secs"] = params["duration"]
@@ -161,20 +178,15 @@ class Bench:
         bound = 240 + 2 * params.get("duration", 0) + params.get("idle", 0) / 50
         self.log(f"running {tag} (load average {report.loadavg()}) ...")
         sessions_before = database_sessions(database_url)
-        try:
-            subprocess.run(
-                [sys.executable, "-m", "bench.load", str(spec_path), str(result_path)],
-                cwd=REPO,
-                check=True,
-                timeout=bound,
-            )
-            result = json.loads(result_path.read_text())
-            # Less the session of this count itself.
-            result["postgres_sessions_opened"] = database_sessions(database_url) - sessions_before - 1
-        finally:
-            for s in servers:
-                s.stop()
-            self.servers = [s for s in self.servers if s not in servers]
+        subprocess.run(
+            [sys.executable, "-m", "bench.load", str(spec_path), str(result_path)],
+            cwd=REPO,
+            check=True,
+            timeout=bound,
+        )
+        result = json.loads(result_path.read_text())
+        # Less the session of this count itself.
+        result["postgres_sessions_opened"] = database_sessions(database_url) - sessions_before - 1
         result["workload"] = workload
         result["tag"] = tag
         result["workers"] = len(spec["worker_pids"]) // len(servers)
@@ -244,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    def stopped(signum: int, frame: object) -> None:
+        # Unwinds like Ctrl-C: the load generator is killed, then the
+        # servers and the cluster are stopped on the way out.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGHUP, stopped)
     results: list[dict] = []
     crashed: list[str] = []
     with Bench(out, args.workers, log) as bench:
@@ -259,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "machine": report.machine(),
         "command": "bin/bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        # The servers inherit the environment: a CHATAPI_ setting changes what is measured.
+        "environment": {name: value for name, value in os.environ.items() if name.startswith("CHATAPI_")},
         "results": [{k: v for k, v in r.items() if k != "samples"} for r in results],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any
 
+# A connection left unused this long is replaced before its next request:
+# the server closes kept-alive connections after CHATAPI_KEEPALIVE_SECS (5 s
+# by default), and a request written into a closing connection would fail.
+MAX_IDLE_REUSE_SECS = 4.0
 
-class HttpError(Exception):
+
+class HttpError(ConnectionError):
     """The connection failed or the answer was not parseable HTTP."""
 
 
 class Connection:
-    """One persistent connection; reconnects once if the server closed it while idle."""
+    """One persistent connection. A request that fails is never sent again: a
+    silent retry would hide a dropped request (a crashed worker, a reset
+    long-poll) from the benchmark's checks."""
 
     def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 90.0) -> None:
         self.host = host
@@ -27,6 +35,7 @@ class Connection:
         self._auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self._last_used = 0.0
 
     def close(self) -> None:
         if self._sock is not None:
@@ -34,10 +43,12 @@ class Connection:
             self._sock = None
         self._buffer = b""
 
-    def _connect(self) -> socket.socket:
+    def connect(self) -> socket.socket:
+        """Open the connection now (a request opens it when needed)."""
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._last_used = time.monotonic()
         return sock
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -47,19 +58,18 @@ class Connection:
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         data = head.encode() + b"\r\n" + payload
-        reused = self._sock is not None
-        try:
-            return self._exchange(data)
-        except (OSError, HttpError):
+        if self._sock is not None and time.monotonic() - self._last_used > MAX_IDLE_REUSE_SECS:
             self.close()
-            if not reused:
-                raise
-        # A kept-alive connection may have been closed by the server's
-        # keep-alive timeout just before we used it: retry once on a new one.
-        return self._exchange(data)
+        try:
+            answer = self._exchange(data)
+        except OSError:
+            self.close()
+            raise
+        self._last_used = time.monotonic()
+        return answer
 
     def _exchange(self, data: bytes) -> tuple[int, Any]:
-        sock = self._sock or self._connect()
+        sock = self._sock or self.connect()
         sock.sendall(data)
         buffer = self._buffer
         while True:

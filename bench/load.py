@@ -14,6 +14,7 @@ monkey.patch_all()
 
 import gc  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
@@ -41,13 +42,16 @@ IDLE_RAMP_MAX_SECS = 120.0
 
 
 def percentiles(values: list[float]) -> dict:
-    """p50/p90/p99/max in milliseconds (nearest rank)."""
+    """p50/p90/p99/max in milliseconds, by nearest rank: the smallest value
+    that at least q of the values do not exceed (never rounded down, so a
+    small sample cannot understate the tail)."""
     if not values:
         return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
     ordered = sorted(values)
 
     def rank(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))] * 1000, 2)
+        index = math.ceil(q * len(ordered) - 1e-9) - 1
+        return round(ordered[min(len(ordered) - 1, max(0, index))] * 1000, 2)
 
     return {"count": len(ordered), "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": rank(1.0)}
 
@@ -69,6 +73,9 @@ class Ledger:
         self.acked: dict[str, dict] = {}  # client_id -> message object from the 201
         self.acked_at: dict[str, float] = {}  # client_id -> when the 201 arrived
         self.ack_latency: list[float] = []
+        # How late each send was written, against its schedule: the load
+        # generator's own lag, to tell it apart from the server's queueing.
+        self.send_lateness: list[float] = []
         self.delivery_latency: list[float] = []
         self.delivered_at: dict[str, float] = {}  # client_id -> first time its recipient had it
         self.expected: dict[str, tuple[int, int]] = {}  # client_id -> (sender uid, recipient uid)
@@ -95,6 +102,7 @@ class Stream:
         self.pos_gaps = 0
         self.duplicates = 0
         self.out_of_order = 0
+        self.misdelivered = 0
         self.seen: set[int] = set()
         self.last_seq: dict[int, int] = {}
         self.greenlet: gevent.Greenlet | None = None
@@ -143,6 +151,9 @@ class Stream:
         self.last_seq[conversation] = message["seq"]
         client_id = message["client_id"]
         ledger = self.ledger
+        if client_id in ledger.expected and self.user["id"] not in ledger.expected[client_id]:
+            self.misdelivered += 1  # in the stream of a user who is neither party
+            return
         if not self.track_delivery or message["sender"] == self.user["username"] or client_id not in ledger.scheduled:
             return
         if client_id not in ledger.delivered_at:
@@ -167,6 +178,7 @@ class Sender:
         ledger = self.ledger
         conn = self.idle.pop() if self.idle else self.target.connect(self.user["token"])
         ledger.expected[client_id] = (self.user["id"], recipient_id)
+        ledger.send_lateness.append(time.monotonic() - ledger.scheduled[client_id])
         try:
             status, body = conn.request(
                 "POST",
@@ -193,7 +205,7 @@ class Sender:
 
 def audit(target: Target, users: list[dict], ledger: Ledger) -> dict:
     """Re-read every stream from pos 0 and compare with what was acknowledged."""
-    counts = {"lost": 0, "duplicated": 0, "out_of_order": 0, "pos_gaps": 0, "seq_gaps": 0}
+    counts = {"lost": 0, "duplicated": 0, "misdelivered": 0, "out_of_order": 0, "pos_gaps": 0, "seq_gaps": 0}
     appearances: dict[str, int] = {}
     by_id = {user["id"]: user for user in users}
     for user in users:
@@ -220,6 +232,8 @@ def audit(target: Target, users: list[dict], ledger: Ledger) -> dict:
                 seqs.setdefault(conversation, []).append(message["seq"])
                 client_id = message["client_id"]
                 if client_id in ledger.expected:
+                    if user["id"] not in ledger.expected[client_id]:
+                        counts["misdelivered"] += 1
                     key = f"{user['id']}:{client_id}"
                     appearances[key] = appearances.get(key, 0) + 1
         conn.close()
@@ -244,6 +258,7 @@ def _stream_totals(streams: list[Stream]) -> dict:
         "live_duplicates": sum(s.duplicates for s in streams),
         "live_out_of_order": sum(s.out_of_order for s in streams),
         "live_pos_gaps": sum(s.pos_gaps for s in streams),
+        "live_misdelivered": sum(s.misdelivered for s in streams),
     }
 
 
@@ -341,6 +356,7 @@ def workload_latency(spec: dict, active: bool = False) -> dict:
         "acked": len(ledger.acked),
         "delivered": len(ledger.delivered_at),
         "achieved_send_rate": round(total / send_secs, 1) if send_secs > 0 else None,
+        "send_late_ms": percentiles(ledger.send_lateness),
         "ack_ms": percentiles(ledger.ack_latency),
         "delivery_ms": percentiles(ledger.delivery_latency),
         "checks": checks,
@@ -385,6 +401,8 @@ def workload_throughput(spec: dict) -> dict:
     in_window = sum(1 for t in ledger.delivered_at.values() if t <= ended)
     checks = {**audit(target, [u for p in pairs for u in (p["a"], p["b"])], ledger), **_stream_totals(streams)}
     checks["undelivered_at_drain"] = ledger.outstanding
+    # Sends begun and never answered (killed at the limit), or answered with an error.
+    checks["not_acked"] = len(ledger.expected) - len(ledger.acked)
     elapsed = ended - started
     return {
         "params": {"concurrency": len(pairs), "duration": duration},
@@ -471,7 +489,7 @@ def workload_idle(spec: dict) -> dict:
         conn = target.connect(user["token"])
         try:
             with opening:
-                conn._connect()
+                conn.connect()
             while not stop.is_set():
                 status, body = conn.request("GET", "/api/v1/events?after=0&timeout=60")
                 if stop.is_set():
@@ -511,7 +529,9 @@ def workload_idle(spec: dict) -> dict:
     checks = {**audit(target, active_users, ledger), **_stream_totals(streams)}
     checks["not_acked"] = total - len(ledger.acked)
     checks["undelivered_at_drain"] = ledger.outstanding
-    checks["idle_not_held"] = held_ok["early"] + held_ok["errors"] + (0 if waiting >= wanted else 1)
+    # The active streams may be between two polls when counted; the idle ones never are.
+    all_waiting = waiting >= wanted and waiting_end >= len(idle_users)
+    checks["idle_not_held"] = held_ok["early"] + held_ok["errors"] + (0 if all_waiting else 1)
     per_conn = (rss_after - rss_before) / max(1, len(idle_users))
     return {
         "params": {"idle": len(idle_users), "pairs": len(pairs), "rate": spec["rate"], "duration": idle_secs},
@@ -526,6 +546,7 @@ def workload_idle(spec: dict) -> dict:
         "delivery_ms": percentiles(ledger.delivery_latency),
         "checks": checks,
         "errors": ledger.errors,
+        "send_late_ms": percentiles(ledger.send_lateness),
         "samples": {"ack": ledger.ack_latency, "delivery": ledger.delivery_latency},
         "cpu_secs": cpu,
         "server_requests": window.requests_in_window,
@@ -542,6 +563,7 @@ def workload_wake(spec: dict) -> dict:
     after_ack: dict[str, list[float]] = {"cross": [], "same": []}
     samples = spec["samples"]
     pairs = spec["pairs"]
+    rounds = math.ceil(samples / len(pairs))  # each pair's share, rounded up
     window = Window(spec)
 
     def pair_loop(index: int, pair: dict) -> None:
@@ -551,7 +573,7 @@ def workload_wake(spec: dict) -> dict:
             "same": send_target.connect(pair["b"]["token"]),
         }
         after = 0
-        for round_ in range(samples // len(pairs)):
+        for round_ in range(rounds):
             kind = "cross" if round_ % 2 == 0 else "same"
             conn = waiters[kind]
             # Catch up (this also acknowledges, which appends receipts).
@@ -584,11 +606,15 @@ def workload_wake(spec: dict) -> dict:
         for conn in waiters.values():
             conn.close()
 
-    gevent.joinall([gevent.spawn(pair_loop, i, pair) for i, pair in enumerate(pairs)], timeout=120)
+    loops = [gevent.spawn(pair_loop, i, pair) for i, pair in enumerate(pairs)]
+    gevent.joinall(loops, timeout=120)
+    # Stop the late ones, so that nothing changes under the audit.
+    gevent.killall(loops, timeout=10)
     cpu = window.close()
     users = [u for pair in pairs for u in (pair["a"], pair["b"])]
     checks = audit(send_target, users, ledger)
     checks["undelivered_at_drain"] = ledger.outstanding
+    checks["not_sampled"] = rounds * len(pairs) - len(results["cross"]) - len(results["same"])
     return {
         "params": {"samples": samples, "pairs": len(pairs)},
         "cross_process_ms": percentiles(results["cross"]),

@@ -5,9 +5,11 @@ more worker connections) added to the environment."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +29,18 @@ class Server:
         self.workers = workers
         self.env = env
         self.process: subprocess.Popen | None = None
+        # The workers' metrics files, in a directory of ours: the master
+        # removes its own at exit, but not when it has to be killed.
+        self.metrics_dir = tempfile.mkdtemp(prefix="chatapi-bench-metrics-")
 
     def start(self, timeout: float = 60) -> Server:
-        env = {**os.environ, "CHATAPI_DATABASE_URL": self.database_url, "CHATAPI_RATE_LIMITS": "off", **self.env}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env = {
+            **os.environ,
+            "CHATAPI_DATABASE_URL": self.database_url,
+            "CHATAPI_RATE_LIMITS": "off",
+            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+            **self.env,
+        }
         connections_before = database_connections(self.database_url)
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
         if self.workers:
@@ -48,7 +58,7 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server not ready after {timeout}s; see {self.log_path}")
             time.sleep(0.1)
-        expected = self.workers or 2
+        expected = self.workers or int(env.get("CHATAPI_WORKERS", "2"))
         while len(self.worker_pids()) < expected and time.monotonic() < deadline:
             time.sleep(0.1)
         # A few requests, to reach every worker: none measured is its first.
@@ -84,15 +94,15 @@ class Server:
         return [int(pid) for pid in out.split()]
 
     def stop(self, timeout: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            for pid in [self.pid, *self.worker_pids()]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.process.wait(10)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in [self.pid, *self.worker_pids()]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.process.wait(10)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
