@@ -11,6 +11,7 @@ patches nothing.)
 from __future__ import annotations
 
 import atexit
+import fcntl
 import gc
 import json
 import os
@@ -26,7 +27,8 @@ from urllib.parse import urlsplit
 import gevent
 from gevent import Timeout
 from gevent.pywsgi import Input
-from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
+from gunicorn.errors import HaltServer
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventWorker, PyWSGIHandler, PyWSGIServer
 
 if TYPE_CHECKING:
     import socket
@@ -36,7 +38,9 @@ if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
     from gunicorn.workers.base import Worker
 
-_database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or ""
+# chatapi.config.DEFAULT_DATABASE_URL, which the master must not import (see _switch).
+_DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
+_database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
 _on_postgresql = _database_url.startswith(("postgresql", "postgres"))
 
 bind = os.environ.get("CHATAPI_BIND", "127.0.0.1:8000")
@@ -336,24 +340,17 @@ control_socket_disable = not control_socket
 
 
 def on_starting(server: Arbiter) -> None:
-    """In the master, once: migrate the schema, prepare shared metrics storage."""
+    """In the master, once: check the setup, migrate the schema, prepare shared metrics storage."""
     if server.cfg.preload_app:
         # Loaded in the master, the app would be imported before gevent
         # patches each worker (see the top of this file), and the workers
         # would share one wake-up origin and no metrics directory: wake-ups
         # between them were lost, and /metrics was empty.
         raise SystemExit("chatapi cannot run with --preload (preload_app): each worker must load the app itself")
-    if not _on_postgresql and server.num_workers > 1:
-        server.log.warning("SQLite runs one worker process; ignoring workers=%s", server.num_workers)
-        server.num_workers = 1
-        server.cfg.set("workers", 1)
-    if _switch("CHATAPI_MIGRATE"):
-        # In a child process, so the master never imports the app: workers
-        # must import gevent-sensitive modules only after gevent patches them.
-        # It runs in the master's working directory, as the workers do: the
-        # default SQLite file is found there (alembic.ini finds the rest).
-        alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
-        subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"], check=True)
+    _check_worker_class(server)
+    if not _on_postgresql:
+        _lock_sqlite_file(_database_url)
+    _migrate()
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -362,6 +359,76 @@ def on_starting(server: Arbiter) -> None:
         # is not called when it fails to start, say on a port in use), and
         # not when a worker, forked from it with this hook, exits.
         atexit.register(lambda: os.getpid() == master and shutil.rmtree(metrics_dir, ignore_errors=True))
+
+
+def on_reload(server: Arbiter) -> None:
+    """SIGHUP (`systemctl reload`): new workers run the code now on disk, so
+    its migrations run first, as at a start."""
+    try:
+        _check_worker_class(server)
+        _migrate()
+    except (SystemExit, subprocess.CalledProcessError) as exc:
+        # New code must not serve an old schema. Raised as they are, these
+        # would end the master at once and orphan its workers; HaltServer
+        # stops them gracefully and exits 1, with the reason in the log (a
+        # supervisor's restart then migrates again, or fails visibly).
+        raise HaltServer(f"reload stopped: {exc}", 1) from None
+
+
+def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> None:
+    """SQLite wakes waiters in-process, so it runs exactly one worker: a
+    second one would miss the first one's wake-ups (its polls would answer
+    only at their timeout). Held at every change of the count: at start,
+    at a reload (which reads `workers` again) and at SIGTTIN."""
+    if not _on_postgresql and new_value > 1:
+        server.log.warning("SQLite runs one worker process; ignoring workers=%s", new_value)
+        server.cfg.set("workers", 1)
+        server.num_workers = 1
+
+
+def _check_worker_class(server: Arbiter) -> None:
+    # The app waits on gevent events and greenlet-local state: under a
+    # sync or threaded worker its requests hang, or fail after committing.
+    if not issubclass(server.cfg.worker_class, GeventWorker):
+        raise SystemExit(
+            f"chatapi needs gevent workers, not {server.cfg.worker_class_str!r}: "
+            "leave --worker-class unset (gunicorn.conf.py's) or use gevent"
+        )
+
+
+def _migrate() -> None:
+    if _switch("CHATAPI_MIGRATE"):
+        # In a child process, so the master never imports the app: workers
+        # must import gevent-sensitive modules only after gevent patches them.
+        # It runs in the master's working directory, as the workers do: the
+        # default SQLite file is found there (alembic.ini finds the rest).
+        alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
+        subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"], check=True)
+
+
+def _lock_sqlite_file(url: str) -> None:
+    """Refuse to serve a SQLite file that another chatapi instance serves.
+
+    Wake-ups on SQLite stay in their process, so a second instance on the
+    same file would leave the first one's long-polls asleep until their
+    timeout. The lock (flock on `<file>.lock`) is the master's for its whole
+    life, through reloads, and its workers inherit it; it goes with the last
+    of them, however they end.
+    """
+    path = urlsplit(url).path[1:]  # sqlite:///relative or sqlite:////absolute
+    if not path or path == ":memory:":
+        return
+    lock_path = path + ".lock"
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise SystemExit(f"cannot open {lock_path} (next to the SQLite file): {exc.strerror}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(
+            f"another chatapi instance serves {path}: SQLite is for one process; use PostgreSQL for more"
+        ) from None
 
 
 def child_exit(server: Arbiter, worker: Worker) -> None:

@@ -510,3 +510,78 @@ def test_database_url_is_read_when_chatapi_database_url_is_unset(postgres_url: s
     alice = Api(server.base_url).signed_up()
     assert query_value(postgres_url, f"SELECT count(*) FROM users WHERE username = '{alice.username}'") == 1
     wait_until(lambda: len(server.worker_pids()) == 2, timeout=15, what="the default 2 workers on PostgreSQL")
+
+
+def _gunicorn(database_url: str, *args: str) -> subprocess.CompletedProcess:
+    """A start of gunicorn.conf.py that is expected to be refused: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", *args, "wsgi:app"],
+        cwd=REPO,
+        env={**os.environ, "CHATAPI_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_a_worker_class_without_gevent_is_refused(tmp_path: Path, worker_class: str) -> None:
+    """Under them requests hung (sync) or answered 500 after committing (gthread)."""
+    result = _gunicorn(f"sqlite:///{tmp_path / 'x.sqlite3'}", "--worker-class", worker_class)
+    assert result.returncode != 0 and "chatapi needs gevent workers" in result.stderr
+
+
+def test_a_second_instance_on_the_same_sqlite_file_is_refused(start_server, tmp_path: Path) -> None:
+    """Wake-ups on SQLite stay in their process: a second instance's sends left
+    the first one's long-polls asleep until their timeout."""
+    url = f"sqlite:///{tmp_path / 'one.sqlite3'}"
+    first = start_server(url)
+    result = _gunicorn(url)
+    assert result.returncode != 0 and "another chatapi instance serves" in result.stderr
+    Api(first.base_url).signed_up()  # the first one serves on
+    assert first.stop() == 0
+    Api(start_server(url).base_url).signed_up()  # and once it is gone, the file is free
+
+
+def test_sqlite_keeps_one_worker_through_a_reload_and_sigttin(start_server, tmp_path: Path) -> None:
+    """A reload reads `workers` again (here 3, from the command line); SIGTTIN adds one."""
+    server = start_server(f"sqlite:///{tmp_path / 'w.sqlite3'}", workers=3)
+    before = server.worker_pids()
+    assert len(before) == 1
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: server.worker_pids() and not set(server.worker_pids()) & set(before), 30, what="a new worker")
+    server.signal(signal.SIGTTIN)
+    counts = set()
+    deadline = time.monotonic() + 3  # new workers would have started by then
+    while time.monotonic() < deadline:
+        counts.add(len(server.worker_pids()))
+        time.sleep(0.05)
+    assert counts == {1}
+    Api(server.base_url).signed_up()
+
+
+def test_a_reload_migrates_the_schema_before_new_workers_start(start_server, tmp_path: Path) -> None:
+    """`systemctl reload` is how new code is deployed (docs/deploy.md): its migrations must run too."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(Config(str(REPO / "alembic.ini"))).get_current_head()
+    database = tmp_path / "r.sqlite3"
+    server = start_server(f"sqlite:///{database}")
+
+    def version() -> str:
+        with sqlite3.connect(database) as conn:
+            return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+    assert version() == head
+    # The database one release behind, as new code finds it on disk.
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "downgrade", "-1"],
+        cwd=REPO,
+        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}"},
+        check=True,
+        capture_output=True,
+    )
+    assert version() != head
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: version() == head, 30, what="the reload's migration")
