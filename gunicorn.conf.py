@@ -43,13 +43,13 @@ _DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
 _database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
 _on_postgresql = _database_url.startswith(("postgresql", "postgres"))
 
-bind = os.environ.get("CHATAPI_BIND", "127.0.0.1:8000")
+bind = os.environ.get("CHATAPI_BIND") or "127.0.0.1:8000"
 
 
 def _switch(name: str) -> bool:
     """An on/off variable, default on, in the words chatapi.config accepts
     (which the master must not import: it would load the app before gevent)."""
-    value = os.environ.get(name, "on").strip().lower()
+    value = (os.environ.get(name) or "on").strip().lower()
     if value in ("1", "on", "true", "yes"):
         return True
     if value in ("0", "off", "false", "no"):
@@ -83,10 +83,10 @@ def _protocol_error(status: str, reason: str, message: str) -> bytes:
 
 def _seconds(name: str, default: str) -> float:
     try:
-        value = float(os.environ.get(name, default))
+        value = float(os.environ.get(name) or default)
     except ValueError:
         value = 0
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise SystemExit(f"{name} must be a number of seconds above 0")
     return value
 
@@ -315,23 +315,38 @@ class ChatapiWorker(GeventPyWSGIWorker):
             idle.kill(block=False)
 
 
+def _whole(name: str, default: int, low: int) -> int:
+    """A whole-number variable, `low` or more; unset or empty, the default."""
+    value = os.environ.get(name, "").strip()
+    try:
+        number = int(value) if value else default
+    except ValueError:
+        number = low - 1
+    if number < low:
+        raise SystemExit(f"{name} must be a whole number, {low} or more, not {value!r}")
+    return number
+
+
 worker_class = ChatapiWorker
 # SQLite wakes waiters in-process, so it runs exactly one worker. On
 # PostgreSQL, workers wake each other through LISTEN/NOTIFY.
-workers = int(os.environ.get("CHATAPI_WORKERS", "2" if _on_postgresql else "1"))
+workers = _whole("CHATAPI_WORKERS", 2 if _on_postgresql else 1, low=1)
 # Each waiting long-poll is one greenlet and one socket; they are cheap.
-worker_connections = int(os.environ.get("CHATAPI_WORKER_CONNECTIONS", "10000"))
+worker_connections = _whole("CHATAPI_WORKER_CONNECTIONS", 10000, low=1)
 # Seconds an idle keep-alive connection stays open (a graceful stop closes
 # idle ones at once). A polling client asks again at once, so a short value
 # costs nothing. A proxy in front must use a shorter upstream keep-alive
 # (deploy/nginx/chatapi.conf uses 4 s).
-keepalive = int(os.environ.get("CHATAPI_KEEPALIVE_SECS", "5"))
+keepalive = _whole("CHATAPI_KEEPALIVE_SECS", 5, low=0)
 # SIGTERM: long-polls answer at once (post_worker_init) and sends in
 # flight get this long to finish.
-graceful_timeout = int(os.environ.get("CHATAPI_GRACEFUL_TIMEOUT_SECS", "20"))
+graceful_timeout = _whole("CHATAPI_GRACEFUL_TIMEOUT_SECS", 20, low=0)
 timeout = 30
 accesslog = os.environ.get("CHATAPI_ACCESS_LOG") or None
-loglevel = os.environ.get("CHATAPI_LOG_LEVEL", "info")
+loglevel = os.environ.get("CHATAPI_LOG_LEVEL") or "info"
+# gunicorn would take a misspelt level for info.
+if loglevel.lower() not in ("debug", "info", "warning", "error", "critical"):
+    raise SystemExit(f"CHATAPI_LOG_LEVEL must be debug, info, warning, error or critical, not {loglevel!r}")
 proc_name = "chatapi"
 # gunicorn's control socket defaults to one path per user, which several
 # instances on one host would fight over; set a path to turn it on.

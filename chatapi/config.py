@@ -8,6 +8,7 @@ misses none.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,22 +85,30 @@ class Settings:
     db_pool_warm: int = db_pool_size
 
     def __post_init__(self) -> None:
-        # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
-        for name in ("db_pool_size", "db_write_pool_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"CHATAPI_{name.upper()} must be at least 1")
+        # A maximum of 0 answers every poll at once, and clients spin.
+        if not self.long_poll_max_secs > 0:
+            raise ConfigError("CHATAPI_LONG_POLL_MAX_SECS must be above 0")
+        if self.long_poll_default_secs > self.long_poll_max_secs:
+            raise ConfigError(
+                "CHATAPI_LONG_POLL_DEFAULT_SECS must not exceed CHATAPI_LONG_POLL_MAX_SECS"
+                f" ({self.long_poll_max_secs:g}), not {self.long_poll_default_secs:g}"
+            )
         if self.db_pool_warm > self.db_pool_size + self.db_max_overflow:
             raise ConfigError("CHATAPI_DB_POOL_WARM must not exceed CHATAPI_DB_POOL_SIZE + CHATAPI_DB_MAX_OVERFLOW")
         # Flask-Limiter reads a limit only when a request needs it, and
         # (swallow_errors, limits.py) would then skip a misspelt one for
-        # ever: a limit the operator set would silently be off.
+        # ever: a limit the operator set would silently be off. And a limit
+        # of 0 would refuse every request it covers, for ever.
         for name in RATE_LIMIT_SETTINGS:
             try:
-                parse_many(getattr(self, name))
+                usable = all(item.amount >= 1 for item in parse_many(getattr(self, name)))
             except ValueError:
+                usable = False
+            if not usable:
                 raise ConfigError(
-                    f"CHATAPI_{name.upper()} is not a rate limit (like 20/minute): {getattr(self, name)!r}"
-                ) from None
+                    f"CHATAPI_{name.upper()} must be a rate limit of 1 or more (like 20/minute),"
+                    f" not {getattr(self, name)!r}"
+                )
 
     @property
     def is_postgresql(self) -> bool:
@@ -112,8 +121,9 @@ class Settings:
         default = cls()
         database_url = get("CHATAPI_DATABASE_URL") or get("DATABASE_URL") or DEFAULT_DATABASE_URL
         database_url = _with_driver(database_url)
-        db_pool_size = int(_number(get("CHATAPI_DB_POOL_SIZE"), default.db_pool_size))
-        db_max_overflow = int(_number(get("CHATAPI_DB_MAX_OVERFLOW"), default.db_max_overflow))
+        # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
+        db_pool_size = _count(env, "CHATAPI_DB_POOL_SIZE", default.db_pool_size, low=1)
+        db_max_overflow = _count(env, "CHATAPI_DB_MAX_OVERFLOW", default.db_max_overflow)
         # Unset, the whole pool (overflow connections are closed on return:
         # not worth opening); set above the pool, it is refused.
         warm_default = db_pool_size
@@ -124,21 +134,21 @@ class Settings:
 
         return cls(
             database_url=database_url,
-            registration_open=_flag(get("CHATAPI_REGISTRATION", "on"), "CHATAPI_REGISTRATION"),
-            long_poll_default_secs=_number(get("CHATAPI_LONG_POLL_DEFAULT_SECS"), LONG_POLL_DEFAULT_SECS),
-            long_poll_max_secs=_number(get("CHATAPI_LONG_POLL_MAX_SECS"), LONG_POLL_MAX_SECS),
-            max_waiters_per_user=int(_number(get("CHATAPI_MAX_WAITERS_PER_USER"), default.max_waiters_per_user)),
-            rate_limits_enabled=_flag(get("CHATAPI_RATE_LIMITS", "on"), "CHATAPI_RATE_LIMITS"),
-            rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI", default.rate_limit_storage_uri),
+            registration_open=_flag(env, "CHATAPI_REGISTRATION"),
+            long_poll_default_secs=_number(env, "CHATAPI_LONG_POLL_DEFAULT_SECS", LONG_POLL_DEFAULT_SECS),
+            long_poll_max_secs=_number(env, "CHATAPI_LONG_POLL_MAX_SECS", LONG_POLL_MAX_SECS),
+            max_waiters_per_user=_count(env, "CHATAPI_MAX_WAITERS_PER_USER", default.max_waiters_per_user, low=1),
+            rate_limits_enabled=_flag(env, "CHATAPI_RATE_LIMITS"),
+            rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI") or default.rate_limit_storage_uri,
             rate_limit_signin_per_username=limit("SIGNIN_PER_USERNAME"),
             rate_limit_signin_per_address=limit("SIGNIN_PER_ADDRESS"),
             rate_limit_registration_per_address=limit("REGISTRATION_PER_ADDRESS"),
             rate_limit_send_per_user=limit("SEND_PER_USER"),
-            trust_proxy_headers=int(_number(get("CHATAPI_TRUSTED_PROXIES"), 0)),
+            trust_proxy_headers=_count(env, "CHATAPI_TRUSTED_PROXIES", default.trust_proxy_headers),
             db_pool_size=db_pool_size,
             db_max_overflow=db_max_overflow,
-            db_write_pool_size=int(_number(get("CHATAPI_DB_WRITE_POOL_SIZE"), default.db_write_pool_size)),
-            db_pool_warm=int(_number(get("CHATAPI_DB_POOL_WARM"), warm_default)),
+            db_write_pool_size=_count(env, "CHATAPI_DB_WRITE_POOL_SIZE", default.db_write_pool_size, low=1),
+            db_pool_warm=_count(env, "CHATAPI_DB_POOL_WARM", warm_default),
         )
 
 
@@ -150,7 +160,9 @@ def _with_driver(url: str) -> str:
     return url
 
 
-def _flag(value: str, name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """An on/off switch, default on; unset or empty, on."""
+    value = env.get(name) or "on"
     lowered = value.strip().lower()
     if lowered in ("1", "on", "true", "yes"):
         return True
@@ -159,13 +171,29 @@ def _flag(value: str, name: str) -> bool:
     raise ConfigError(f"{name} must be on or off, not {value!r}")
 
 
-def _number(value: str | None, default: float) -> float:
-    if value is None or value.strip() == "":
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A finite number, 0 or more; unset or empty, the default."""
+    value = env.get(name, "").strip()
+    if not value:
         return default
     try:
         number = float(value)
     except ValueError:
-        raise ConfigError(f"not a number: {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"must not be negative: {value!r}")
+        number = math.nan
+    if not 0 <= number < math.inf:
+        raise ConfigError(f"{name} must be a number, 0 or more, not {value!r}")
+    return number
+
+
+def _count(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
+    """A whole number, `low` or more; unset or empty, the default."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if number < low:
+        raise ConfigError(f"{name} must be a whole number, {low} or more, not {value!r}")
     return number

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from chatapi.config import ConfigError, Settings
+from tests.support.server import REPO
 
 
 def test_defaults() -> None:
@@ -46,15 +54,166 @@ def test_switches_and_limits() -> None:
     "env",
     [
         {"CHATAPI_RATE_LIMITS": "maybe"},
+        {"CHATAPI_REGISTRATION": "closed"},
         {"CHATAPI_LONG_POLL_MAX_SECS": "soon"},
         {"CHATAPI_DB_POOL_SIZE": "-1"},
+        {"CHATAPI_DB_POOL_SIZE": "0"},
+        {"CHATAPI_DB_POOL_SIZE": "2.5"},
         {"CHATAPI_DB_WRITE_POOL_SIZE": "0"},
+        {"CHATAPI_DB_MAX_OVERFLOW": "-1"},
+        {"CHATAPI_DB_POOL_WARM": "1.5"},
         {"CHATAPI_DB_POOL_SIZE": "3", "CHATAPI_DB_POOL_WARM": "4"},
         # A misspelt limit would otherwise be skipped on every request: off.
         {"CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "2 per minuet"},
         {"CHATAPI_RATE_LIMIT_SEND_PER_USER": "5/fortnight"},
+        # A limit of 0 refuses every request it covers, for ever.
+        {"CHATAPI_RATE_LIMIT_SEND_PER_USER": "0/second"},
+        {"CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS": "10/second;0/hour"},
+        # A poll without `timeout` waited min(nan, 60) = nan: until gunicorn killed the worker.
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan"},
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "inf"},
+        {"CHATAPI_LONG_POLL_MAX_SECS": "nan"},
+        {"CHATAPI_LONG_POLL_MAX_SECS": "inf"},
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "-1"},
+        # Was silently capped at the maximum.
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "120"},
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "20", "CHATAPI_LONG_POLL_MAX_SECS": "10"},
+        # Every poll would answer at once, and clients spin.
+        {"CHATAPI_LONG_POLL_MAX_SECS": "0"},
+        # Were truncated to 2 and 1.
+        {"CHATAPI_MAX_WAITERS_PER_USER": "2.7"},
+        {"CHATAPI_TRUSTED_PROXIES": "1.5"},
+        {"CHATAPI_MAX_WAITERS_PER_USER": "0"},
+        {"CHATAPI_MAX_WAITERS_PER_USER": "many"},
+        {"CHATAPI_TRUSTED_PROXIES": "-1"},
     ],
 )
-def test_bad_values_are_refused_at_start(env: dict[str, str]) -> None:
-    with pytest.raises(ConfigError):
+def test_bad_values_are_refused_at_start_naming_the_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as refused:
         Settings.from_env(env)
+    assert any(name in str(refused.value) for name in env), str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_empty_value_is_the_default() -> None:
+    names = [
+        "CHATAPI_REGISTRATION",
+        "CHATAPI_RATE_LIMITS",
+        "CHATAPI_RATE_LIMIT_STORAGE_URI",
+        "CHATAPI_RATE_LIMIT_SEND_PER_USER",
+        "CHATAPI_LONG_POLL_DEFAULT_SECS",
+        "CHATAPI_LONG_POLL_MAX_SECS",
+        "CHATAPI_MAX_WAITERS_PER_USER",
+        "CHATAPI_TRUSTED_PROXIES",
+        "CHATAPI_DB_POOL_SIZE",
+        "CHATAPI_DB_MAX_OVERFLOW",
+        "CHATAPI_DB_WRITE_POOL_SIZE",
+        "CHATAPI_DB_POOL_WARM",
+    ]
+    assert Settings.from_env(dict.fromkeys(names, "")) == Settings.from_env({}) == Settings()
+
+
+def test_usable_values_are_taken_as_given() -> None:
+    settings = Settings.from_env(
+        {
+            "CHATAPI_LONG_POLL_DEFAULT_SECS": "0",
+            "CHATAPI_LONG_POLL_MAX_SECS": "0.5",
+            "CHATAPI_MAX_WAITERS_PER_USER": "1",
+            "CHATAPI_TRUSTED_PROXIES": " 2 ",
+        }
+    )
+    assert (settings.long_poll_default_secs, settings.long_poll_max_secs) == (0, 0.5)
+    assert (settings.max_waiters_per_user, settings.trust_proxy_headers) == (1, 2)
+    assert Settings.from_env({"CHATAPI_LONG_POLL_DEFAULT_SECS": "60"}).long_poll_default_secs == 60
+
+
+def server_settings(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dict:
+    """gunicorn.conf.py's settings as gunicorn reads them, with `env` as the only CHATAPI_* variables."""
+    for name in os.environ:
+        if name.startswith("CHATAPI_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(str(REPO / "gunicorn.conf.py"))
+
+
+SERVER_DEFAULTS = {
+    "bind": "127.0.0.1:8000",
+    "workers": 1,
+    "worker_connections": 10000,
+    "keepalive": 5,
+    "graceful_timeout": 20,
+    "loglevel": "info",
+    "BODY_TIMEOUT_SECS": 30,
+}
+
+
+def test_the_server_reads_an_empty_value_as_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [
+        "CHATAPI_BIND",
+        "CHATAPI_WORKERS",
+        "CHATAPI_WORKER_CONNECTIONS",
+        "CHATAPI_KEEPALIVE_SECS",
+        "CHATAPI_GRACEFUL_TIMEOUT_SECS",
+        "CHATAPI_LOG_LEVEL",
+        "CHATAPI_BODY_TIMEOUT_SECS",
+    ]
+    for env in [{}, dict.fromkeys(names, "")]:
+        settings = server_settings(monkeypatch, env)
+        assert {name: settings[name] for name in SERVER_DEFAULTS} == SERVER_DEFAULTS
+    settings = server_settings(monkeypatch, {"CHATAPI_WORKERS": "3", "CHATAPI_KEEPALIVE_SECS": "0"})
+    assert (settings["workers"], settings["keepalive"]) == (3, 0)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        # 0 workers or 0 connections: gunicorn listened and never answered.
+        {"CHATAPI_WORKERS": "0"},
+        {"CHATAPI_WORKERS": "4.5"},
+        {"CHATAPI_WORKERS": "two"},
+        {"CHATAPI_WORKER_CONNECTIONS": "0"},
+        {"CHATAPI_KEEPALIVE_SECS": "-1"},
+        {"CHATAPI_KEEPALIVE_SECS": "2.5"},
+        {"CHATAPI_GRACEFUL_TIMEOUT_SECS": "soon"},
+        {"CHATAPI_BODY_TIMEOUT_SECS": "inf"},
+        # gunicorn took a misspelt level for info.
+        {"CHATAPI_LOG_LEVEL": "verbose"},
+    ],
+)
+def test_the_server_refuses_bad_values_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        server_settings(monkeypatch, env)
+    [name] = env
+    assert str(refused.value.code).startswith(f"{name} must be ")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CHATAPI_WORKERS": "0"},
+        {"CHATAPI_WORKER_CONNECTIONS": "4.5"},
+        # Refused by the migration at start, in the master...
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan"},
+        # ...and without it, by each worker as it loads the app.
+        {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan", "CHATAPI_MIGRATE": "off"},
+    ],
+)
+def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: dict[str, str]) -> None:
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("CHATAPI_")}
+    database = {"CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
+        cwd=REPO,
+        env={**inherited, **database, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 15
+    [name, *_] = env
+    assert f"{name} must be " in result.stdout + result.stderr
