@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import gc
+import glob
 import json
 import os
 import shutil
@@ -366,7 +367,14 @@ def on_starting(server: Arbiter) -> None:
     if not _on_postgresql:
         _lock_sqlite_file(_database_url)
     _migrate()
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        # A dead run's files would still count (prometheus_client requires
+        # the directory wiped before a start): counters went on from the old
+        # run's totals, and its workers' waiting polls stayed in the gauge.
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.remove(stale)
+    else:
         metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         master = os.getpid()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatapi.config import ConfigError, Settings
+from chatapi.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from tests.support.server import REPO
 
 
@@ -163,6 +163,11 @@ def test_the_server_reads_an_empty_value_as_the_default(monkeypatch: pytest.Monk
         assert {name: settings[name] for name in SERVER_DEFAULTS} == SERVER_DEFAULTS
     settings = server_settings(monkeypatch, {"CHATAPI_WORKERS": "3", "CHATAPI_KEEPALIVE_SECS": "0"})
     assert (settings["workers"], settings["keepalive"]) == (3, 0)
+
+
+def test_the_server_and_the_app_default_to_the_same_sqlite_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master, which locks that file, must not import the app: it keeps its own copy of the default."""
+    assert server_settings(monkeypatch, {})["_database_url"] == DEFAULT_DATABASE_URL
 
 
 @pytest.mark.parametrize(

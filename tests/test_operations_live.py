@@ -585,3 +585,18 @@ def test_a_reload_migrates_the_schema_before_new_workers_start(start_server, tmp
     assert version() != head
     server.signal(signal.SIGHUP)
     wait_until(lambda: version() == head, 30, what="the reload's migration")
+
+
+def test_a_metrics_directory_given_by_the_operator_is_emptied_at_start(start_server, tmp_path: Path) -> None:
+    """prometheus_client needs it wiped before a start: a killed run's files kept counting."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    url = f"sqlite:///{tmp_path / 'p.sqlite3'}"
+    first = start_server(url, env=env)
+    alice, bob = Api(first.base_url).signed_up(), Api(first.base_url).signed_up()
+    alice.send(alice.start(bob.username)["id"], "counted once")
+    assert metric(scrape(first.base_url), "chatapi_messages_sent_total") == 1
+    first.kill()  # no clean exit: its files stay
+    second = start_server(url, env=env)
+    assert metric(scrape(second.base_url), "chatapi_messages_sent_total") == 0
