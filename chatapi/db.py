@@ -37,6 +37,17 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 PING_IF_IDLE_SECS = 1.0
 
 
+def driver_message(error: BaseException) -> str:
+    """What the database driver said about `error`, on one line, for the log.
+
+    The first line of the driver's own error (SQLAlchemy's `orig`), never the
+    statement or its parameters, which may hold users' text.
+    """
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
 class Database:
     def __init__(self, settings: Settings) -> None:
         self.is_postgresql = settings.is_postgresql

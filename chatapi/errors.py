@@ -11,6 +11,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from chatapi.db import driver_message
+
 log = logging.getLogger(__name__)
 
 # Werkzeug's own errors (routing, body size) mapped to the contract's codes.
@@ -85,7 +87,7 @@ def init_app(app: Flask) -> None:
         if database_unavailable(error):
             # The database is down or restarting: the pool re-connects by
             # itself, so this is temporary and the client should retry.
-            log.warning("database unavailable: %s", error.__class__.__name__)
+            log.warning("database unavailable: %s", driver_message(error))
             return error_response(
                 503, "service_unavailable", "the database is unavailable; retry shortly", {"Retry-After": "1"}
             )
