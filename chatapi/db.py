@@ -135,8 +135,10 @@ class Database:
         try:
             for _ in range(count):
                 opened.append(self.autocommit_engine.raw_connection())
-        except SQLAlchemyError as exc:
-            log.warning("could not open the pool's first connections: %s", exc)
+        # The driver's errors too: the pool hands them over unwrapped when it
+        # fails to open a connection (no free slots, the server is down).
+        except (SQLAlchemyError, psycopg2.Error) as exc:
+            log.warning("could not open the pool's first connections: %s", driver_message(exc))
         finally:
             for connection in opened:
                 connection.close()

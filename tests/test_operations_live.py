@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import migrate
 from tests.support.api import Api
 from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
-from tests.support.postgres import database_connections, query_value
+from tests.support.postgres import database_connections, execute, query_value
 from tests.support.server import REPO
 
 
@@ -430,6 +431,25 @@ def test_migrating_at_start_is_a_switch(start_server, tmp_path: Path, value: str
         env = {**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}"}
         subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
         assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+
+
+@pytest.mark.postgres
+def test_a_worker_that_finds_no_free_connection_slots_warns_in_one_line(postgres, start_server) -> None:
+    """The pool opens connections without SQLAlchemy wrapping the driver's errors: the
+    warm-up's warning must catch those too, not die as an unhandled greenlet."""
+    url = postgres.new_database()
+    role, database = f"limited_{url.rsplit('_', 1)[1]}", url.rsplit("/", 1)[1]
+    execute(postgres.url(), f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 3")
+    execute(postgres.url(), f"ALTER DATABASE {database} OWNER TO {role}")
+    role_url = url.replace("postgres@", f"{role}@", 1)
+    migrate(role_url)
+    # Its two wake-up connections and the warm-up's ten share three slots.
+    server = start_server(role_url, env={"CHATAPI_DB_POOL_WARM": "10"}, ready_path="/healthz")
+    warning = "could not open the pool's first connections: OperationalError: "
+    wait_until(lambda: warning in server.log_path.read_text(), 10, what="the warm-up's warning")
+    log = server.log_path.read_text()
+    assert f'too many connections for role "{role}"' in log.split(warning, 1)[1].splitlines()[0], log
+    assert "Traceback" not in log and "failed with" not in log, log
 
 
 def test_the_default_database_is_in_the_working_directory_wherever_that_is(start_server, tmp_path: Path) -> None:
