@@ -35,6 +35,19 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # One used more recently is assumed alive: pinging on every checkout
 # (pool_pre_ping) cost about 15% of a busy worker's CPU (docs/performance.md).
 PING_IF_IDLE_SECS = 1.0
+NOT_MIGRATED = "the database schema is not migrated (alembic upgrade head)"
+
+
+class SchemaNotMigrated(Exception):
+    """A new PostgreSQL connection found no tables to prepare its statements on (prepared.py).
+
+    Requests answer 503, as while the database is down, and /readyz says why.
+    The pool keeps no such connection, so once `alembic upgrade head` has run
+    the next connection it opens is set up: no restart is needed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(NOT_MIGRATED)
 
 
 def driver_message(error: BaseException) -> str:
@@ -137,7 +150,7 @@ class Database:
                 opened.append(self.autocommit_engine.raw_connection())
         # The driver's errors too: the pool hands them over unwrapped when it
         # fails to open a connection (no free slots, the server is down).
-        except (SQLAlchemyError, psycopg2.Error) as exc:
+        except (SQLAlchemyError, psycopg2.Error, SchemaNotMigrated) as exc:
             log.warning("could not open the pool's first connections: %s", driver_message(exc))
         finally:
             for connection in opened:
@@ -148,7 +161,9 @@ class Database:
         try:
             with self.autocommit_engine.connect() as conn:
                 if not inspect(conn).has_table("alembic_version"):
-                    return "the database schema is not migrated (alembic upgrade head)"
+                    return NOT_MIGRATED
+        except SchemaNotMigrated:
+            return NOT_MIGRATED
         except SQLAlchemyError:
             return "the database does not answer"
         return None

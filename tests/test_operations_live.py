@@ -433,6 +433,36 @@ def test_migrating_at_start_is_a_switch(start_server, tmp_path: Path, value: str
         assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
 
 
+def _unavailable(response: requests.Response) -> str:
+    """The message of a 503 the client is told to retry, as during a database outage."""
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
+    assert response.json()["error"]["code"] == "service_unavailable"
+    return response.json()["error"]["message"]
+
+
+@pytest.mark.postgres
+def test_an_unmigrated_postgresql_database_is_unready_and_503_until_migrated(postgres_url: str, start_server) -> None:
+    """Each new connection prepares statements on the tables: before they exist the requests
+    are a clean 503 (not a 500), /readyz says why, and `alembic upgrade head` alone brings it back."""
+    env = {"CHATAPI_MIGRATE": "off", "CHATAPI_DB_POOL_WARM": "2"}
+    server = start_server(postgres_url, env=env, ready_path="/healthz")
+    wait_until(lambda: "pool's first connections" in server.log_path.read_text(), 10, what="the warm-up's warning")
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    assert _unavailable(readyz) == "the database schema is not migrated (alembic upgrade head)"
+    _unavailable(requests.post(server.base_url + "/api/v1/users", json={"username": "alice", "password": "pass1234"}))
+    _unavailable(Api(server.base_url, "not-a-token").get("/api/v1/events"))  # the hot path's bare cursor
+    migrate(postgres_url)
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+    alice = Api(server.base_url).signed_up()
+    bob = Api(server.base_url).signed_up()
+    conversation_id = alice.start(bob.username)["id"]
+    alice.send(conversation_id, "migrated")
+    assert [message["text"] for message in bob.messages(conversation_id)["messages"]] == ["migrated"]
+    log = server.log_path.read_text()
+    assert "could not open the pool's first connections: SchemaNotMigrated" in log
+    assert "Traceback" not in log and "failed with" not in log, log
+
+
 @pytest.mark.postgres
 def test_a_worker_that_finds_no_free_connection_slots_warns_in_one_line(postgres, start_server) -> None:
     """The pool opens connections without SQLAlchemy wrapping the driver's errors: the
