@@ -464,6 +464,21 @@ def test_an_unmigrated_postgresql_database_is_unready_and_503_until_migrated(pos
 
 
 @pytest.mark.postgres
+def test_a_database_at_an_older_revision_is_unready_and_a_newer_one_is_not(postgres_url: str, start_server) -> None:
+    migrate(postgres_url, "0001")
+    server = start_server(postgres_url, env={"CHATAPI_MIGRATE": "off"}, ready_path="/healthz")
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    needs = "the database schema is at revision 0001, this code needs 0002 (alembic upgrade head)"
+    assert _unavailable(readyz) == needs
+    migrate(postgres_url)
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+    # A revision this code does not know: a newer release migrated the database
+    # during a rolling deploy, and this one still serves until it is replaced.
+    execute(postgres_url, "UPDATE alembic_version SET version_num = '0003'")
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+
+
+@pytest.mark.postgres
 def test_a_worker_that_finds_no_free_connection_slots_warns_in_one_line(postgres, start_server) -> None:
     """The pool opens connections without SQLAlchemy wrapping the driver's errors: the
     warm-up's warning must catch those too, not die as an unhandled greenlet."""
