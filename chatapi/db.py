@@ -9,17 +9,19 @@ take row locks inside each transaction.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gevent.lock
 import psycopg2
 from psycopg2.extras import NamedTupleCursor
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
@@ -35,6 +37,55 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # One used more recently is assumed alive: pinging on every checkout
 # (pool_pre_ping) cost about 15% of a busy worker's CPU (docs/performance.md).
 PING_IF_IDLE_SECS = 1.0
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+NOT_MIGRATED = "the database schema is not migrated (alembic upgrade head)"
+
+
+class SchemaNotMigrated(Exception):
+    """A new PostgreSQL connection found no tables to prepare its statements on (prepared.py).
+
+    Requests answer 503, as while the database is down, and /readyz says why.
+    The pool keeps no such connection, so once `alembic upgrade head` has run
+    the next connection it opens is set up: no restart is needed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(NOT_MIGRATED)
+
+
+def driver_message(error: BaseException) -> str:
+    """What the database driver said about `error`, on one line, for the log.
+
+    The first line of the driver's own error (SQLAlchemy's `orig`), never the
+    statement or its parameters, which may hold users' text.
+    """
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def code_revisions() -> tuple[str, set[str]]:
+    """The head revision of migrations/versions, and every revision there.
+
+    Read from each file's `revision` and `down_revision`, not by alembic's
+    ScriptDirectory: importing that (with mako and pygments) cost each worker
+    8 MB and 70 ms. tests/test_migrations.py checks the two agree.
+    """
+    revisions: set[str] = set()
+    parents: set[str | None] = set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        names = {
+            target.id: ast.literal_eval(node.value)
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Name) and target.id in ("revision", "down_revision")
+        }
+        revisions.add(names["revision"])
+        down = names["down_revision"]
+        parents.update(down if isinstance(down, tuple) else (down,))
+    (head,) = revisions - parents
+    return head, revisions
 
 
 class Database:
@@ -60,6 +111,8 @@ class Database:
         else:
             self.engine = self.autocommit_engine = _make_sqlite_engine(settings)
         self._write_lock = None if self.is_postgresql else gevent.lock.BoundedSemaphore(1)
+        # Read once, at start: /readyz is probed often.
+        self.schema_head, self._known_revisions = code_revisions()
 
     @property
     def engines(self) -> tuple[Engine, ...]:
@@ -124,20 +177,36 @@ class Database:
         try:
             for _ in range(count):
                 opened.append(self.autocommit_engine.raw_connection())
-        except SQLAlchemyError as exc:
-            log.warning("could not open the pool's first connections: %s", exc)
+        # The driver's errors too: the pool hands them over unwrapped when it
+        # fails to open a connection (no free slots, the server is down).
+        except (SQLAlchemyError, psycopg2.Error, SchemaNotMigrated) as exc:
+            log.warning("could not open the pool's first connections: %s", driver_message(exc))
         finally:
             for connection in opened:
                 connection.close()
 
     def unready_reason(self) -> str | None:
-        """Why requests cannot be served now, or None: the database must answer, with the schema in place."""
+        """Why requests cannot be served now, or None: the database must answer, migrated to this code's head.
+
+        A revision this code does not know is taken for a newer one (a newer
+        release migrated the database during a rolling deploy): ready.
+        """
         try:
             with self.autocommit_engine.connect() as conn:
                 if not inspect(conn).has_table("alembic_version"):
-                    return "the database schema is not migrated (alembic upgrade head)"
+                    return NOT_MIGRATED
+                revisions = set(conn.scalars(text("SELECT version_num FROM alembic_version")))
+        except SchemaNotMigrated:
+            return NOT_MIGRATED
         except SQLAlchemyError:
             return "the database does not answer"
+        if not revisions:
+            return NOT_MIGRATED
+        if self.schema_head not in revisions and revisions <= self._known_revisions:
+            return (
+                f"the database schema is at revision {', '.join(sorted(revisions))}, this code needs"
+                f" {self.schema_head} (alembic upgrade head)"
+            )
         return None
 
     def dispose(self) -> None:

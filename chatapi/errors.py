@@ -11,6 +11,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from chatapi.db import SchemaNotMigrated, driver_message
+
 log = logging.getLogger(__name__)
 
 # Werkzeug's own errors (routing, body size) mapped to the contract's codes.
@@ -53,7 +55,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 def database_unavailable(error: BaseException) -> bool:
     """Whether `error` means the database cannot be reached (not a bug in a query)."""
-    if isinstance(error, (OperationalError, PoolTimeoutError)):
+    if isinstance(error, (OperationalError, PoolTimeoutError, SchemaNotMigrated)):
         return True
     # The driver's own error, where SQLAlchemy did not wrap it (a pool hook).
     if isinstance(error, (psycopg2.OperationalError, sqlite3.OperationalError)):
@@ -84,8 +86,9 @@ def init_app(app: Flask) -> None:
     def _unexpected(error: Exception) -> Response:
         if database_unavailable(error):
             # The database is down or restarting: the pool re-connects by
-            # itself, so this is temporary and the client should retry.
-            log.warning("database unavailable: %s", error.__class__.__name__)
+            # itself, so this is temporary and the client should retry. (Or
+            # the schema is not migrated yet: a new connection finds it once it is.)
+            log.warning("database unavailable: %s", driver_message(error))
             return error_response(
                 503, "service_unavailable", "the database is unavailable; retry shortly", {"Retry-After": "1"}
             )

@@ -433,7 +433,7 @@ def _paths() -> Json:
         },
         "/readyz": {
             "get": {
-                "summary": "Readiness: the database answers",
+                "summary": "Readiness: the database answers, with its schema migrated",
                 "operationId": "getReady",
                 "responses": {"200": _ok("Ready", _STATUS), **_UNAVAILABLE},
             }

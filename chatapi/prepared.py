@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from psycopg2 import errors
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from chatapi import pg_functions
+from chatapi.db import SchemaNotMigrated
 
 _PG_NUMBERED = postgresql.psycopg2.dialect(paramstyle="numeric_dollar")
 # Every statement made, for each new connection to prepare. They are
@@ -49,10 +51,17 @@ def run_prepared(connection: Connection, prepared: PreparedStatement, **params: 
 
 def set_up_connection(dbapi_connection: Any, _record: Any) -> None:
     """On each new PostgreSQL connection (an engine's "connect" event): create
-    the functions and prepare the statements; both live as long as it does."""
-    with dbapi_connection.cursor() as cursor:
-        pg_functions.install(cursor)
-        for prepared in _ALL:
-            cursor.execute(prepared.prepare)
+    the functions and prepare the statements; both live as long as it does.
+
+    Before the schema is migrated there is nothing to prepare on: the
+    connection fails with SchemaNotMigrated (and SQLAlchemy closes it).
+    """
+    try:
+        with dbapi_connection.cursor() as cursor:
+            pg_functions.install(cursor)
+            for prepared in _ALL:
+                cursor.execute(prepared.prepare)
+    except (errors.UndefinedTable, errors.UndefinedColumn) as exc:
+        raise SchemaNotMigrated() from exc
     # psycopg2 opened a transaction for these on a non-autocommit connection; end it.
     dbapi_connection.commit()

@@ -37,11 +37,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_sep("=", config.stash[_LEFT_OUT], red=True)
 
 
-def migrate(database_url: str) -> None:
+def migrate(database_url: str, revision: str = "head") -> None:
     config = Config(str(REPO / "alembic.ini"))
     config.attributes["database_url"] = database_url
     config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)
 
 
 @pytest.fixture

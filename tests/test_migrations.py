@@ -8,9 +8,11 @@ from datetime import datetime
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, insert, select
 
 from chatapi.config import Settings
+from chatapi.db import MIGRATIONS_DIR, code_revisions
 from chatapi.models import Base, User
 from tests.conftest import migrate
 
@@ -44,3 +46,9 @@ def test_migrating_again_keeps_the_data(sqlite_url: str) -> None:
         assert connection.scalars(select(User.username)).all() == ["alice"]
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     engine.dispose()
+
+
+def test_the_app_reads_the_same_head_and_revisions_as_alembic() -> None:
+    """/readyz compares the database's revision with these (read without alembic, see chatapi.db)."""
+    scripts = ScriptDirectory(str(MIGRATIONS_DIR))
+    assert code_revisions() == (scripts.get_current_head(), {script.revision for script in scripts.walk_revisions()})

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import migrate
 from tests.support.api import Api
 from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
-from tests.support.postgres import database_connections, query_value
+from tests.support.postgres import database_connections, execute, query_value
 from tests.support.server import REPO
 
 
@@ -430,6 +431,70 @@ def test_migrating_at_start_is_a_switch(start_server, tmp_path: Path, value: str
         env = {**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}"}
         subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
         assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+
+
+def _unavailable(response: requests.Response) -> str:
+    """The message of a 503 the client is told to retry, as during a database outage."""
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1", response.text
+    assert response.json()["error"]["code"] == "service_unavailable"
+    return response.json()["error"]["message"]
+
+
+@pytest.mark.postgres
+def test_an_unmigrated_postgresql_database_is_unready_and_503_until_migrated(postgres_url: str, start_server) -> None:
+    """Each new connection prepares statements on the tables: before they exist the requests
+    are a clean 503 (not a 500), /readyz says why, and `alembic upgrade head` alone brings it back."""
+    env = {"CHATAPI_MIGRATE": "off", "CHATAPI_DB_POOL_WARM": "2"}
+    server = start_server(postgres_url, env=env, ready_path="/healthz")
+    wait_until(lambda: "pool's first connections" in server.log_path.read_text(), 10, what="the warm-up's warning")
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    assert _unavailable(readyz) == "the database schema is not migrated (alembic upgrade head)"
+    _unavailable(requests.post(server.base_url + "/api/v1/users", json={"username": "alice", "password": "pass1234"}))
+    _unavailable(Api(server.base_url, "not-a-token").get("/api/v1/events"))  # the hot path's bare cursor
+    migrate(postgres_url)
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+    alice = Api(server.base_url).signed_up()
+    bob = Api(server.base_url).signed_up()
+    conversation_id = alice.start(bob.username)["id"]
+    alice.send(conversation_id, "migrated")
+    assert [message["text"] for message in bob.messages(conversation_id)["messages"]] == ["migrated"]
+    log = server.log_path.read_text()
+    assert "could not open the pool's first connections: SchemaNotMigrated" in log
+    assert "Traceback" not in log and "failed with" not in log, log
+
+
+@pytest.mark.postgres
+def test_a_database_at_an_older_revision_is_unready_and_a_newer_one_is_not(postgres_url: str, start_server) -> None:
+    migrate(postgres_url, "0001")
+    server = start_server(postgres_url, env={"CHATAPI_MIGRATE": "off"}, ready_path="/healthz")
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    needs = "the database schema is at revision 0001, this code needs 0002 (alembic upgrade head)"
+    assert _unavailable(readyz) == needs
+    migrate(postgres_url)
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+    # A revision this code does not know: a newer release migrated the database
+    # during a rolling deploy, and this one still serves until it is replaced.
+    execute(postgres_url, "UPDATE alembic_version SET version_num = '0003'")
+    assert requests.get(server.base_url + "/readyz", timeout=10).status_code == 200
+
+
+@pytest.mark.postgres
+def test_a_worker_that_finds_no_free_connection_slots_warns_in_one_line(postgres, start_server) -> None:
+    """The pool opens connections without SQLAlchemy wrapping the driver's errors: the
+    warm-up's warning must catch those too, not die as an unhandled greenlet."""
+    url = postgres.new_database()
+    role, database = f"limited_{url.rsplit('_', 1)[1]}", url.rsplit("/", 1)[1]
+    execute(postgres.url(), f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 3")
+    execute(postgres.url(), f"ALTER DATABASE {database} OWNER TO {role}")
+    role_url = url.replace("postgres@", f"{role}@", 1)
+    migrate(role_url)
+    # Its two wake-up connections and the warm-up's ten share three slots.
+    server = start_server(role_url, env={"CHATAPI_DB_POOL_WARM": "10"}, ready_path="/healthz")
+    warning = "could not open the pool's first connections: OperationalError: "
+    wait_until(lambda: warning in server.log_path.read_text(), 10, what="the warm-up's warning")
+    log = server.log_path.read_text()
+    assert f'too many connections for role "{role}"' in log.split(warning, 1)[1].splitlines()[0], log
+    assert "Traceback" not in log and "failed with" not in log, log
 
 
 def test_the_default_database_is_in_the_working_directory_wherever_that_is(start_server, tmp_path: Path) -> None:

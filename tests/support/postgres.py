@@ -33,6 +33,17 @@ def query_value(database_url: str, sql: str) -> Any:
         conn.close()
 
 
+def execute(database_url: str, sql: str) -> None:
+    """Run `sql` on a connection of its own (autocommit)."""
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
 def database_connections(database_url: str, where: str = "TRUE") -> int:
     """The client connections to the URL's database (but the one asking) for which `where` holds."""
     return query_value(
