@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gevent.select import select
 
+from chatapi.db import driver_message
 from chatapi.wakeups import WAKE_ALL, Pushed, Wakeups, add_pushed, key_user
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,9 @@ class PostgresNotifier:
         try:
             self._read_key(conn)
         except psycopg2.ProgrammingError as exc:  # the schema is not migrated yet
-            log.warning("no key to sign wake-ups with (%s): events are not pushed across processes", exc)
+            log.warning(
+                "no key to sign wake-ups with (%s): events are not pushed across processes", driver_message(exc)
+            )
             self._signing_key = None
         except BaseException:
             conn.close()
