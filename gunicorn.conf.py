@@ -16,6 +16,7 @@ import gc
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gevent
 from gevent import Timeout
@@ -42,7 +43,17 @@ if TYPE_CHECKING:
 # chatapi.config.DEFAULT_DATABASE_URL, which the master must not import (see _switch).
 _DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
 _database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
-_on_postgresql = _database_url.startswith(("postgresql", "postgres"))
+
+
+def _is_postgresql(url: str) -> bool:
+    return url.startswith(("postgresql", "postgres"))
+
+
+# Settings this file refuses, each with its reason. Collected rather than
+# raised here: gunicorn runs this file again at a reload, where an exception
+# would end the master at once and orphan its workers. on_starting and
+# on_reload raise them (_check_setup).
+_refused: list[str] = []
 
 bind = os.environ.get("CHATAPI_BIND") or "127.0.0.1:8000"
 
@@ -88,7 +99,8 @@ def _seconds(name: str, default: str) -> float:
     except ValueError:
         value = 0
     if not 0 < value < float("inf"):
-        raise SystemExit(f"{name} must be a number of seconds above 0")
+        _refused.append(f"{name} must be a number of seconds above 0")
+        return float(default)
     return value
 
 
@@ -324,14 +336,15 @@ def _whole(name: str, default: int, low: int) -> int:
     except ValueError:
         number = low - 1
     if number < low:
-        raise SystemExit(f"{name} must be a whole number, {low} or more, not {value!r}")
+        _refused.append(f"{name} must be a whole number, {low} or more, not {value!r}")
+        return default
     return number
 
 
 worker_class = ChatapiWorker
 # SQLite wakes waiters in-process, so it runs exactly one worker. On
 # PostgreSQL, workers wake each other through LISTEN/NOTIFY.
-workers = _whole("CHATAPI_WORKERS", 2 if _on_postgresql else 1, low=1)
+workers = _whole("CHATAPI_WORKERS", 2 if _is_postgresql(_database_url) else 1, low=1)
 # Each waiting long-poll is one greenlet and one socket; they are cheap.
 worker_connections = _whole("CHATAPI_WORKER_CONNECTIONS", 10000, low=1)
 # Seconds an idle keep-alive connection stays open (a graceful stop closes
@@ -347,7 +360,8 @@ accesslog = os.environ.get("CHATAPI_ACCESS_LOG") or None
 loglevel = os.environ.get("CHATAPI_LOG_LEVEL") or "info"
 # gunicorn would take a misspelt level for info.
 if loglevel.lower() not in ("debug", "info", "warning", "error", "critical"):
-    raise SystemExit(f"CHATAPI_LOG_LEVEL must be debug, info, warning, error or critical, not {loglevel!r}")
+    _refused.append(f"CHATAPI_LOG_LEVEL must be debug, info, warning, error or critical, not {loglevel!r}")
+    loglevel = "info"
 proc_name = "chatapi"
 # gunicorn's control socket defaults to one path per user, which several
 # instances on one host would fight over; set a path to turn it on.
@@ -363,17 +377,21 @@ def on_starting(server: Arbiter) -> None:
         # would share one wake-up origin and no metrics directory: wake-ups
         # between them were lost, and /metrics was empty.
         raise SystemExit("chatapi cannot run with --preload (preload_app): each worker must load the app itself")
-    _check_worker_class(server)
-    if not _on_postgresql:
-        _lock_sqlite_file(_database_url)
-    _migrate()
+    _check_setup(server)
+    database_url = _database_url_of(server)
+    sqlite_file = None if _is_postgresql(database_url) else _sqlite_file(database_url)
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and sqlite_file and os.path.dirname(os.path.abspath(sqlite_file)) == os.path.abspath(given):
+        # prometheus_client takes every *.db there for its own.
+        raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR must be a directory of its own, not the database's: {given}")
+    if sqlite_file:
+        _lock_sqlite_file(sqlite_file)
+    _migrate()
     if given:
-        # A dead run's files would still count (prometheus_client requires
-        # the directory wiped before a start): counters went on from the old
-        # run's totals, and its workers' waiting polls stayed in the gauge.
-        for stale in glob.glob(os.path.join(given, "*.db")):
-            os.remove(stale)
+        # A binary upgrade's new master (GUNICORN_PID set) leaves them: the
+        # old master's workers still write there.
+        if "GUNICORN_PID" not in os.environ:
+            _remove_metrics_files(given)
     else:
         metrics_dir = tempfile.mkdtemp(prefix="chatapi-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -388,7 +406,7 @@ def on_reload(server: Arbiter) -> None:
     """SIGHUP (`systemctl reload`): new workers run the code now on disk, so
     its migrations run first, as at a start."""
     try:
-        _check_worker_class(server)
+        _check_setup(server)
         _migrate()
     except (SystemExit, subprocess.CalledProcessError) as exc:
         # New code must not serve an old schema. Raised as they are, these
@@ -403,20 +421,41 @@ def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> 
     second one would miss the first one's wake-ups (its polls would answer
     only at their timeout). Held at every change of the count: at start,
     at a reload (which reads `workers` again) and at SIGTTIN."""
-    if not _on_postgresql and new_value > 1:
+    if not _is_postgresql(_database_url_of(server)) and new_value > 1:
         server.log.warning("SQLite runs one worker process; ignoring workers=%s", new_value)
         server.cfg.set("workers", 1)
         server.num_workers = 1
 
 
-def _check_worker_class(server: Arbiter) -> None:
+def _check_setup(server: Arbiter) -> None:
+    """Raise what this file refused, and a worker class chatapi cannot run under."""
+    refused = list(_refused)
     # The app waits on gevent events and greenlet-local state: under a
     # sync or threaded worker its requests hang, or fail after committing.
     if not issubclass(server.cfg.worker_class, GeventWorker):
-        raise SystemExit(
+        refused.append(
             f"chatapi needs gevent workers, not {server.cfg.worker_class_str!r}: "
             "leave --worker-class unset (gunicorn.conf.py's) or use gevent"
         )
+    if refused:
+        raise SystemExit("\n".join(refused))
+
+
+def _database_url_of(server: Arbiter) -> str:
+    """The database the workers will use. gunicorn applies `-e` (raw_env)
+    after it has read this file, so it is looked up here, and it wins."""
+    env = {**os.environ, **server.cfg.env}
+    return env.get("CHATAPI_DATABASE_URL") or env.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
+
+
+def _remove_metrics_files(directory: str) -> None:
+    """prometheus_client's files of an earlier run (it requires them wiped
+    before a start): they kept counting, and their waiting polls stayed in
+    the gauge. Only its own names (`counter_<pid>.db`, ...): the directory
+    may hold other files, a SQLite database among them."""
+    for path in glob.glob(os.path.join(directory, "*_*.db")):
+        if re.fullmatch(r"(counter|gauge_[a-z]+|histogram|summary)_\d+\.db", os.path.basename(path)):
+            os.remove(path)
 
 
 def _migrate() -> None:
@@ -429,7 +468,14 @@ def _migrate() -> None:
         subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"], check=True)
 
 
-def _lock_sqlite_file(url: str) -> None:
+def _sqlite_file(url: str) -> str | None:
+    """The file a SQLite URL names, as SQLAlchemy reads it (sqlite:///relative,
+    sqlite:////absolute, %-escapes decoded); None for a database in memory."""
+    path = unquote(urlsplit(url).path[1:])
+    return None if not path or path == ":memory:" else path
+
+
+def _lock_sqlite_file(path: str) -> None:
     """Refuse to serve a SQLite file that another chatapi instance serves.
 
     Wake-ups on SQLite stay in their process, so a second instance on the
@@ -438,9 +484,6 @@ def _lock_sqlite_file(url: str) -> None:
     life, through reloads, and its workers inherit it; it goes with the last
     of them, however they end.
     """
-    path = urlsplit(url).path[1:]  # sqlite:///relative or sqlite:////absolute
-    if not path or path == ":memory:":
-        return
     lock_path = path + ".lock"
     try:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)

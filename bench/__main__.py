@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stopped)
-    signal.signal(signal.SIGHUP, stopped)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # run under nohup, it stays ignored
+        signal.signal(signal.SIGHUP, stopped)
     results: list[dict] = []
     crashed: list[str] = []
     with Bench(out, args.workers, log) as bench:

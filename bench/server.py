@@ -58,7 +58,7 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server not ready after {timeout}s; see {self.log_path}")
             time.sleep(0.1)
-        expected = self.workers or int(env.get("CHATAPI_WORKERS", "2"))
+        expected = self.workers or int(env.get("CHATAPI_WORKERS") or 2)
         while len(self.worker_pids()) < expected and time.monotonic() < deadline:
             time.sleep(0.1)
         # A few requests, to reach every worker: none measured is its first.

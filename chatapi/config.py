@@ -85,9 +85,6 @@ class Settings:
     db_pool_warm: int = db_pool_size
 
     def __post_init__(self) -> None:
-        # A maximum of 0 answers every poll at once, and clients spin.
-        if not self.long_poll_max_secs > 0:
-            raise ConfigError("CHATAPI_LONG_POLL_MAX_SECS must be above 0")
         if self.long_poll_default_secs > self.long_poll_max_secs:
             raise ConfigError(
                 "CHATAPI_LONG_POLL_DEFAULT_SECS must not exceed CHATAPI_LONG_POLL_MAX_SECS"
@@ -123,6 +120,9 @@ class Settings:
         database_url = _with_driver(database_url)
         # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
         db_pool_size = _count(env, "CHATAPI_DB_POOL_SIZE", default.db_pool_size, low=1)
+        long_poll_max_secs = _number(env, "CHATAPI_LONG_POLL_MAX_SECS", LONG_POLL_MAX_SECS)
+        # Unset, the default follows a lower maximum down; set above it, it is refused.
+        long_poll_default = min(LONG_POLL_DEFAULT_SECS, long_poll_max_secs)
         db_max_overflow = _count(env, "CHATAPI_DB_MAX_OVERFLOW", default.db_max_overflow)
         # Unset, the whole pool (overflow connections are closed on return:
         # not worth opening); set above the pool, it is refused.
@@ -135,8 +135,8 @@ class Settings:
         return cls(
             database_url=database_url,
             registration_open=_flag(env, "CHATAPI_REGISTRATION"),
-            long_poll_default_secs=_number(env, "CHATAPI_LONG_POLL_DEFAULT_SECS", LONG_POLL_DEFAULT_SECS),
-            long_poll_max_secs=_number(env, "CHATAPI_LONG_POLL_MAX_SECS", LONG_POLL_MAX_SECS),
+            long_poll_default_secs=_number(env, "CHATAPI_LONG_POLL_DEFAULT_SECS", long_poll_default),
+            long_poll_max_secs=long_poll_max_secs,
             max_waiters_per_user=_count(env, "CHATAPI_MAX_WAITERS_PER_USER", default.max_waiters_per_user, low=1),
             rate_limits_enabled=_flag(env, "CHATAPI_RATE_LIMITS"),
             rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI") or default.rate_limit_storage_uri,

@@ -598,9 +598,12 @@ def test_a_worker_class_without_gevent_is_refused(tmp_path: Path, worker_class: 
 
 def test_a_second_instance_on_the_same_sqlite_file_is_refused(start_server, tmp_path: Path) -> None:
     """Wake-ups on SQLite stay in their process: a second instance's sends left
-    the first one's long-polls asleep until their timeout."""
-    url = f"sqlite:///{tmp_path / 'one.sqlite3'}"
+    the first one's long-polls asleep until their timeout. (The URL is
+    percent-encoded, as SQLAlchemy reads it: the lock goes next to the file.)"""
+    (tmp_path / "a dir").mkdir()
+    url = f"sqlite:///{tmp_path / 'a%20dir' / 'one.sqlite3'}"
     first = start_server(url)
+    assert (tmp_path / "a dir" / "one.sqlite3.lock").exists()
     result = _gunicorn(url)
     assert result.returncode != 0 and "another chatapi instance serves" in result.stderr
     Api(first.base_url).signed_up()  # the first one serves on
@@ -623,6 +626,22 @@ def test_sqlite_keeps_one_worker_through_a_reload_and_sigttin(start_server, tmp_
         time.sleep(0.05)
     assert counts == {1}
     Api(server.base_url).signed_up()
+
+
+@pytest.mark.postgres
+def test_a_database_url_given_with_gunicorns_e_option_is_the_one_the_master_uses(
+    postgres_url: str, start_server, tmp_path: Path
+) -> None:
+    """gunicorn applies -e after reading gunicorn.conf.py: the master took the
+    default SQLite file for the database, held PostgreSQL to one worker and
+    locked a SQLite file nobody used."""
+    here = tmp_path / "here"
+    here.mkdir()
+    server = start_server(
+        None, workers=2, args=["-e", f"CHATAPI_DATABASE_URL={postgres_url}", "--pythonpath", str(REPO)], cwd=here
+    )
+    wait_until(lambda: len(server.worker_pids()) == 2, timeout=15, what="2 workers")
+    assert list(here.iterdir()) == []  # no SQLite file, no lock
 
 
 def test_a_reload_migrates_the_schema_before_new_workers_start(start_server, tmp_path: Path) -> None:
@@ -665,3 +684,20 @@ def test_a_metrics_directory_given_by_the_operator_is_emptied_at_start(start_ser
     first.kill()  # no clean exit: its files stay
     second = start_server(url, env=env)
     assert metric(scrape(second.base_url), "chatapi_messages_sent_total") == 0
+
+
+def test_a_sqlite_database_in_the_metrics_directory_is_refused_and_kept(tmp_path: Path) -> None:
+    """Both in a unit's one writable directory, say: prometheus_client reads every *.db
+    there as its own (/metrics answered 500), and the start's wipe deleted the database."""
+    database = tmp_path / "chatapi.db"
+    database.write_bytes(b"the operator's data")
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
+        cwd=REPO,
+        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "PROMETHEUS_MULTIPROC_DIR must be a directory of its own" in result.stderr
+    assert database.read_bytes() == b"the operator's data"
