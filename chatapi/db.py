@@ -64,7 +64,7 @@ def driver_message(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
-def code_revisions() -> tuple[str, set[str]]:
+def code_revisions(migrations: Path = MIGRATIONS_DIR) -> tuple[str, set[str]]:
     """The head revision of migrations/versions, and every revision there.
 
     Read from each file's `revision` and `down_revision`, not by alembic's
@@ -73,14 +73,19 @@ def code_revisions() -> tuple[str, set[str]]:
     """
     revisions: set[str] = set()
     parents: set[str | None] = set()
-    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
-        names = {
-            target.id: ast.literal_eval(node.value)
-            for node in ast.parse(path.read_text()).body
-            if isinstance(node, ast.Assign)
-            for target in node.targets
-            if isinstance(target, ast.Name) and target.id in ("revision", "down_revision")
-        }
+    for path in (migrations / "versions").glob("*.py"):
+        names = {}
+        for node in ast.parse(path.read_text()).body:
+            # `revision = "0002"`, or `revision: str = "0002"` as alembic's own template writes it.
+            if isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Assign):
+                targets = node.targets
+            else:
+                continue
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in ("revision", "down_revision") and node.value:
+                    names[target.id] = ast.literal_eval(node.value)
         revisions.add(names["revision"])
         down = names["down_revision"]
         parents.update(down if isinstance(down, tuple) else (down,))

@@ -4,6 +4,7 @@ SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -52,3 +53,11 @@ def test_the_app_reads_the_same_head_and_revisions_as_alembic() -> None:
     """/readyz compares the database's revision with these (read without alembic, see chatapi.db)."""
     scripts = ScriptDirectory(str(MIGRATIONS_DIR))
     assert code_revisions() == (scripts.get_current_head(), {script.revision for script in scripts.walk_revisions()})
+
+
+def test_the_app_reads_revisions_written_as_alembics_own_template_writes_them(tmp_path: Path) -> None:
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "versions" / "a1_first.py").write_text('revision: str = "a1"\ndown_revision: str | None = None\n')
+    second = "revision: str = 'b2'\ndown_revision: Union[str, None] = 'a1'\n"
+    (tmp_path / "versions" / "b2_second.py").write_text(second)
+    assert code_revisions(tmp_path) == ("b2", {"a1", "b2"})
