@@ -15,6 +15,7 @@ import fcntl
 import gc
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import gevent
+import gunicorn
 from gevent import Timeout
 from gevent.pywsgi import Input
 from gunicorn.errors import HaltServer
@@ -49,11 +51,21 @@ def _is_postgresql(url: str) -> bool:
     return url.startswith(("postgresql", "postgres"))
 
 
-# Settings this file refuses, each with its reason. Collected rather than
-# raised here: gunicorn runs this file again at a reload, where an exception
-# would end the master at once and orphan its workers. on_starting and
-# on_reload raise them (_check_setup).
+# Settings this file refuses, each with its reason. At the first read in a
+# process (a start, `--check-config`) a refusal stops it at once. gunicorn
+# reads the file again at a reload, in the same master, where an exception
+# would end it at once and orphan its workers: there they are collected, and
+# on_reload stops it gracefully (_check_setup).
 _refused: list[str] = []
+_read_before = getattr(gunicorn, "chatapi_conf_read", False)
+gunicorn.chatapi_conf_read = True  # type: ignore[attr-defined]
+
+
+def _refuse(reason: str) -> None:
+    if not _read_before:
+        raise SystemExit(reason)
+    _refused.append(reason)
+
 
 bind = os.environ.get("CHATAPI_BIND") or "127.0.0.1:8000"
 
@@ -99,7 +111,7 @@ def _seconds(name: str, default: str) -> float:
     except ValueError:
         value = 0
     if not 0 < value < float("inf"):
-        _refused.append(f"{name} must be a number of seconds above 0")
+        _refuse(f"{name} must be a number of seconds above 0")
         return float(default)
     return value
 
@@ -332,13 +344,13 @@ def _whole(name: str, default: int, low: int) -> int:
     """A whole-number variable, `low` or more; unset or empty, the default."""
     value = os.environ.get(name, "").strip()
     try:
-        number = int(value) if value else default
+        number = float(value) if value else float(default)
     except ValueError:
-        number = low - 1
-    if number < low:
-        _refused.append(f"{name} must be a whole number, {low} or more, not {value!r}")
+        number = math.nan
+    if not (number >= low and number.is_integer()):  # 20.0 is 20
+        _refuse(f"{name} must be a whole number, {low} or more, not {value!r}")
         return default
-    return number
+    return int(number)
 
 
 worker_class = ChatapiWorker
@@ -360,7 +372,7 @@ accesslog = os.environ.get("CHATAPI_ACCESS_LOG") or None
 loglevel = os.environ.get("CHATAPI_LOG_LEVEL") or "info"
 # gunicorn would take a misspelt level for info.
 if loglevel.lower() not in ("debug", "info", "warning", "error", "critical"):
-    _refused.append(f"CHATAPI_LOG_LEVEL must be debug, info, warning, error or critical, not {loglevel!r}")
+    _refuse(f"CHATAPI_LOG_LEVEL must be debug, info, warning, error or critical, not {loglevel!r}")
     loglevel = "info"
 proc_name = "chatapi"
 # gunicorn's control socket defaults to one path per user, which several
@@ -381,9 +393,10 @@ def on_starting(server: Arbiter) -> None:
     database_url = _database_url_of(server)
     sqlite_file = None if _is_postgresql(database_url) else _sqlite_file(database_url)
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given and sqlite_file and os.path.dirname(os.path.abspath(sqlite_file)) == os.path.abspath(given):
-        # prometheus_client takes every *.db there for its own.
-        raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR must be a directory of its own, not the database's: {given}")
+    if given and sqlite_file and sqlite_file.endswith(".db"):
+        # prometheus_client takes every *.db in its directory for its own.
+        if os.path.dirname(os.path.abspath(sqlite_file)) == os.path.abspath(given):
+            raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR must not hold the database {sqlite_file} (a .db file)")
     if sqlite_file:
         _lock_sqlite_file(sqlite_file)
     _migrate()

@@ -191,9 +191,9 @@ def _count(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int
     if not value:
         return default
     try:
-        number = int(value)
+        number = float(value)
     except ValueError:
-        number = low - 1
-    if number < low:
+        number = math.nan
+    if not (number >= low and number.is_integer()):  # 20.0 is 20
         raise ConfigError(f"{name} must be a whole number, {low} or more, not {value!r}")
-    return number
+    return int(number)

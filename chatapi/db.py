@@ -64,8 +64,8 @@ def driver_message(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
-def code_revisions(migrations: Path = MIGRATIONS_DIR) -> tuple[str, set[str]]:
-    """The head revision of migrations/versions, and every revision there.
+def code_revisions(migrations: Path = MIGRATIONS_DIR) -> tuple[str | None, set[str]]:
+    """The head revision of migrations/versions (None unless there is exactly one), and every revision there.
 
     Read from each file's `revision` and `down_revision`, not by alembic's
     ScriptDirectory: importing that (with mako and pygments) cost each worker
@@ -74,23 +74,31 @@ def code_revisions(migrations: Path = MIGRATIONS_DIR) -> tuple[str, set[str]]:
     revisions: set[str] = set()
     parents: set[str | None] = set()
     for path in (migrations / "versions").glob("*.py"):
-        names = {}
-        for node in ast.parse(path.read_text()).body:
-            # `revision = "0002"`, or `revision: str = "0002"` as alembic's own template writes it.
-            if isinstance(node, ast.AnnAssign):
-                targets = [node.target]
-            elif isinstance(node, ast.Assign):
-                targets = node.targets
-            else:
-                continue
-            for target in targets:
-                if isinstance(target, ast.Name) and target.id in ("revision", "down_revision") and node.value:
-                    names[target.id] = ast.literal_eval(node.value)
+        names = _assigned(path, ("revision", "down_revision"))
+        if "revision" not in names:
+            continue  # not a migration (an __init__.py, say): alembic skips it too
         revisions.add(names["revision"])
-        down = names["down_revision"]
-        parents.update(down if isinstance(down, tuple) else (down,))
-    (head,) = revisions - parents
-    return head, revisions
+        down = names.get("down_revision")
+        parents.update(down if isinstance(down, (tuple, list)) else (down,))
+    heads = revisions - parents
+    return (heads.pop() if len(heads) == 1 else None), revisions
+
+
+def _assigned(path: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The literal values a module assigns to the `wanted` names at its top level."""
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        # `revision = "0002"`, or `revision: str = "0002"` as alembic's own template writes it.
+        if isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        elif isinstance(node, ast.Assign):
+            targets = node.targets
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in wanted and node.value is not None:
+                found[target.id] = ast.literal_eval(node.value)
+    return found
 
 
 class Database:
@@ -196,23 +204,43 @@ class Database:
         A revision this code does not know is taken for a newer one (a newer
         release migrated the database during a rolling deploy): ready.
         """
+        usable = True
         try:
             with self.autocommit_engine.connect() as conn:
                 if not inspect(conn).has_table("alembic_version"):
                     return NOT_MIGRATED
                 revisions = set(conn.scalars(text("SELECT version_num FROM alembic_version")))
         except SchemaNotMigrated:
-            return NOT_MIGRATED
+            # A pooled connection cannot be set up on this schema; ask on one that is not.
+            usable = False
+            revisions = self._revisions_without_set_up()
         except SQLAlchemyError:
             return "the database does not answer"
         if not revisions:
             return NOT_MIGRATED
-        if self.schema_head not in revisions and revisions <= self._known_revisions:
-            return (
-                f"the database schema is at revision {', '.join(sorted(revisions))}, this code needs"
-                f" {self.schema_head} (alembic upgrade head)"
-            )
+        at = ", ".join(sorted(revisions))
+        if self.schema_head and self.schema_head not in revisions and revisions <= self._known_revisions:
+            return f"the database schema is at revision {at}, this code needs {self.schema_head} (alembic upgrade head)"
+        if not usable:
+            return f"the database schema (revision {at}) lacks tables or columns this code needs"
         return None
+
+    def _revisions_without_set_up(self) -> set[str]:
+        """PostgreSQL: alembic_version's rows, on a bare connection (no pool, no prepared statements)."""
+        dialect = self.autocommit_engine.dialect
+        cargs, cparams = dialect.create_connect_args(self.autocommit_engine.url)
+        try:
+            connection = dialect.connect(*cargs, **cparams)
+        except psycopg2.Error:
+            return set()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT version_num FROM alembic_version")
+                return {row[0] for row in cursor.fetchall()}
+        except psycopg2.Error:
+            return set()
+        finally:
+            connection.close()
 
     def dispose(self) -> None:
         for engine in self.engines:

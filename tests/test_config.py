@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import gunicorn
 import pytest
 
 from chatapi.config import DEFAULT_DATABASE_URL, ConfigError, Settings
@@ -118,8 +119,10 @@ def test_usable_values_are_taken_as_given() -> None:
             "CHATAPI_LONG_POLL_MAX_SECS": "0.5",
             "CHATAPI_MAX_WAITERS_PER_USER": "1",
             "CHATAPI_TRUSTED_PROXIES": " 2 ",
+            "CHATAPI_DB_POOL_SIZE": "20.0",  # a whole number, as earlier releases took it
         }
     )
+    assert settings.db_pool_size == 20
     assert (settings.long_poll_default_secs, settings.long_poll_max_secs) == (0, 0.5)
     assert (settings.max_waiters_per_user, settings.trust_proxy_headers) == (1, 2)
     assert Settings.from_env({"CHATAPI_LONG_POLL_DEFAULT_SECS": "60"}).long_poll_default_secs == 60
@@ -133,8 +136,10 @@ def test_a_lower_maximum_alone_brings_the_default_down_with_it() -> None:
     assert Settings.from_env({"CHATAPI_LONG_POLL_MAX_SECS": "0"}).long_poll_default_secs == 0
 
 
-def server_settings(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dict:
-    """gunicorn.conf.py's settings as gunicorn reads them, with `env` as the only CHATAPI_* variables."""
+def server_settings(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], reread: bool = False) -> dict:
+    """gunicorn.conf.py's settings as gunicorn reads them, with `env` as the only CHATAPI_* variables:
+    at a start, or (`reread`) again in the same master at a reload."""
+    monkeypatch.setattr(gunicorn, "chatapi_conf_read", reread, raising=False)
     for name in os.environ:
         if name.startswith("CHATAPI_") or name == "DATABASE_URL":
             monkeypatch.delenv(name)
@@ -167,7 +172,7 @@ def test_the_server_reads_an_empty_value_as_the_default(monkeypatch: pytest.Monk
     for env in [{}, dict.fromkeys(names, "")]:
         settings = server_settings(monkeypatch, env)
         assert {name: settings[name] for name in SERVER_DEFAULTS} == SERVER_DEFAULTS
-    settings = server_settings(monkeypatch, {"CHATAPI_WORKERS": "3", "CHATAPI_KEEPALIVE_SECS": "0"})
+    settings = server_settings(monkeypatch, {"CHATAPI_WORKERS": "3.0", "CHATAPI_KEEPALIVE_SECS": "0"})
     assert (settings["workers"], settings["keepalive"]) == (3, 0)
 
 
@@ -195,10 +200,13 @@ def test_the_server_and_the_app_default_to_the_same_sqlite_file(monkeypatch: pyt
 def test_the_server_refuses_bad_values_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
 ) -> None:
-    # Collected as the file is read (a reload reads it again), raised by the start and reload hooks.
-    refused = server_settings(monkeypatch, env)["_refused"]
     [name] = env
-    assert len(refused) == 1 and refused[0].startswith(f"{name} must be ")
+    with pytest.raises(SystemExit) as refused:
+        server_settings(monkeypatch, env)  # a start, or gunicorn --check-config
+    assert str(refused.value.code).startswith(f"{name} must be ")
+    # Read again at a reload: collected, for on_reload to stop the master gracefully.
+    collected = server_settings(monkeypatch, env, reread=True)["_refused"]
+    assert len(collected) == 1 and collected[0].startswith(f"{name} must be ")
 
 
 @pytest.mark.parametrize(

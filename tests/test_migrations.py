@@ -60,4 +60,9 @@ def test_the_app_reads_revisions_written_as_alembics_own_template_writes_them(tm
     (tmp_path / "versions" / "a1_first.py").write_text('revision: str = "a1"\ndown_revision: str | None = None\n')
     second = "revision: str = 'b2'\ndown_revision: Union[str, None] = 'a1'\n"
     (tmp_path / "versions" / "b2_second.py").write_text(second)
+    (tmp_path / "versions" / "__init__.py").write_text("")  # not a migration; alembic skips it too
     assert code_revisions(tmp_path) == ("b2", {"a1", "b2"})
+    # A merge names its parents in a list or a tuple.
+    (tmp_path / "versions" / "c3_branch.py").write_text("revision = 'c3'\ndown_revision = 'a1'\n")
+    (tmp_path / "versions" / "d4_merge.py").write_text("revision = 'd4'\ndown_revision = ['b2', 'c3']\n")
+    assert code_revisions(tmp_path) == ("d4", {"a1", "b2", "c3", "d4"})

@@ -479,6 +479,23 @@ def test_a_database_at_an_older_revision_is_unready_and_a_newer_one_is_not(postg
 
 
 @pytest.mark.postgres
+def test_a_schema_no_connection_can_be_set_up_on_is_named_by_its_revision(postgres_url: str, start_server) -> None:
+    """A revision behind whose next migration adds a column the code prepares on, or a newer
+    release's that renamed one: new connections fail their set-up, and /readyz says which."""
+    migrate(postgres_url)
+    execute(postgres_url, "ALTER TABLE users RENAME COLUMN acked_pos TO acked_position")
+    execute(postgres_url, "UPDATE alembic_version SET version_num = '0001'")
+    env = {"CHATAPI_MIGRATE": "off", "CHATAPI_DB_POOL_WARM": "0"}
+    server = start_server(postgres_url, env=env, ready_path="/healthz")
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    needs = "the database schema is at revision 0001, this code needs 0002 (alembic upgrade head)"
+    assert _unavailable(readyz) == needs
+    execute(postgres_url, "UPDATE alembic_version SET version_num = '0003'")
+    readyz = requests.get(server.base_url + "/readyz", timeout=10)
+    assert _unavailable(readyz) == "the database schema (revision 0003) lacks tables or columns this code needs"
+
+
+@pytest.mark.postgres
 def test_a_worker_that_finds_no_free_connection_slots_warns_in_one_line(postgres, start_server) -> None:
     """The pool opens connections without SQLAlchemy wrapping the driver's errors: the
     warm-up's warning must catch those too, not die as an unhandled greenlet."""
@@ -699,5 +716,5 @@ def test_a_sqlite_database_in_the_metrics_directory_is_refused_and_kept(tmp_path
         text=True,
         timeout=30,
     )
-    assert result.returncode != 0 and "PROMETHEUS_MULTIPROC_DIR must be a directory of its own" in result.stderr
+    assert result.returncode != 0 and "PROMETHEUS_MULTIPROC_DIR must not hold the database" in result.stderr
     assert database.read_bytes() == b"the operator's data"
