@@ -45,7 +45,7 @@ class Settings:
     long_poll_max_secs: float = LONG_POLL_MAX_SECS
     # Waiting requests one user may hold at once; a new one beyond this
     # answers the oldest, so a runaway client cannot exhaust a worker.
-    max_waiters_per_user: int = 8
+    max_waiters_per_user: int = 32
     rate_limits_enabled: bool = True
     rate_limit_storage_uri: str = "memory://"
     rate_limit_signin_per_username: str = "20/minute"

@@ -809,6 +809,7 @@ def test_web_page_is_served_with_a_strict_csp(client) -> None:
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"
 
 
 @pytest.mark.parametrize("before", [None, 5])

@@ -162,7 +162,7 @@ def test_rate_limits_off_switches_every_limit_off(tmp_path: Path) -> None:
 
 # Trusted proxies --------------------------------------------------------------
 
-ADDRESS_LIMIT = {**LIMITS, "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "100/minute"}
+ADDRESS_LIMIT = {**LIMITS, "CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME": "100/minute", "CHATAPI_MAX_WAITERS_PER_USER": "8"}
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_without_trusted_proxies_forwarded_headers_are_ignored(proxied_and_direc
 
 
 def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) -> None:
-    _, _, server = proxied_and_direct  # CHATAPI_MAX_WAITERS_PER_USER: the default, 8
+    _, _, server = proxied_and_direct  # CHATAPI_MAX_WAITERS_PER_USER=8 (ADDRESS_LIMIT)
     api = Api(server.base_url)
     alice, bob = api.signed_up(), api.signed_up()
     conversation = bob.start(alice.username)["id"]
