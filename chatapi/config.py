@@ -173,13 +173,9 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:
     """A finite number, 0 or more; unset or empty, the default."""
-    value = env.get(name, "").strip()
-    if not value:
+    value, number = _read_number(env, name)
+    if number is None:
         return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
     if not 0 <= number < math.inf:
         raise ConfigError(f"{name} must be a number, 0 or more, not {value!r}")
     return number
@@ -187,13 +183,20 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _count(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
     """A whole number, `low` or more; unset or empty, the default."""
-    value = env.get(name, "").strip()
-    if not value:
+    value, number = _read_number(env, name)
+    if number is None:
         return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
     if not (number >= low and number.is_integer()):  # 20.0 is 20
         raise ConfigError(f"{name} must be a whole number, {low} or more, not {value!r}")
     return int(number)
+
+
+def _read_number(env: Mapping[str, str], name: str) -> tuple[str, float | None]:
+    """The variable's text, and its value: None when unset or empty, NaN when not a number."""
+    value = env.get(name, "").strip()
+    if not value:
+        return value, None
+    try:
+        return value, float(value)
+    except ValueError:
+        return value, math.nan

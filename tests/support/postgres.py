@@ -6,6 +6,7 @@ Tests that need PostgreSQL fail (never skip) when the binaries are missing:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +23,29 @@ import psycopg2
 from tests.support.ports import free_port
 
 
-def query_value(database_url: str, sql: str) -> Any:
-    """The first column of the first row `sql` returns, on a connection of its own (autocommit)."""
+@contextlib.contextmanager
+def _cursor(database_url: str) -> Iterator[psycopg2.extensions.cursor]:
+    """A cursor on a connection of its own (autocommit), closed after the block."""
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchone()[0]
+            yield cur
     finally:
         conn.close()
+
+
+def query_value(database_url: str, sql: str) -> Any:
+    """The first column of the first row `sql` returns, on a connection of its own (autocommit)."""
+    with _cursor(database_url) as cur:
+        cur.execute(sql)
+        return cur.fetchone()[0]
 
 
 def execute(database_url: str, sql: str) -> None:
     """Run `sql` on a connection of its own (autocommit)."""
-    conn = psycopg2.connect(database_url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+    with _cursor(database_url) as cur:
+        cur.execute(sql)
 
 
 def database_connections(database_url: str, where: str = "TRUE") -> int:
