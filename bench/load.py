@@ -83,6 +83,10 @@ class Ledger:
         self.outstanding = 0  # acked, not yet delivered to the recipient
         self.drained = gevent.event.Event()
 
+    def misdelivered(self, client_id: str, user_id: int) -> bool:
+        """Whether a message of ours showed up in the stream of a user who is neither party."""
+        return client_id in self.expected and user_id not in self.expected[client_id]
+
     def error(self, what: str) -> None:
         if len(self.errors) < 50:
             self.errors.append(what)
@@ -151,8 +155,8 @@ class Stream:
         self.last_seq[conversation] = message["seq"]
         client_id = message["client_id"]
         ledger = self.ledger
-        if client_id in ledger.expected and self.user["id"] not in ledger.expected[client_id]:
-            self.misdelivered += 1  # in the stream of a user who is neither party
+        if ledger.misdelivered(client_id, self.user["id"]):
+            self.misdelivered += 1
             return
         if not self.track_delivery or message["sender"] == self.user["username"] or client_id not in ledger.scheduled:
             return
@@ -232,7 +236,7 @@ def audit(target: Target, users: list[dict], ledger: Ledger) -> dict:
                 seqs.setdefault(conversation, []).append(message["seq"])
                 client_id = message["client_id"]
                 if client_id in ledger.expected:
-                    if user["id"] not in ledger.expected[client_id]:
+                    if ledger.misdelivered(client_id, user["id"]):
                         counts["misdelivered"] += 1
                     key = f"{user['id']}:{client_id}"
                     appearances[key] = appearances.get(key, 0) + 1

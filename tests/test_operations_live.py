@@ -526,29 +526,27 @@ def test_the_default_database_is_in_the_working_directory_wherever_that_is(start
     assert users == [(alice.username,)]
 
 
-def test_a_misspelt_migrate_switch_stops_the_start(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
+def _gunicorn(database_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A start of gunicorn.conf.py that is expected to be refused: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", *args, "wsgi:app"],
         cwd=REPO,
-        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}", "CHATAPI_MIGRATE": "nope"},
+        env={**os.environ, "CHATAPI_DATABASE_URL": database_url, **(env or {})},
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_a_misspelt_migrate_switch_stops_the_start(tmp_path: Path) -> None:
+    result = _gunicorn(f"sqlite:///{tmp_path / 'x.sqlite3'}", env={"CHATAPI_MIGRATE": "nope"})
     assert result.returncode != 0 and "CHATAPI_MIGRATE must be on or off" in result.stderr
 
 
 def test_preloading_the_app_in_the_master_is_refused(tmp_path: Path) -> None:
     """With --preload every worker would share the master's wake-up origin and skip the others'
     wake-ups as its own, and /metrics would be empty: refused, with the reason."""
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "--preload", "wsgi:app"],
-        cwd=REPO,
-        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = _gunicorn(f"sqlite:///{tmp_path / 'x.sqlite3'}", "--preload")
     assert result.returncode != 0 and "cannot run with --preload" in result.stderr
 
 
@@ -592,18 +590,6 @@ def test_database_url_is_read_when_chatapi_database_url_is_unset(postgres_url: s
     alice = Api(server.base_url).signed_up()
     assert query_value(postgres_url, f"SELECT count(*) FROM users WHERE username = '{alice.username}'") == 1
     wait_until(lambda: len(server.worker_pids()) == 2, timeout=15, what="the default 2 workers on PostgreSQL")
-
-
-def _gunicorn(database_url: str, *args: str) -> subprocess.CompletedProcess:
-    """A start of gunicorn.conf.py that is expected to be refused: its exit status and output."""
-    return subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", *args, "wsgi:app"],
-        cwd=REPO,
-        env={**os.environ, "CHATAPI_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
@@ -708,13 +694,6 @@ def test_a_sqlite_database_in_the_metrics_directory_is_refused_and_kept(tmp_path
     there as its own (/metrics answered 500), and the start's wipe deleted the database."""
     database = tmp_path / "chatapi.db"
     database.write_bytes(b"the operator's data")
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
-        cwd=REPO,
-        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = _gunicorn(f"sqlite:///{database}", env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert result.returncode != 0 and "PROMETHEUS_MULTIPROC_DIR must not hold the database" in result.stderr
     assert database.read_bytes() == b"the operator's data"
