@@ -303,7 +303,7 @@ class Chat:
 
     # Messages -------------------------------------------------------------
 
-    def send(self, token: str | None, conversation_id: int, text_: str, client_id: str | None) -> tuple[Json, bool]:
+    def send(self, token: str | None, conversation_id: int, text: str, client_id: str | None) -> tuple[Json, bool]:
         """Store a message from the token's user; return it with whether it is new (False: a replay).
 
         401 for a bad token, 404 unless the user is in the conversation.
@@ -316,16 +316,16 @@ class Chat:
         stored = None
         if self._db.is_postgresql:
             try:
-                stored = self._sends.submit(_Send(auth.token_digest(token), conversation_id, text_, client_id, now))
+                stored = self._sends.submit(_Send(auth.token_digest(token), conversation_id, text, client_id, now))
             except IntegrityError:
                 pass  # A replayed client_id: the steps below answer it.
         if stored is None:
             try:
-                stored = self._store_message_in_steps(token, conversation_id, text_, client_id, now)
+                stored = self._store_message_in_steps(token, conversation_id, text, client_id, now)
             except _Replay as replay:
                 return replay.message, False
         message = wire.message(
-            stored.message_id, conversation_id, stored.seq, stored.sender, text_, client_id, stored.created_at
+            stored.message_id, conversation_id, stored.seq, stored.sender, text, client_id, stored.created_at
         )
         # Both streams got the message and, just above it, the sender's
         # receipt: pushed with the wake-up, so a waiting poll answers
@@ -343,21 +343,21 @@ class Chat:
         return message, True
 
     def _store_message_in_steps(
-        self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
+        self, token: str, conversation_id: int, text: str, client_id: str | None, now: datetime
     ) -> _Stored:
         """`_store_message` for the token's user; raises `_Replay` for a replayed client_id."""
         caller = self.authenticate(token)
         if caller is None:
             raise unauthorized()
         try:
-            return self._store_message(caller, conversation_id, text_, client_id, now)
+            return self._store_message(caller, conversation_id, text, client_id, now)
         except IntegrityError:
             # A concurrent send with the same client_id won the race; a
             # second attempt finds it under the lock and replays it.
-            return self._store_message(caller, conversation_id, text_, client_id, now)
+            return self._store_message(caller, conversation_id, text, client_id, now)
 
     def _store_message(
-        self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
+        self, caller: Caller, conversation_id: int, text: str, client_id: str | None, now: datetime
     ) -> _Stored:
         with self._db.writing() as connection:
             # `now` was read before the conversation's row was locked, so a
@@ -385,7 +385,7 @@ class Chat:
             if head is None:
                 raise _not_found()
             if client_id is not None:
-                _check_replay(connection, conversation_id, caller.id, client_id, text_)
+                _check_replay(connection, conversation_id, caller.id, client_id, text)
             seq = head.last_seq
             message_id = connection.scalar(
                 insert(Message)
@@ -393,7 +393,7 @@ class Chat:
                     conversation_id=conversation_id,
                     seq=seq,
                     sender_id=caller.id,
-                    text=text_,
+                    text=text,
                     client_id=client_id,
                     created_at=head.last_activity_at,
                 )
@@ -853,7 +853,7 @@ def _append_events(
 
 
 def _check_replay(
-    connection: Connection, conversation_id: int, sender_id: int, client_id: str | None, text_: str
+    connection: Connection, conversation_id: int, sender_id: int, client_id: str | None, text: str
 ) -> None:
     row = connection.execute(
         select(*_MESSAGE_COLUMNS)
@@ -866,7 +866,7 @@ def _check_replay(
     ).one_or_none()
     if row is None:
         return
-    if row.text != text_:
+    if row.text != text:
         raise ApiError(409, "client_id_reused", "this client_id was used for a different message")
     raise _Replay(wire.message_json(row))
 
