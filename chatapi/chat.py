@@ -137,6 +137,8 @@ _MESSAGE_COLUMNS = (
     Message.client_id,
     Message.created_at,
 )
+# The rows wire.message_json reads, with the sender's name: each read of messages adds its own where.
+_MESSAGE_ROWS = select(*_MESSAGE_COLUMNS).join(_SENDER, _SENDER.id == Message.sender_id)
 
 
 class Publish(Protocol):
@@ -511,9 +513,7 @@ class Chat:
 
             def messages() -> list[Json]:
                 rows = connection.execute(
-                    select(*_MESSAGE_COLUMNS)
-                    .join(_SENDER, _SENDER.id == Message.sender_id)
-                    .where(Message.conversation_id == conversation_id, Message.seq > after)
+                    _MESSAGE_ROWS.where(Message.conversation_id == conversation_id, Message.seq > after)
                     .order_by(Message.seq)
                     .limit(limit)
                 )
@@ -856,9 +856,7 @@ def _check_replay(
     connection: Connection, conversation_id: int, sender_id: int, client_id: str | None, text: str
 ) -> None:
     row = connection.execute(
-        select(*_MESSAGE_COLUMNS)
-        .join(_SENDER, _SENDER.id == Message.sender_id)
-        .where(
+        _MESSAGE_ROWS.where(
             Message.conversation_id == conversation_id,
             Message.sender_id == sender_id,
             Message.client_id == client_id,
@@ -937,13 +935,7 @@ def _receipts_from_array(receipts: list[int], subject: str) -> dict[int, list[Js
 
 
 def _history(connection: Connection, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
-    query = (
-        select(*_MESSAGE_COLUMNS)
-        .join(_SENDER, _SENDER.id == Message.sender_id)
-        .where(Message.conversation_id == conversation_id)
-        .order_by(Message.seq.desc())
-        .limit(limit)
-    )
+    query = _MESSAGE_ROWS.where(Message.conversation_id == conversation_id).order_by(Message.seq.desc()).limit(limit)
     # Up to the head read before, whatever committed since: on PostgreSQL
     # each statement reads its own snapshot, and the page must not hold a
     # message above the `last_seq` it answers.
