@@ -131,8 +131,9 @@ class Settings:
         # Unset, the default follows a lower maximum down; set above it, it is refused.
         long_poll_default = min(LONG_POLL_DEFAULT_SECS, long_poll_max_secs)
         db_max_overflow = _count(env, "CHATAPI_DB_MAX_OVERFLOW", default.db_max_overflow)
-        # Unset, the whole pool (overflow connections are closed on return:
-        # not worth opening); set above the pool, it is refused.
+        # Unset, the whole pool but not its overflow (overflow connections
+        # are closed on return: not worth opening); set above pool +
+        # overflow, it is refused (__post_init__).
         warm_default = db_pool_size
 
         def limit(name: str) -> str:
