@@ -477,10 +477,8 @@ class Chat:
             conversation = _membership(connection, caller.id, conversation_id)
             if seq > conversation.last_seq:
                 raise ApiError(400, "invalid_seq", f"seq must be at most last_seq ({conversation.last_seq})")
-            grown = _advance(connection, caller.id, conversation_id, seq, read=True)
-            if grown:
-                receipts = _append_receipts(connection, caller, conversation, grown)
-        if grown:
+            receipts = _advance_with_receipts(connection, caller, conversation, seq, read=True)
+        if receipts:
             self._publish_to_streams(receipts)
         return self.conversation(caller, conversation_id)
 
@@ -663,10 +661,8 @@ class Chat:
     def _acknowledge_conversation(self, caller: Caller, conversation_id: int, upto: int) -> None:
         with self._db.writing() as connection:
             conversation = _membership(connection, caller.id, conversation_id)
-            grown = _advance(connection, caller.id, conversation_id, upto, read=False)
-            if grown:
-                receipts = _append_receipts(connection, caller, conversation, grown)
-        if grown:
+            receipts = _advance_with_receipts(connection, caller, conversation, upto, read=False)
+        if receipts:
             self._publish_to_streams(receipts)
 
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
@@ -903,10 +899,14 @@ def _advance(
     return (row.delivered_seq, row.read_seq) if row else None
 
 
-def _append_receipts(
-    connection: Connection, caller: Caller, conversation: Any, grown: tuple[int, int]
+def _advance_with_receipts(
+    connection: Connection, caller: Caller, conversation: Any, seq: int, *, read: bool
 ) -> dict[int, list[Json]]:
-    """Store the receipt of the caller's grown marks in both users' streams; return it as pushed events."""
+    """`_advance` the caller's marks in `conversation` (a `_membership` row) and, if they grew,
+    store the receipt in both users' streams; return it as pushed events (empty: nothing grew)."""
+    grown = _advance(connection, caller.id, conversation.conversation_id, seq, read=read)
+    if grown is None:
+        return {}
     receipt = _event("receipt", conversation.conversation_id, caller.id, *grown)
     stored = _append_events(connection, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
     return _receipts_json(stored, caller.username)
