@@ -36,7 +36,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventWorker, PyWSGIHan
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from types import FrameType
 
     from gunicorn.arbiter import Arbiter
@@ -44,7 +44,14 @@ if TYPE_CHECKING:
 
 # chatapi.config.DEFAULT_DATABASE_URL, which the master must not import (see _switch).
 _DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
-_database_url = os.environ.get("CHATAPI_DATABASE_URL") or os.environ.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
+
+
+def _database_url_in(env: Mapping[str, str]) -> str:
+    """The database URL as chatapi.config.Settings.from_env reads it."""
+    return env.get("CHATAPI_DATABASE_URL") or env.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
+
+
+_database_url = _database_url_in(os.environ)
 
 
 def _is_postgresql(url: str) -> bool:
@@ -457,8 +464,7 @@ def _check_setup(server: Arbiter) -> None:
 def _database_url_of(server: Arbiter) -> str:
     """The database the workers will use. gunicorn applies `-e` (raw_env)
     after it has read this file, so it is looked up here, and it wins."""
-    env = {**os.environ, **server.cfg.env}
-    return env.get("CHATAPI_DATABASE_URL") or env.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
+    return _database_url_in({**os.environ, **server.cfg.env})
 
 
 def _remove_metrics_files(directory: str) -> None:

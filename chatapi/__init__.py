@@ -192,9 +192,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.after_request
     def _headers_of_every_answer(response: Response) -> Response:
-        # Every answer is live data: the API, errors, health and metrics (a
-        # cached copy would lie to clients, probes and scrapers). The web
-        # page's files set their own policy (revalidate on every load).
+        # Every answer is live data: the API, errors, health, metrics and the
+        # page itself (a cached copy would lie to clients, probes and
+        # scrapers). The page's assets set their own policy (web.py:
+        # revalidate on every load).
         response.headers.setdefault("Cache-Control", "no-store")
         # After SIGTERM no answer keeps its connection: the client's next
         # request must reach a live process, not this one (whose long-polls

@@ -137,6 +137,8 @@ _MESSAGE_COLUMNS = (
     Message.client_id,
     Message.created_at,
 )
+# The rows wire.message_json reads, with the sender's name: each read of messages adds its own where.
+_MESSAGE_ROWS = select(*_MESSAGE_COLUMNS).join(_SENDER, _SENDER.id == Message.sender_id)
 
 
 class Publish(Protocol):
@@ -303,7 +305,7 @@ class Chat:
 
     # Messages -------------------------------------------------------------
 
-    def send(self, token: str | None, conversation_id: int, text_: str, client_id: str | None) -> tuple[Json, bool]:
+    def send(self, token: str | None, conversation_id: int, text: str, client_id: str | None) -> tuple[Json, bool]:
         """Store a message from the token's user; return it with whether it is new (False: a replay).
 
         401 for a bad token, 404 unless the user is in the conversation.
@@ -316,16 +318,16 @@ class Chat:
         stored = None
         if self._db.is_postgresql:
             try:
-                stored = self._sends.submit(_Send(auth.token_digest(token), conversation_id, text_, client_id, now))
+                stored = self._sends.submit(_Send(auth.token_digest(token), conversation_id, text, client_id, now))
             except IntegrityError:
                 pass  # A replayed client_id: the steps below answer it.
         if stored is None:
             try:
-                stored = self._store_message_in_steps(token, conversation_id, text_, client_id, now)
+                stored = self._store_message_in_steps(token, conversation_id, text, client_id, now)
             except _Replay as replay:
                 return replay.message, False
         message = wire.message(
-            stored.message_id, conversation_id, stored.seq, stored.sender, text_, client_id, stored.created_at
+            stored.message_id, conversation_id, stored.seq, stored.sender, text, client_id, stored.created_at
         )
         # Both streams got the message and, just above it, the sender's
         # receipt: pushed with the wake-up, so a waiting poll answers
@@ -343,21 +345,21 @@ class Chat:
         return message, True
 
     def _store_message_in_steps(
-        self, token: str, conversation_id: int, text_: str, client_id: str | None, now: datetime
+        self, token: str, conversation_id: int, text: str, client_id: str | None, now: datetime
     ) -> _Stored:
         """`_store_message` for the token's user; raises `_Replay` for a replayed client_id."""
         caller = self.authenticate(token)
         if caller is None:
             raise unauthorized()
         try:
-            return self._store_message(caller, conversation_id, text_, client_id, now)
+            return self._store_message(caller, conversation_id, text, client_id, now)
         except IntegrityError:
             # A concurrent send with the same client_id won the race; a
             # second attempt finds it under the lock and replays it.
-            return self._store_message(caller, conversation_id, text_, client_id, now)
+            return self._store_message(caller, conversation_id, text, client_id, now)
 
     def _store_message(
-        self, caller: Caller, conversation_id: int, text_: str, client_id: str | None, now: datetime
+        self, caller: Caller, conversation_id: int, text: str, client_id: str | None, now: datetime
     ) -> _Stored:
         with self._db.writing() as connection:
             # `now` was read before the conversation's row was locked, so a
@@ -385,7 +387,7 @@ class Chat:
             if head is None:
                 raise _not_found()
             if client_id is not None:
-                _check_replay(connection, conversation_id, caller.id, client_id, text_)
+                _check_replay(connection, conversation_id, caller.id, client_id, text)
             seq = head.last_seq
             message_id = connection.scalar(
                 insert(Message)
@@ -393,7 +395,7 @@ class Chat:
                     conversation_id=conversation_id,
                     seq=seq,
                     sender_id=caller.id,
-                    text=text_,
+                    text=text,
                     client_id=client_id,
                     created_at=head.last_activity_at,
                 )
@@ -475,10 +477,8 @@ class Chat:
             conversation = _membership(connection, caller.id, conversation_id)
             if seq > conversation.last_seq:
                 raise ApiError(400, "invalid_seq", f"seq must be at most last_seq ({conversation.last_seq})")
-            grown = _advance(connection, caller.id, conversation_id, seq, read=True)
-            if grown:
-                receipts = _append_receipts(connection, caller, conversation, grown)
-        if grown:
+            receipts = _advance_with_receipts(connection, caller, conversation, seq, read=True)
+        if receipts:
             self._publish_to_streams(receipts)
         return self.conversation(caller, conversation_id)
 
@@ -511,9 +511,7 @@ class Chat:
 
             def messages() -> list[Json]:
                 rows = connection.execute(
-                    select(*_MESSAGE_COLUMNS)
-                    .join(_SENDER, _SENDER.id == Message.sender_id)
-                    .where(Message.conversation_id == conversation_id, Message.seq > after)
+                    _MESSAGE_ROWS.where(Message.conversation_id == conversation_id, Message.seq > after)
                     .order_by(Message.seq)
                     .limit(limit)
                 )
@@ -663,10 +661,8 @@ class Chat:
     def _acknowledge_conversation(self, caller: Caller, conversation_id: int, upto: int) -> None:
         with self._db.writing() as connection:
             conversation = _membership(connection, caller.id, conversation_id)
-            grown = _advance(connection, caller.id, conversation_id, upto, read=False)
-            if grown:
-                receipts = _append_receipts(connection, caller, conversation, grown)
-        if grown:
+            receipts = _advance_with_receipts(connection, caller, conversation, upto, read=False)
+        if receipts:
             self._publish_to_streams(receipts)
 
     def _acknowledge_events(self, caller: Caller, after: int) -> None:
@@ -853,12 +849,10 @@ def _append_events(
 
 
 def _check_replay(
-    connection: Connection, conversation_id: int, sender_id: int, client_id: str | None, text_: str
+    connection: Connection, conversation_id: int, sender_id: int, client_id: str | None, text: str
 ) -> None:
     row = connection.execute(
-        select(*_MESSAGE_COLUMNS)
-        .join(_SENDER, _SENDER.id == Message.sender_id)
-        .where(
+        _MESSAGE_ROWS.where(
             Message.conversation_id == conversation_id,
             Message.sender_id == sender_id,
             Message.client_id == client_id,
@@ -866,7 +860,7 @@ def _check_replay(
     ).one_or_none()
     if row is None:
         return
-    if row.text != text_:
+    if row.text != text:
         raise ApiError(409, "client_id_reused", "this client_id was used for a different message")
     raise _Replay(wire.message_json(row))
 
@@ -905,10 +899,14 @@ def _advance(
     return (row.delivered_seq, row.read_seq) if row else None
 
 
-def _append_receipts(
-    connection: Connection, caller: Caller, conversation: Any, grown: tuple[int, int]
+def _advance_with_receipts(
+    connection: Connection, caller: Caller, conversation: Any, seq: int, *, read: bool
 ) -> dict[int, list[Json]]:
-    """Store the receipt of the caller's grown marks in both users' streams; return it as pushed events."""
+    """`_advance` the caller's marks in `conversation` (a `_membership` row) and, if they grew,
+    store the receipt in both users' streams; return it as pushed events (empty: nothing grew)."""
+    grown = _advance(connection, caller.id, conversation.conversation_id, seq, read=read)
+    if grown is None:
+        return {}
     receipt = _event("receipt", conversation.conversation_id, caller.id, *grown)
     stored = _append_events(connection, {conversation.user_low_id: [receipt], conversation.user_high_id: [receipt]})
     return _receipts_json(stored, caller.username)
@@ -937,13 +935,7 @@ def _receipts_from_array(receipts: list[int], subject: str) -> dict[int, list[Js
 
 
 def _history(connection: Connection, conversation_id: int, before: int | None, limit: int, head: int) -> Page:
-    query = (
-        select(*_MESSAGE_COLUMNS)
-        .join(_SENDER, _SENDER.id == Message.sender_id)
-        .where(Message.conversation_id == conversation_id)
-        .order_by(Message.seq.desc())
-        .limit(limit)
-    )
+    query = _MESSAGE_ROWS.where(Message.conversation_id == conversation_id).order_by(Message.seq.desc()).limit(limit)
     # Up to the head read before, whatever committed since: on PostgreSQL
     # each statement reads its own snapshot, and the page must not hold a
     # message above the `last_seq` it answers.

@@ -41,7 +41,8 @@ class ConfigError(ValueError):
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     registration_open: bool = True
-    long_poll_default_secs: float = LONG_POLL_DEFAULT_SECS
+    # Unset (None), LONG_POLL_DEFAULT_SECS, or the maximum if that is lower.
+    long_poll_default_secs: float | None = None
     long_poll_max_secs: float = LONG_POLL_MAX_SECS
     # Waiting requests one user may hold at once; a new one beyond this
     # answers the oldest, so a runaway client cannot exhaust a worker.
@@ -72,7 +73,7 @@ class Settings:
     # instead of opening connections that would only wait on each other.
     db_write_pool_size: int = 10
     # Autocommit connections each worker opens as it starts, in the
-    # background: by default the whole pool (unset, it follows
+    # background: by default the whole pool (unset, None, it follows
     # CHATAPI_DB_POOL_SIZE). A pool otherwise grows on demand, and a new
     # connection (a PostgreSQL backend, then its functions and prepared
     # statements) took 10-50 ms: the first requests after a start waited
@@ -82,9 +83,15 @@ class Settings:
     # (docs/performance.md, changes 31 and 34). The connections are the
     # ones the pool would hold under load anyway: the connection budget
     # (docs/deploy.md) is the same, and is met from the start.
-    db_pool_warm: int = db_pool_size
+    db_pool_warm: int | None = None
 
     def __post_init__(self) -> None:
+        # Filled in here, not by from_env alone: create_app(Settings(db_pool_size=10))
+        # must not be refused for a warm-up of the default 35 that nobody asked for.
+        if self.long_poll_default_secs is None:
+            object.__setattr__(self, "long_poll_default_secs", min(LONG_POLL_DEFAULT_SECS, self.long_poll_max_secs))
+        if self.db_pool_warm is None:
+            object.__setattr__(self, "db_pool_warm", self.db_pool_size)
         if self.long_poll_default_secs > self.long_poll_max_secs:
             raise ConfigError(
                 "CHATAPI_LONG_POLL_DEFAULT_SECS must not exceed CHATAPI_LONG_POLL_MAX_SECS"
@@ -124,8 +131,9 @@ class Settings:
         # Unset, the default follows a lower maximum down; set above it, it is refused.
         long_poll_default = min(LONG_POLL_DEFAULT_SECS, long_poll_max_secs)
         db_max_overflow = _count(env, "CHATAPI_DB_MAX_OVERFLOW", default.db_max_overflow)
-        # Unset, the whole pool (overflow connections are closed on return:
-        # not worth opening); set above the pool, it is refused.
+        # Unset, the whole pool but not its overflow (overflow connections
+        # are closed on return: not worth opening); set above pool +
+        # overflow, it is refused (__post_init__).
         warm_default = db_pool_size
 
         def limit(name: str) -> str:

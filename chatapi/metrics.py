@@ -51,8 +51,10 @@ class Metrics:
             registry=self.registry,
         )
         self.wakeups = Counter("chatapi_wakeups", "Waiting requests woken by new data", registry=self.registry)
-        # Of the woken event polls, which answered from the events their
+        # Of the woken long-polls, which answered from the events their
         # wake-up carried and which asked the database again (wakeups.py).
+        # Only event polls can be answered from pushed events: a woken
+        # conversation poll always counts as a query.
         self.woken_polls = Counter(
             "chatapi_woken_polls",
             "Woken long-polls, by how they found their answer: pushed (carried by the wake-up) or query",

@@ -201,7 +201,12 @@ def _parse(payload: str, signing_key: bytes | None) -> tuple[str, list[str], dic
     for key in keys:
         key_user(key)  # ValueError for a user key without a number
     pushed: dict[int, list] = {}
-    signed = signing_key is not None and hmac.compare_digest(signature, _signature(signing_key, origin + "|" + body))
+    # compare_digest refuses (TypeError) a str that is not ASCII: such a signature is simply not ours.
+    signed = (
+        signing_key is not None
+        and signature.isascii()
+        and hmac.compare_digest(signature, _signature(signing_key, origin + "|" + body))
+    )
     if sealed_mark and signed and signing_key is not None:
         for user_id, found in _unseal(sealed, signing_key).items():
             if not isinstance(found, list) or not all(

@@ -43,6 +43,18 @@ def test_each_worker_opens_its_whole_pool_at_start_unless_set() -> None:
     assert Settings.from_env({"CHATAPI_DB_POOL_WARM": "0"}).db_pool_warm == 0
 
 
+def test_settings_built_in_code_follow_the_pool_size_and_the_longest_wait_as_from_the_environment() -> None:
+    """create_app(Settings(...)): an unset warm-up is the whole pool, an unset default wait at most the maximum."""
+    settings = Settings(db_pool_size=10, long_poll_max_secs=5)
+    assert (settings.db_pool_warm, settings.long_poll_default_secs) == (10, 5)
+    assert Settings(long_poll_max_secs=90).long_poll_default_secs == 25
+    assert Settings(db_pool_size=10, db_pool_warm=4).db_pool_warm == 4
+    with pytest.raises(ConfigError, match="CHATAPI_DB_POOL_WARM"):
+        Settings(db_pool_size=10, db_pool_warm=11)
+    with pytest.raises(ConfigError, match="CHATAPI_LONG_POLL_DEFAULT_SECS"):
+        Settings(long_poll_max_secs=5, long_poll_default_secs=6)
+
+
 def test_switches_and_limits() -> None:
     settings = Settings.from_env(
         {"CHATAPI_RATE_LIMITS": "off", "CHATAPI_REGISTRATION": "OFF", "CHATAPI_RATE_LIMIT_SEND_PER_USER": "5/second"}

@@ -303,6 +303,20 @@ def test_an_unreadable_notification_makes_every_waiter_check(payload: str) -> No
         assert alice.woken and alice.take_pushed() is None
 
 
+def test_a_notification_signed_with_other_characters_than_hex_only_wakes() -> None:
+    """A signature that is not ASCII is a wrong one: its keys wake and re-query, and the
+    listener reads the rest of what it heard (hmac.compare_digest raises TypeError on
+    such a string, which ended the listener's connection and dropped the others)."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    notifier = notify_pg.PostgresNotifier("postgresql://unused", wakeups)
+    notifier._signing_key = KEY
+    (other,) = notify_pg._payloads("other", [user_key(2)], {2: [_event(5)]}, KEY)
+    with wakeups.listening([user_key(1)], 1) as alice, wakeups.listening([user_key(2)], 2) as bob:
+        notifier._deliver(["forger.\u00e9|u:1", other])
+        assert alice.woken and alice.take_pushed() is None
+        assert bob.woken and bob.take_pushed() == [_event(5)]
+
+
 def test_each_process_tags_its_notifications_with_an_origin_of_its_own(monkeypatch) -> None:
     """A notifier made before a fork must not tag the children's notifications alike:
     each would skip the others' as its own."""
