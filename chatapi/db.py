@@ -177,18 +177,23 @@ class Database:
             yield connection
 
     def warm_up(self, count: int) -> None:
-        """PostgreSQL: open `count` autocommit connections and leave them in the pool.
+        """PostgreSQL: open autocommit connections until the pool holds `count`, and leave them in it.
 
         So that the first requests after a start find connections ready
-        instead of each opening one (docs/performance.md, change 31). A
+        instead of each opening one (docs/performance.md, change 31). The
+        connections requests hold count too: were the warm-up to wait for
+        one of those, it would hold every other one meanwhile, and requests
+        would queue behind it for up to the pool's timeout. While the pool
+        holds fewer than its size plus overflow, a checkout never waits. A
         database that cannot be reached now is not an error here: requests
         open connections as they need them, and /readyz tells.
         """
         if not self.is_postgresql:
             return
+        pool = self.autocommit_engine.pool
         opened = []
         try:
-            for _ in range(count):
+            while pool.checkedin() + pool.checkedout() < count:  # the connections it holds
                 opened.append(self.autocommit_engine.raw_connection())
         # The driver's errors too: the pool hands them over unwrapped when it
         # fails to open a connection (no free slots, the server is down).

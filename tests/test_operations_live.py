@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from chatapi.config import Settings
+from chatapi.db import Database
 from tests.conftest import migrate
 from tests.support.api import Api
 from tests.support.faults import wait_until
@@ -389,6 +391,29 @@ def test_each_worker_opens_its_first_connections_as_it_starts(postgres_url: str,
     # warm-up ran adds one more to that worker. Six or more is only
     # possible when both workers warmed up.
     assert 6 <= _server_sessions(postgres_url) <= 8
+
+
+@pytest.mark.postgres
+def test_the_warm_up_counts_the_connections_requests_hold_and_never_waits_for_one(postgres_url: str, caplog) -> None:
+    # A warm-up that waited for a connection in use (here, one held by a
+    # send waiting on a row lock) held all the others meanwhile, and every
+    # request of the worker queued behind it for the pool's timeout (10 s).
+    migrate(postgres_url)
+    settings = Settings.from_env(
+        {"CHATAPI_DATABASE_URL": postgres_url, "CHATAPI_DB_POOL_SIZE": "3", "CHATAPI_DB_MAX_OVERFLOW": "0"}
+    )
+    db = Database(settings)
+    pool = db.autocommit_engine.pool
+    try:
+        held_by_a_request = db.autocommit_engine.raw_connection()
+        db.warm_up(3)
+        assert (pool.checkedout(), pool.checkedin()) == (1, 2)
+        assert "could not open the pool's first connections" not in caplog.text
+        held_by_a_request.close()
+        db.warm_up(3)  # the pool holds three already: nothing to open
+        assert (pool.checkedout(), pool.checkedin()) == (0, 3)
+    finally:
+        db.dispose()
 
 
 @pytest.mark.postgres
