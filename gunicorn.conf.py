@@ -172,6 +172,14 @@ class BodyWithDeadline(Input):
             self.rfile.close()
 
 
+# An answer whose body is at most this long goes out in one send(), head and
+# body together: pywsgi sends them apart, to spare copying a large body, and
+# a send() is a dear system call (the second cost about 6% of a worker's CPU
+# per request; docs/performance.md, change 38). Most answers of the API are
+# a few hundred bytes; a larger one (a page of long messages, a file of the
+# web page) is sent as pywsgi sends it.
+ONE_SEND_BODY_BYTES = 64 * 1024
+
 # pywsgi answers these with an empty body; every error of ours is JSON.
 PROTOCOL_ERRORS = {
     "400": _protocol_error("400", "Bad Request", "malformed HTTP request"),
@@ -261,6 +269,26 @@ class KeepAliveHandler(PyWSGIHandler):
         # under load (docs/performance.md, change 32).
         if self.server.log.access_log_enabled:
             super().log_request()
+
+    def _write_with_headers(self, data: bytes) -> None:
+        # pywsgi's own, but for the one send() (ONE_SEND_BODY_BYTES).
+        self.headers_sent = True
+        self.finalize_headers()
+        head = bytearray(b"HTTP/1.1 ")
+        head += self.status
+        head += b"\r\n"
+        for header, value in self.response_headers:
+            head += header
+            head += b": "
+            head += value
+            head += b"\r\n"
+        head += b"\r\n"
+        if self.response_use_chunked or len(data) > ONE_SEND_BODY_BYTES:
+            self._sendall(head)
+            self._write(data)
+        else:
+            head += data
+            self._sendall(head)
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         # Once the worker is shutting down, no connection is kept alive. Nor
