@@ -65,11 +65,18 @@ class OneAtATime:
     def acquire(self, key: str) -> None:
         lock, users = self._locks.setdefault(key, (gevent.lock.Semaphore(), [0]))
         users[0] += 1
-        lock.acquire()
+        try:
+            lock.acquire()
+        except BaseException:  # killed while waiting: it holds nothing, and is no longer a user
+            self._leave(key)
+            raise
 
     def release(self, key: str) -> None:
-        lock, users = self._locks[key]
-        lock.release()
+        self._locks[key][0].release()
+        self._leave(key)
+
+    def _leave(self, key: str) -> None:
+        users = self._locks[key][1]
         users[0] -= 1
         if not users[0]:
             del self._locks[key]
@@ -121,8 +128,9 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     @app.before_request
     def _take_signin_turn() -> None:
         if request.endpoint == "api.create_token":
-            g.signin_turn = _signin_username()
-            signin_turns.acquire(g.signin_turn)
+            turn = _signin_username()
+            signin_turns.acquire(turn)
+            g.signin_turn = turn  # only once taken: the teardown gives back what this request holds
 
     @app.teardown_request
     def _end_signin_turn(error: BaseException | None) -> None:

@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gevent
 import pytest
 import requests
 
 from chatapi import Settings, create_app
+from chatapi.limits import OneAtATime
 from tests.conftest import migrate
 from tests.support.api import PASSWORD, Api, unique_name
 from tests.support.faults import Background, at_once
@@ -265,3 +267,28 @@ def test_a_users_ninth_waiting_long_poll_answers_the_oldest(proxied_and_direct) 
         page, _ = p.join(10)
         assert page["events"][0]["message"]["text"] == "for everyone"
     assert bob_poll.join(10)["events"][0]["message"]["text"] == "for everyone"
+
+
+def test_a_sign_in_killed_while_waiting_its_turn_holds_none_and_is_forgotten() -> None:
+    # A greenlet killed while it waits (a worker shutting down) holds no turn:
+    # it must give none back (two attempts on a username would run at once),
+    # and must not keep its username's entry alive.
+    turns = OneAtATime()
+    order: list[str] = []
+
+    def attempt(name: str) -> None:
+        turns.acquire("alice")
+        order.append(f"{name} in")
+        gevent.sleep(0.05)
+        order.append(f"{name} out")
+        turns.release("alice")
+
+    first = gevent.spawn(attempt, "first")
+    gevent.sleep(0)
+    killed = gevent.spawn(attempt, "killed")
+    gevent.sleep(0.01)
+    killed.kill()
+    last = gevent.spawn(attempt, "last")
+    gevent.joinall([first, last], timeout=5)
+    assert order == ["first in", "first out", "last in", "last out"]
+    assert turns._locks == {}, "a key nobody holds or awaits is forgotten"
