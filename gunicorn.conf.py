@@ -402,6 +402,9 @@ keepalive = _whole("CHATAPI_KEEPALIVE_SECS", 5, low=0)
 # SIGTERM: long-polls answer at once (post_worker_init) and sends in
 # flight get this long to finish.
 graceful_timeout = _whole("CHATAPI_GRACEFUL_TIMEOUT_SECS", 20, low=0)
+# A worker whose event loop has not run for this long (a call that blocks
+# outside gevent) stops telling the master it is alive, and is killed and
+# replaced. Waiting long-polls do not count: they wait on the loop.
 timeout = 30
 accesslog = os.environ.get("CHATAPI_ACCESS_LOG") or None
 loglevel = os.environ.get("CHATAPI_LOG_LEVEL") or "info"

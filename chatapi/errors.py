@@ -72,8 +72,9 @@ def init_app(app: Flask) -> None:
     def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
         headers = {}
-        if status == 405 and error.get_response().headers.get("Allow"):
-            headers["Allow"] = error.get_response().headers["Allow"]
+        allow = error.get_response().headers.get("Allow") if status == 405 else None
+        if allow:
+            headers["Allow"] = allow
         code = _HTTP_CODES.get(status, "http_error")
         message = error.description or code
         if status == 413:
