@@ -681,3 +681,43 @@ def test_keyboard_focus_stays_in_the_history_after_loading_it(people, server: Se
     # Each message says who wrote it to a screen reader.
     first = alice.message("line 1")
     assert first.locator(".visually-hidden").inner_text() == "bob:"
+
+
+def test_pressing_sign_in_again_while_the_page_starts_runs_one_session(people, server: ServerProcess) -> None:
+    """Between the sign-in's answer and the page's start (GET /me, slow on a slow network), the
+    form must not take a second sign-in: the session started first would stay running in the page
+    after signing out (its token never revoked, its view still listening), and what the next user
+    then typed went out as the first user."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    tab = people("alice")
+    held: list[Route] = []
+    holding = [True]
+    tab.page.route("**/api/v1/me", lambda route: held.append(route) if holding[0] else route.continue_())
+    page = tab.page
+    page.get_by_label("Username", exact=True).fill("alice")
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_test_id("auth-submit").click()
+    wait_for(page, lambda: held, "the page's GET /me held here")
+    # An impatient user presses Enter again while nothing seems to happen.
+    page.get_by_label("Password", exact=True).press("Enter")
+    page.wait_for_timeout(1500)
+    holding[0] = False
+    for route in held:
+        route.continue_()
+    expect(page.get_by_test_id("me-name")).to_have_text("alice")
+
+    page.get_by_test_id("sign-out").click()
+    expect(page.get_by_test_id("auth-notice")).to_contain_text("signed out")
+    page.get_by_label("Username", exact=True).fill("bob")
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_test_id("auth-submit").click()
+    expect(page.get_by_test_id("me-name")).to_have_text("bob")
+    start_chat(tab, "alice")
+    tab.send("from bob, once")
+    page.wait_for_timeout(1000)
+    expect(page.get_by_test_id("app-view")).to_be_visible()
+    expect(page.get_by_test_id("me-name")).to_have_text("bob")
+    stored = Api(server.base_url, tab.token(), "bob").get("/api/v1/conversations").json()["conversations"]
+    assert [(c["last_message"]["sender"], c["last_message"]["text"]) for c in stored] == [("bob", "from bob, once")]

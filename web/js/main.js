@@ -111,7 +111,9 @@ async function submit(event) {
     const { token, user } = await api.signIn(username, password);
     const session = { token, username: user.username };
     saveSession(session);
-    enter(session);
+    // Awaited: the button stays disabled until the page has started, so a second press cannot
+    // start a second session (whose client and view would outlive signing out).
+    await enter(session);
   } catch (error) {
     showError(describe(error));
     passwordInput.focus();
