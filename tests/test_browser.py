@@ -721,3 +721,47 @@ def test_pressing_sign_in_again_while_the_page_starts_runs_one_session(people, s
     expect(page.get_by_test_id("me-name")).to_have_text("bob")
     stored = Api(server.base_url, tab.token(), "bob").get("/api/v1/conversations").json()["conversations"]
     assert [(c["last_message"]["sender"], c["last_message"]["text"]) for c in stored] == [("bob", "from bob, once")]
+
+
+def test_a_stale_tab_ending_its_session_keeps_the_session_signed_in_since(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """Tab A signs out and signs in as bob; tab B, still on alice's revoked token, meets a 401. It
+    goes back to sign-in, and leaves bob's session (shared storage) alone: a reload keeps bob in."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
+    context.set_default_timeout(WAIT_MS)
+    try:
+        tab_a = watched(Person("alice", context, context.new_page()))
+        tab_a.page.goto(server.base_url + "/")
+        sign_in(tab_a)
+        tab_b = watched(Person("alice", context, context.new_page()))
+        tab_b.page.goto(server.base_url + "/")
+        expect(tab_b.page.get_by_test_id("me-name")).to_have_text("alice")
+        # Tab B's next poll is held on its way (a network gap, a sleeping laptop) past what follows.
+        held: list[Route] = []
+        holding = [True]
+        tab_b.page.route("**/api/v1/events*", lambda route: held.append(route) if holding[0] else route.continue_())
+        api.signed_up("carol").start("alice")  # answers tab B's waiting poll; the next one is held
+        wait_for(tab_b.page, lambda: held, "tab B's next poll held here")
+
+        tab_a.page.get_by_test_id("sign-out").click()
+        expect(tab_a.page.get_by_test_id("auth-view")).to_be_visible()
+        tab_a.name = "bob"
+        sign_in(tab_a)
+        bob_token = tab_a.token()
+        assert bob_token
+
+        holding[0] = False
+        for route in held:
+            route.continue_()  # with alice's revoked token: 401
+        expect(tab_b.page.get_by_test_id("auth-notice")).to_contain_text("Please sign in again")
+        assert tab_a.token() == bob_token
+        tab_a.page.reload()
+        expect(tab_a.page.get_by_test_id("me-name")).to_have_text("bob")
+        assert_quiet(tab_a)
+        assert_quiet(tab_b)
+    finally:
+        context.close()
