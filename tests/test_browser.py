@@ -765,3 +765,32 @@ def test_a_stale_tab_ending_its_session_keeps_the_session_signed_in_since(
         assert_quiet(tab_b)
     finally:
         context.close()
+
+
+def test_the_first_message_of_an_empty_conversation_is_announced(people, server: ServerProcess) -> None:
+    """The live region is silenced only while a whole page goes in (opening, older history): the
+    first message to arrive in an open, empty conversation is news like any other."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    alice = people("alice")
+    sign_in(alice)
+    alice.open_conversation("bob")
+    alice.page.wait_for_timeout(500)  # the (empty) page of messages is in
+    alice.page.evaluate(
+        """() => {
+            const list = document.getElementById("message-list");
+            window.liveWhenAdded = [];
+            new MutationObserver((records) => {
+                for (const record of records)
+                    for (const node of record.addedNodes)
+                        if (node.dataset?.testid === "message")
+                            window.liveWhenAdded.push(list.getAttribute("aria-live"));
+            }).observe(list, { childList: true });
+        }"""
+    )
+    api_bob.send(conversation_id, "hello, anyone there?")
+    expect(alice.message("hello, anyone there?")).to_be_visible()
+    alice.send("yes, here")
+    assert alice.page.evaluate("window.liveWhenAdded") == ["polite", "polite"]
