@@ -794,3 +794,50 @@ def test_the_first_message_of_an_empty_conversation_is_announced(people, server:
     expect(alice.message("hello, anyone there?")).to_be_visible()
     alice.send("yes, here")
     assert alice.page.evaluate("window.liveWhenAdded") == ["polite", "polite"]
+
+
+def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored_once(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """Refused for good in both tabs of one user ("Not sent", Retry and Delete), then retried in tab A:
+    tab B shows it once, as sent, and a Retry there could not store it a second time either."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
+    context.set_default_timeout(WAIT_MS)
+    refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
+    sends = "**/api/v1/conversations/*/messages"
+    context.route(
+        sends,
+        lambda route: (
+            route.fulfill(status=404, content_type="application/json", body=refused)
+            if route.request.method == "POST"
+            else route.continue_()
+        ),
+    )
+    try:
+        tab_a = watched(Person("alice", context, context.new_page()))
+        tab_a.page.goto(server.base_url + "/")
+        sign_in(tab_a)
+        tab_a.open_conversation("bob")
+        tab_b = watched(Person("alice", context, context.new_page()))
+        tab_b.page.goto(server.base_url + "/")
+        tab_b.open_conversation("bob")
+        tab_a.send("refused once", acknowledged=False)
+        for tab in (tab_a, tab_b):
+            expect(tab.message("refused once")).to_have_attribute("data-state", "failed")
+
+        context.unroute(sends)
+        tab_a.message("refused once").get_by_role("button", name="Retry").click()
+        for tab in (tab_a, tab_b):
+            expect(tab.message("refused once")).to_have_attribute("data-state", re.compile("^(sent|delivered|read)$"))
+            expect(tab.message("refused once")).to_have_count(1)
+        tab_b.page.wait_for_timeout(1000)
+        assert tab_b.message_texts() == ["refused once"]
+        assert [m["text"] for m in api_bob.messages(conversation_id)["messages"]] == ["refused once"]
+        assert_quiet(tab_a)
+        assert_quiet(tab_b)
+    finally:
+        context.close()
