@@ -681,3 +681,163 @@ def test_keyboard_focus_stays_in_the_history_after_loading_it(people, server: Se
     # Each message says who wrote it to a screen reader.
     first = alice.message("line 1")
     assert first.locator(".visually-hidden").inner_text() == "bob:"
+
+
+def test_pressing_sign_in_again_while_the_page_starts_runs_one_session(people, server: ServerProcess) -> None:
+    """Between the sign-in's answer and the page's start (GET /me, slow on a slow network), the
+    form must not take a second sign-in: the session started first would stay running in the page
+    after signing out (its token never revoked, its view still listening), and what the next user
+    then typed went out as the first user."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    tab = people("alice")
+    held: list[Route] = []
+    holding = [True]
+    tab.page.route("**/api/v1/me", lambda route: held.append(route) if holding[0] else route.continue_())
+    page = tab.page
+    page.get_by_label("Username", exact=True).fill("alice")
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_test_id("auth-submit").click()
+    wait_for(page, lambda: held, "the page's GET /me held here")
+    # An impatient user presses Enter again while nothing seems to happen.
+    page.get_by_label("Password", exact=True).press("Enter")
+    page.wait_for_timeout(1500)
+    holding[0] = False
+    for route in held:
+        route.continue_()
+    expect(page.get_by_test_id("me-name")).to_have_text("alice")
+
+    page.get_by_test_id("sign-out").click()
+    expect(page.get_by_test_id("auth-notice")).to_contain_text("signed out")
+    page.get_by_label("Username", exact=True).fill("bob")
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_test_id("auth-submit").click()
+    expect(page.get_by_test_id("me-name")).to_have_text("bob")
+    start_chat(tab, "alice")
+    tab.send("from bob, once")
+    page.wait_for_timeout(1000)
+    expect(page.get_by_test_id("app-view")).to_be_visible()
+    expect(page.get_by_test_id("me-name")).to_have_text("bob")
+    stored = Api(server.base_url, tab.token(), "bob").get("/api/v1/conversations").json()["conversations"]
+    assert [(c["last_message"]["sender"], c["last_message"]["text"]) for c in stored] == [("bob", "from bob, once")]
+
+
+def test_a_stale_tab_ending_its_session_keeps_the_session_signed_in_since(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """Tab A signs out and signs in as bob; tab B, still on alice's revoked token, meets a 401. It
+    goes back to sign-in, and leaves bob's session (shared storage) alone: a reload keeps bob in."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
+    context.set_default_timeout(WAIT_MS)
+    try:
+        tab_a = watched(Person("alice", context, context.new_page()))
+        tab_a.page.goto(server.base_url + "/")
+        sign_in(tab_a)
+        tab_b = watched(Person("alice", context, context.new_page()))
+        tab_b.page.goto(server.base_url + "/")
+        expect(tab_b.page.get_by_test_id("me-name")).to_have_text("alice")
+        # Tab B's next poll is held on its way (a network gap, a sleeping laptop) past what follows.
+        held: list[Route] = []
+        holding = [True]
+        tab_b.page.route("**/api/v1/events*", lambda route: held.append(route) if holding[0] else route.continue_())
+        api.signed_up("carol").start("alice")  # answers tab B's waiting poll; the next one is held
+        wait_for(tab_b.page, lambda: held, "tab B's next poll held here")
+
+        tab_a.page.get_by_test_id("sign-out").click()
+        expect(tab_a.page.get_by_test_id("auth-view")).to_be_visible()
+        tab_a.name = "bob"
+        sign_in(tab_a)
+        bob_token = tab_a.token()
+        assert bob_token
+
+        holding[0] = False
+        for route in held:
+            route.continue_()  # with alice's revoked token: 401
+        expect(tab_b.page.get_by_test_id("auth-notice")).to_contain_text("Please sign in again")
+        assert tab_a.token() == bob_token
+        tab_a.page.reload()
+        expect(tab_a.page.get_by_test_id("me-name")).to_have_text("bob")
+        assert_quiet(tab_a)
+        assert_quiet(tab_b)
+    finally:
+        context.close()
+
+
+def test_the_first_message_of_an_empty_conversation_is_announced(people, server: ServerProcess) -> None:
+    """The live region is silenced only while a whole page goes in (opening, older history): the
+    first message to arrive in an open, empty conversation is news like any other."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    alice = people("alice")
+    sign_in(alice)
+    alice.open_conversation("bob")
+    alice.page.wait_for_timeout(500)  # the (empty) page of messages is in
+    alice.page.evaluate(
+        """() => {
+            const list = document.getElementById("message-list");
+            window.liveWhenAdded = [];
+            new MutationObserver((records) => {
+                for (const record of records)
+                    for (const node of record.addedNodes)
+                        if (node.dataset?.testid === "message")
+                            window.liveWhenAdded.push(list.getAttribute("aria-live"));
+            }).observe(list, { childList: true });
+        }"""
+    )
+    api_bob.send(conversation_id, "hello, anyone there?")
+    expect(alice.message("hello, anyone there?")).to_be_visible()
+    alice.send("yes, here")
+    assert alice.page.evaluate("window.liveWhenAdded") == ["polite", "polite"]
+
+
+def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored_once(
+    browser: Browser, server: ServerProcess
+) -> None:
+    """Refused for good in both tabs of one user ("Not sent", Retry and Delete), then retried in tab A:
+    tab B shows it once, as sent, and a Retry there could not store it a second time either."""
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
+    context.set_default_timeout(WAIT_MS)
+    refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
+    sends = "**/api/v1/conversations/*/messages"
+    context.route(
+        sends,
+        lambda route: (
+            route.fulfill(status=404, content_type="application/json", body=refused)
+            if route.request.method == "POST"
+            else route.continue_()
+        ),
+    )
+    try:
+        tab_a = watched(Person("alice", context, context.new_page()))
+        tab_a.page.goto(server.base_url + "/")
+        sign_in(tab_a)
+        tab_a.open_conversation("bob")
+        tab_b = watched(Person("alice", context, context.new_page()))
+        tab_b.page.goto(server.base_url + "/")
+        tab_b.open_conversation("bob")
+        tab_a.send("refused once", acknowledged=False)
+        for tab in (tab_a, tab_b):
+            expect(tab.message("refused once")).to_have_attribute("data-state", "failed")
+
+        context.unroute(sends)
+        tab_a.message("refused once").get_by_role("button", name="Retry").click()
+        for tab in (tab_a, tab_b):
+            expect(tab.message("refused once")).to_have_attribute("data-state", re.compile("^(sent|delivered|read)$"))
+            expect(tab.message("refused once")).to_have_count(1)
+        tab_b.page.wait_for_timeout(1000)
+        assert tab_b.message_texts() == ["refused once"]
+        assert [m["text"] for m in api_bob.messages(conversation_id)["messages"]] == ["refused once"]
+        assert_quiet(tab_a)
+        assert_quiet(tab_b)
+    finally:
+        context.close()

@@ -226,12 +226,13 @@ export class ChatClient extends EventTarget {
     return item;
   }
 
-  /** Tries a message that the server refused once more, as a new message. */
+  /**
+   * Tries a message that the server refused once more, with the same client_id: a refused message
+   * was not stored, and if another tab has stored it since, the server answers with that one.
+   */
   retry(clientId) {
     const item = this.outbox.find((entry) => entry.client_id === clientId);
     if (!item || item.state !== "failed") return;
-    this.outboxGone.add(item.client_id);
-    item.client_id = newClientId();
     item.state = "pending";
     item.error = null;
     this.#saveOutbox();
@@ -526,10 +527,11 @@ export class ChatClient extends EventTarget {
         conversation.last_message = message;
       }
     }
-    // A message of mine that arrived through the stream (or a replayed send) settles its outbox entry.
+    // A message of mine that arrived through the stream (or a replayed send) settles its outbox entry,
+    // a refused one too (another tab retried it and it is stored now).
     const settled = new Set(messages.filter((m) => m.sender === this.me && m.client_id).map((m) => m.client_id));
     for (const id of settled) this.outboxGone.add(id); // stored: no tab's copy is to be taken up again
-    if (this.outbox.some((item) => settled.has(item.client_id) && item.state === "pending")) {
+    if (this.outbox.some((item) => settled.has(item.client_id))) {
       // The in-flight send, if any, will get 200 with the same message and find nothing left to do.
       this.#dropFromOutbox(settled);
     }

@@ -22,6 +22,7 @@ const tabs = [...document.querySelectorAll(".auth-tab")];
 let mode = "signin";
 let client = null;
 let view = null;
+let sessionToken = null; // the token of the session this tab runs
 
 function loadSession() {
   try {
@@ -37,7 +38,10 @@ function saveSession(session) {
 }
 
 function clearSession() {
-  localStorage.removeItem(SESSION_KEY);
+  // The storage is shared by the tabs: another tab may have signed in since (its own session, or
+  // another user). Only this tab's session goes.
+  if (loadSession()?.token === sessionToken) localStorage.removeItem(SESSION_KEY);
+  sessionToken = null;
 }
 
 // Signed out -----------------------------------------------------------------------
@@ -111,7 +115,9 @@ async function submit(event) {
     const { token, user } = await api.signIn(username, password);
     const session = { token, username: user.username };
     saveSession(session);
-    enter(session);
+    // Awaited: the button stays disabled until the page has started, so a second press cannot
+    // start a second session (whose client and view would outlive signing out).
+    await enter(session);
   } catch (error) {
     showError(describe(error));
     passwordInput.focus();
@@ -123,6 +129,7 @@ async function submit(event) {
 // Signed in -------------------------------------------------------------------------
 
 async function enter(session) {
+  sessionToken = session.token;
   const api = new Api(session.token);
   let username = session.username;
   try {

@@ -109,6 +109,7 @@ export class ChatView {
     this.dirty = new Set();
     this.flushQueued = false;
     this.loadingOlder = false;
+    this.filled = false; // the open conversation's loaded messages are in the list
     this.disposers = [];
 
     const $ = (id) => document.getElementById(id);
@@ -299,6 +300,7 @@ export class ChatView {
     this.messageList.setAttribute("aria-label", `Messages with ${conversation.peer}`);
     if (!this.client.loaded.has(id)) {
       this.messageList.replaceChildren();
+      this.filled = false;
       this.loadOlderButton.hidden = true;
       this.historyStart.hidden = true;
       return;
@@ -351,8 +353,10 @@ export class ChatView {
     }
 
     // A whole page going in at once (the conversation opened, or older history) is not news:
-    // the live region must not read it all out.
-    const quiet = firstBefore == null || this.loadingOlder;
+    // the live region must not read it all out. (Not "no message shown yet": in an open, empty
+    // conversation the first message is news.)
+    const quiet = !this.filled || this.loadingOlder;
+    this.filled = true;
     if (quiet) this.messageList.setAttribute("aria-live", "off");
     reconcile(
       this.messageList,
@@ -501,6 +505,7 @@ export class ChatView {
     if (this.openId != null) this.drafts.set(this.openId, this.composerText.value);
     this.openId = id;
     this.messageList.replaceChildren();
+    this.filled = false;
     this.stickToBottom = true;
     this.composerText.value = id == null ? "" : (this.drafts.get(id) ?? "");
     this.#composerChanged();
