@@ -318,8 +318,9 @@ class PostgresNotifier:
                     attempt += 1
                     continue
                 if attempt:
-                    # We may have dropped keys while disconnected: make every
-                    # waiter everywhere re-check once.
+                    # Keys of failed rounds are queued again (below), so none
+                    # is lost; this one re-check of every waiter everywhere
+                    # is a safety net after an outage, and costs little.
                     self._pending.add(WAKE_ALL)
                     self._has_pending.set()
             self._has_pending.wait()

@@ -2,7 +2,14 @@
 acknowledging polls (`chatapi_poll_batch`): a batch must leave the database
 exactly as the same calls one by one would, and tell each caller what it
 needs: a send what it alone would have been told, a poll a page the stream
-really holds."""
+really holds.
+
+One known exception, which no client can see: `chatapi_poll_batch` reads
+each stream's head once, so a poll whose cursor is past a receipt that
+another poll of the same batch adds to its stream leaves `users.acked_pos`
+at the head read before. That cursor may lag by design (it only spares
+re-scanning; receipts are written only when a mark grows), and reading the
+heads again would cost the hot path a statement."""
 
 from __future__ import annotations
 
