@@ -12,10 +12,14 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from limits import parse_many
 
 DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
+
+# What a variable reads as when unset: its default, or None where Settings works it out.
+Default = TypeVar("Default")
 
 # A long-poll answers with an empty page after this long; 25 s stays under the
 # 30-60 s idle limits that common proxies and NAT boxes apply.
@@ -74,20 +78,25 @@ class Settings:
     db_write_pool_size: int = 10
     # Autocommit connections each worker opens as it starts, in the
     # background: by default the whole pool (unset, None, it follows
-    # CHATAPI_DB_POOL_SIZE). A pool otherwise grows on demand, and a new
-    # connection (a PostgreSQL backend, then its functions and prepared
-    # statements) took 10-50 ms: the first requests after a start waited
-    # for them, and under load they came all at once, on a machine busy
-    # with the load itself. In `bin/bench latency` R=1000, warming 4 left the
-    # first 3 s at delivery p99 0.26-1.9 s; the whole pool, 0.27-0.39 s
+    # CHATAPI_DB_POOL_SIZE, but not its overflow: overflow connections are
+    # closed on return, not worth opening). A pool otherwise grows on
+    # demand, and a new connection (a PostgreSQL backend, then its
+    # functions and prepared statements) took 10-50 ms: the first requests
+    # after a start waited for them, and under load they came all at once,
+    # on a machine busy with the load itself. In `bin/bench latency`
+    # R=1000, warming 4 left the first 3 s at delivery p99 0.26-1.9 s; the
+    # whole pool, 0.27-0.39 s
     # (docs/performance.md, changes 31 and 34). The connections are the
     # ones the pool would hold under load anyway: the connection budget
     # (docs/deploy.md) is the same, and is met from the start.
     db_pool_warm: int | None = None
 
     def __post_init__(self) -> None:
-        # Filled in here, not by from_env alone: create_app(Settings(db_pool_size=10))
-        # must not be refused for a warm-up of the default 35 that nobody asked for.
+        # Unset (from the environment too), these follow the settings they
+        # depend on: create_app(Settings(db_pool_size=10)) must not be refused
+        # for a warm-up of the default 35 that nobody asked for. Set, a
+        # default wait above the maximum or a warm-up above the pool plus its
+        # overflow is refused below.
         if self.long_poll_default_secs is None:
             object.__setattr__(self, "long_poll_default_secs", min(LONG_POLL_DEFAULT_SECS, self.long_poll_max_secs))
         if self.db_pool_warm is None:
@@ -125,16 +134,6 @@ class Settings:
         default = cls()
         database_url = get("CHATAPI_DATABASE_URL") or get("DATABASE_URL") or DEFAULT_DATABASE_URL
         database_url = _with_driver(database_url)
-        # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
-        db_pool_size = _count(env, "CHATAPI_DB_POOL_SIZE", default.db_pool_size, low=1)
-        long_poll_max_secs = _number(env, "CHATAPI_LONG_POLL_MAX_SECS", LONG_POLL_MAX_SECS)
-        # Unset, the default follows a lower maximum down; set above it, it is refused.
-        long_poll_default = min(LONG_POLL_DEFAULT_SECS, long_poll_max_secs)
-        db_max_overflow = _count(env, "CHATAPI_DB_MAX_OVERFLOW", default.db_max_overflow)
-        # Unset, the whole pool but not its overflow (overflow connections
-        # are closed on return: not worth opening); set above pool +
-        # overflow, it is refused (__post_init__).
-        warm_default = db_pool_size
 
         def limit(name: str) -> str:
             """CHATAPI_RATE_LIMIT_<name>; unset or empty, the default."""
@@ -143,8 +142,8 @@ class Settings:
         return cls(
             database_url=database_url,
             registration_open=_flag(env, "CHATAPI_REGISTRATION"),
-            long_poll_default_secs=_number(env, "CHATAPI_LONG_POLL_DEFAULT_SECS", long_poll_default),
-            long_poll_max_secs=long_poll_max_secs,
+            long_poll_default_secs=_number(env, "CHATAPI_LONG_POLL_DEFAULT_SECS", None),  # None: __post_init__
+            long_poll_max_secs=_number(env, "CHATAPI_LONG_POLL_MAX_SECS", LONG_POLL_MAX_SECS),
             max_waiters_per_user=_count(env, "CHATAPI_MAX_WAITERS_PER_USER", default.max_waiters_per_user, low=1),
             rate_limits_enabled=_flag(env, "CHATAPI_RATE_LIMITS"),
             rate_limit_storage_uri=get("CHATAPI_RATE_LIMIT_STORAGE_URI") or default.rate_limit_storage_uri,
@@ -153,10 +152,11 @@ class Settings:
             rate_limit_registration_per_address=limit("REGISTRATION_PER_ADDRESS"),
             rate_limit_send_per_user=limit("SEND_PER_USER"),
             trust_proxy_headers=_count(env, "CHATAPI_TRUSTED_PROXIES", default.trust_proxy_headers),
-            db_pool_size=db_pool_size,
-            db_max_overflow=db_max_overflow,
+            # A SQLAlchemy pool of size 0 has no limit at all: never what was meant.
+            db_pool_size=_count(env, "CHATAPI_DB_POOL_SIZE", default.db_pool_size, low=1),
+            db_max_overflow=_count(env, "CHATAPI_DB_MAX_OVERFLOW", default.db_max_overflow),
             db_write_pool_size=_count(env, "CHATAPI_DB_WRITE_POOL_SIZE", default.db_write_pool_size, low=1),
-            db_pool_warm=_count(env, "CHATAPI_DB_POOL_WARM", warm_default),
+            db_pool_warm=_count(env, "CHATAPI_DB_POOL_WARM", None),  # None: __post_init__
         )
 
 
@@ -179,7 +179,7 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be on or off, not {value!r}")
 
 
-def _number(env: Mapping[str, str], name: str, default: float) -> float:
+def _number(env: Mapping[str, str], name: str, default: Default) -> float | Default:
     """A finite number, 0 or more; unset or empty, the default."""
     value, number = _read_number(env, name)
     if number is None:
@@ -189,7 +189,7 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     return number
 
 
-def _count(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
+def _count(env: Mapping[str, str], name: str, default: Default, low: int = 0) -> int | Default:
     """A whole number, `low` or more; unset or empty, the default."""
     value, number = _read_number(env, name)
     if number is None:
