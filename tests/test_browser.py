@@ -160,6 +160,25 @@ def sign_in(person: Person) -> None:
     expect(page.get_by_test_id("me-name")).to_have_text(person.name)
 
 
+def one_profile(browser: Browser) -> BrowserContext:
+    """One browser profile, for several tabs of one user: they share one localStorage."""
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(WAIT_MS)
+    return context
+
+
+def alice_in_two_tabs(context: BrowserContext, server: ServerProcess) -> tuple[Person, Person]:
+    """Tab A signs alice in; tab B, opened after it, starts from the session they share."""
+    tab_a = watched(Person("alice", context, context.new_page()))
+    tab_a.page.goto(server.base_url + "/")
+    sign_in(tab_a)
+    tab_b = watched(Person("alice", context, context.new_page()))
+    tab_b.page.goto(server.base_url + "/")
+    expect(tab_b.page.get_by_test_id("app-view")).to_be_visible()
+    expect(tab_b.page.get_by_test_id("me-name")).to_have_text("alice")
+    return tab_a, tab_b
+
+
 def start_chat(person: Person, peer: str) -> None:
     person.page.get_by_label("Start a chat with a username").fill(peer)
     person.page.get_by_test_id("new-chat-submit").click()
@@ -552,21 +571,15 @@ def test_two_tabs_share_their_unsent_messages_and_closing_one_loses_nothing(
     api.signed_up("alice")
     api_bob = api.signed_up("bob")
     conversation_id = api_bob.start("alice")["id"]
-    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
-    context.set_default_timeout(WAIT_MS)
+    context = one_profile(browser)
     try:
         down = "**/api/v1/conversations/*/messages"
         context.route(
             down,
             lambda route: route.abort("connectionrefused") if route.request.method == "POST" else route.continue_(),
         )
-        tab_a = watched(Person("alice", context, context.new_page()))
-        tab_a.page.goto(server.base_url + "/")
-        sign_in(tab_a)
+        tab_a, tab_b = alice_in_two_tabs(context, server)
         tab_a.open_conversation("bob")
-        tab_b = watched(Person("alice", context, context.new_page()))
-        tab_b.page.goto(server.base_url + "/")
-        expect(tab_b.page.get_by_test_id("app-view")).to_be_visible()
         tab_b.open_conversation("bob")
 
         tab_a.send("typed in tab A", acknowledged=False)
@@ -731,15 +744,9 @@ def test_a_stale_tab_ending_its_session_keeps_the_session_signed_in_since(
     api = Api(server.base_url)
     api.signed_up("alice")
     api.signed_up("bob")
-    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
-    context.set_default_timeout(WAIT_MS)
+    context = one_profile(browser)
     try:
-        tab_a = watched(Person("alice", context, context.new_page()))
-        tab_a.page.goto(server.base_url + "/")
-        sign_in(tab_a)
-        tab_b = watched(Person("alice", context, context.new_page()))
-        tab_b.page.goto(server.base_url + "/")
-        expect(tab_b.page.get_by_test_id("me-name")).to_have_text("alice")
+        tab_a, tab_b = alice_in_two_tabs(context, server)
         # Tab B's next poll is held on its way (a network gap, a sleeping laptop) past what follows.
         held: list[Route] = []
         holding = [True]
@@ -805,8 +812,7 @@ def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored
     api.signed_up("alice")
     api_bob = api.signed_up("bob")
     conversation_id = api_bob.start("alice")["id"]
-    context = browser.new_context(viewport=DESKTOP)  # one profile: one localStorage for both tabs
-    context.set_default_timeout(WAIT_MS)
+    context = one_profile(browser)
     refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
     sends = "**/api/v1/conversations/*/messages"
     context.route(
@@ -818,12 +824,8 @@ def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored
         ),
     )
     try:
-        tab_a = watched(Person("alice", context, context.new_page()))
-        tab_a.page.goto(server.base_url + "/")
-        sign_in(tab_a)
+        tab_a, tab_b = alice_in_two_tabs(context, server)
         tab_a.open_conversation("bob")
-        tab_b = watched(Person("alice", context, context.new_page()))
-        tab_b.page.goto(server.base_url + "/")
         tab_b.open_conversation("bob")
         tab_a.send("refused once", acknowledged=False)
         for tab in (tab_a, tab_b):
