@@ -722,3 +722,61 @@ def test_a_sqlite_database_in_the_metrics_directory_is_refused_and_kept(tmp_path
     result = _gunicorn(f"sqlite:///{database}", env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert result.returncode != 0 and "PROMETHEUS_MULTIPROC_DIR must not hold the database" in result.stderr
     assert database.read_bytes() == b"the operator's data"
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (whose reaping, by whatever adopted it, may lag)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.postgres
+def test_a_binary_upgrade_serves_throughout_and_leaves_no_metrics_directory(
+    postgres_url: str, start_server, tmp_path: Path
+) -> None:
+    """gunicorn's SIGUSR2 starts a new master beside the old one (on the same
+    listening socket) with the environment the old one started with: it makes
+    its own metrics directory, counts from 0, and each master removes its own."""
+    pidfile = tmp_path / "gunicorn.pid"
+    old = start_server(postgres_url, workers=2, env={"TMPDIR": str(tmp_path)}, args=["--pid", str(pidfile)])
+    alice, bob = Api(old.base_url).signed_up(), Api(old.base_url).signed_up()
+    conversation_id = alice.start(bob.username)["id"]
+    alice.send(conversation_id, "before")
+
+    old.signal(signal.SIGUSR2)
+    # The new master writes <pidfile>.2 until the old one is gone.
+    new_master = wait_until(
+        lambda: int(Path(f"{pidfile}.2").read_text() or 0), timeout=30, what="the new master's pid file"
+    )
+    wait_until(
+        lambda: len(subprocess.run(["pgrep", "-P", str(new_master)], capture_output=True).stdout.split()) == 2,
+        timeout=30,
+        what="the new master's two workers",
+    )
+    assert len(list(tmp_path.glob("chatapi-metrics-*"))) == 2
+    assert old.stop() == 0
+    assert len(list(tmp_path.glob("chatapi-metrics-*"))) == 1
+
+    for i in range(3):
+        Api(old.base_url, alice.token).send(conversation_id, f"after {i}")
+    assert [m["text"] for m in bob.messages(conversation_id)["messages"]] == ["before", "after 0", "after 1", "after 2"]
+    assert metric(scrape(old.base_url), "chatapi_messages_sent_total") == 3
+
+    os.kill(new_master, signal.SIGTERM)
+    wait_until(lambda: not _alive(new_master), timeout=30, what="the new master's exit")
+    assert list(tmp_path.glob("chatapi-metrics-*")) == []
+
+
+def test_a_binary_upgrade_on_sqlite_is_refused_and_the_old_master_serves_on(start_server, tmp_path: Path) -> None:
+    """Two masters on one SQLite file would not wake each other's long-polls (docs/deploy.md)."""
+    old = start_server(f"sqlite:///{tmp_path / 'u.sqlite3'}")
+    old.signal(signal.SIGUSR2)
+    wait_until(
+        lambda: "another chatapi instance serves" in old.log_path.read_text(),
+        timeout=30,
+        what="the new master's refusal",
+    )
+    alice, bob = Api(old.base_url).signed_up(), Api(old.base_url).signed_up()
+    assert alice.send(alice.start(bob.username)["id"], "still served")["seq"] == 1

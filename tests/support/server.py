@@ -52,9 +52,12 @@ class ServerProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "gunicorn",
+                # The console script, as bin/serve and the systemd unit run it: a
+                # binary upgrade (SIGUSR2) re-executes the master's own command
+                # line, and `python -m gunicorn` re-executes as a script that puts
+                # gunicorn's package first on sys.path (its `http` shadows the
+                # standard library's).
+                str(Path(sys.executable).with_name("gunicorn")),
                 "-c",
                 str(REPO / "gunicorn.conf.py"),
                 "--bind",
