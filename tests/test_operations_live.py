@@ -339,6 +339,23 @@ def test_keep_alive_serves_many_requests_and_closes_idle_connections(start_serve
         assert _closed_within(sock, 5) is not None
 
 
+def test_with_keep_alive_off_a_stalled_request_head_is_still_closed(start_server, tmp_path) -> None:
+    """CHATAPI_KEEPALIVE_SECS=0 turns keep-alive off, not the limit on a request's head:
+    without one, a client that sends half a head (or nothing) held its connection for ever."""
+    server = start_server(f"sqlite:///{tmp_path / 'h.sqlite3'}", env={"CHATAPI_KEEPALIVE_SECS": "0"})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        answer = _raw_get(sock)
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+    for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(sent)
+            sock.settimeout(10)
+            answer = b""
+            while chunk := sock.recv(4096):  # a stalled head is answered 400, then closed
+                answer += chunk
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
+
+
 def test_sigterm_closes_kept_alive_connections(start_server, tmp_path) -> None:
     # CHATAPI_KEEPALIVE_SECS=30: without the worker's shutdown rule, the idle
     # connection below would hold the stop for graceful_timeout (20 s).
