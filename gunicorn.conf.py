@@ -278,6 +278,13 @@ class KeepAliveHandler(PyWSGIHandler):
         # only then finds the log off, as it is by default: 2% of a worker
         # under load (docs/performance.md, change 32).
         if self.server.log.access_log_enabled:
+            if self.environ is None:
+                # A request refused before it had an environ or response headers
+                # (PROTOCOL_ERRORS): gunicorn's access log reads both, and raised,
+                # a traceback in the error log for every malformed request anyone sends.
+                address = self.client_address[0] if isinstance(self.client_address, tuple) else "-"
+                self.environ = {"REMOTE_ADDR": address, "REQUEST_METHOD": "-", "RAW_URI": "-", "SERVER_PROTOCOL": "-"}
+                self.response_headers = self.response_headers or []
             super().log_request()
 
     def _write_with_headers(self, data: bytes) -> None:

@@ -84,6 +84,19 @@ def test_the_access_log_is_written_only_when_switched_on(start_server, tmp_path,
     assert len(lines) == (1 if access_log else 0), server.log_path.read_text()
 
 
+def test_malformed_http_is_in_the_access_log_not_a_traceback(start_server, tmp_path) -> None:
+    """pywsgi refuses a malformed request before it has an environ, and gunicorn's access
+    log reads one: each such request (a few bytes from anyone) wrote a traceback to the
+    error log, and none to the access log."""
+    server = start_server(f"sqlite:///{tmp_path / 'l.sqlite3'}", env={"CHATAPI_ACCESS_LOG": "-"})
+    for request_head in (b"HELLO\r\n\r\n", b"GET / HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n"):
+        assert _send_until_closed(server.port, request_head).startswith(b"HTTP/1.1 400 ")
+    server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "AttributeError" not in log, log
+    assert sum('"- - -" 400 ' in line for line in log.splitlines()) == 2, log
+
+
 # The contract lets the command line choose another worker class; the
 # shutdown promise must hold for gunicorn's own gevent workers too. (Their
 # one difference: connections idle between requests keep them alive until
