@@ -37,7 +37,8 @@ class IdConverter(BaseConverter):
     regex = r"0*[0-9]{1,18}"
 
     def to_python(self, value: str) -> int:
-        return int(value)
+        # Zeros in front add nothing, and past 4300 digits int() refuses a string (a 500).
+        return int(value.lstrip("0") or "0")
 
     def to_url(self, value: int) -> str:
         return str(value)
