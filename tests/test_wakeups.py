@@ -10,6 +10,7 @@ import gevent
 import pytest
 
 from chatapi import notify_pg
+from chatapi.auth import token_digest
 from chatapi.longpoll import Page, pushed_events
 from chatapi.wakeups import (
     RECENT_WAKEUPS,
@@ -21,7 +22,7 @@ from chatapi.wakeups import (
     token_key,
     user_key,
 )
-from tests.conftest import migrate
+from tests.conftest import Accounts, make_app, migrate
 
 
 def test_only_the_concerned_waiters_wake() -> None:
@@ -318,6 +319,32 @@ def test_a_round_of_many_payloads_reaches_the_other_processes_whole(postgres_url
         publisher.stop()
     assert sorted(key for found, _ in heard for key in found) == sorted(keys)
     assert {user: events for _, found in heard for user, events in found.items()} == pushed
+
+
+@pytest.mark.postgres
+def test_a_revocation_reaches_the_other_processes_with_its_commit(postgres_url: str, monkeypatch) -> None:
+    """A revoked token's polls in other processes must hear of it before the wake-up of any
+    later commit (a send's, whose pushed events they would answer 200 with): it is notified
+    in the revoking transaction, in commit order, not by a later round of the publisher
+    (here, one that never comes)."""
+    monkeypatch.setattr(notify_pg.PostgresNotifier, "_publish_forever", lambda self: None)
+    apps = make_app(postgres_url)
+    app = next(apps)
+    other = Wakeups(max_waiters_per_user=8)
+    listener = notify_pg.PostgresNotifier(postgres_url, other)
+    listener.start()
+    try:
+        client = app.test_client()
+        headers = Accounts(client).sign_up("alice")
+        alice = client.get("/api/v1/me", headers=headers).json["id"]
+        revoked = token_key(token_digest(headers["Authorization"].removeprefix("Bearer ")))
+        assert listener.listening.wait(10)
+        with other.listening([user_key(alice), revoked], alice) as poll:
+            assert client.delete("/api/v1/tokens/current", headers=headers).status_code == 204
+            assert poll.wait(5) and poll.take_pushed() is None
+    finally:
+        listener.stop()
+        next(apps, None)
 
 
 @pytest.mark.parametrize(
