@@ -187,22 +187,32 @@ PROTOCOL_ERRORS = {
 }
 
 
+# Seconds a request's line and head may take to arrive when keep-alive is
+# off (CHATAPI_KEEPALIVE_SECS=0); with it on, `keepalive` bounds them.
+# Unbounded, a client that sends half a head holds its connection for ever.
+HEAD_TIMEOUT_SECS = 5
+
+
 class KeepAliveHandler(PyWSGIHandler):
     """gunicorn's keep-alive rules for gevent's pywsgi; `worker` is set per worker."""
 
     worker = None
 
+    @property
+    def _head_timeout(self) -> float:
+        return self.worker.cfg.keepalive or HEAD_TIMEOUT_SECS
+
     def __init__(self, sock: socket.socket, address: Any, server: Any, rfile: Any = None) -> None:
         super().__init__(sock, address, server, rfile or sock.makefile("rb", READ_BUFFER_BYTES))
 
     def read_requestline(self) -> str | None:
-        # A connection that sends no request within `keepalive` seconds is
-        # closed (returning None does that), and so is one waiting for its
-        # next request when the worker starts to shut down.
+        # A connection that sends no request within `keepalive` seconds (or
+        # HEAD_TIMEOUT_SECS) is closed (returning None does that), and so is
+        # one waiting for its next request when the worker starts to shut down.
         idle = gevent.getcurrent()
         self.worker.idle_connections.add(idle)
         try:
-            with Timeout(self.worker.cfg.keepalive or None, False):
+            with Timeout(self._head_timeout, False):
                 return super().read_requestline()
             return None
         finally:
@@ -210,7 +220,7 @@ class KeepAliveHandler(PyWSGIHandler):
 
     def read_request(self, raw_requestline: str) -> Any:
         # The same for a request head that stalls (False answers 400 and closes).
-        with Timeout(self.worker.cfg.keepalive or None, False):
+        with Timeout(self._head_timeout, False):
             parsed = super().read_request(raw_requestline)
             if parsed and self.path.lower().startswith(("http://", "https://")):
                 self._from_absolute_form()
@@ -268,6 +278,13 @@ class KeepAliveHandler(PyWSGIHandler):
         # only then finds the log off, as it is by default: 2% of a worker
         # under load (docs/performance.md, change 32).
         if self.server.log.access_log_enabled:
+            if self.environ is None:
+                # A request refused before it had an environ or response headers
+                # (PROTOCOL_ERRORS): gunicorn's access log reads both, and raised,
+                # a traceback in the error log for every malformed request anyone sends.
+                address = self.client_address[0] if isinstance(self.client_address, tuple) else "-"
+                self.environ = {"REMOTE_ADDR": address, "REQUEST_METHOD": "-", "RAW_URI": "-", "SERVER_PROTOCOL": "-"}
+                self.response_headers = self.response_headers or []
             super().log_request()
 
     def _write_with_headers(self, data: bytes) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 from flask import Flask, Request, Response, request
 from flask.globals import request_ctx
 from flask.sessions import NullSession, SessionInterface
+from sqlalchemy.engine import Connection
 from werkzeug.datastructures import MultiDict
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
@@ -37,7 +38,8 @@ class IdConverter(BaseConverter):
     regex = r"0*[0-9]{1,18}"
 
     def to_python(self, value: str) -> int:
-        return int(value)
+        # Zeros in front add nothing, and past 4300 digits int() refuses a string (a 500).
+        return int(value.lstrip("0") or "0")
 
     def to_url(self, value: int) -> str:
         return str(value)
@@ -82,13 +84,19 @@ class App(Flask):
 
 
 class Notifier(Protocol):
-    """Carries wake-ups to the waiting requests they concern, after commit."""
+    """Carries wake-ups to the waiting requests they concern, after commit.
+
+    `publish_at_commit` tells the other processes only, in the committing
+    transaction itself (the caller wakes this process's waiters after it).
+    """
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
 
     def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None: ...
+
+    def publish_at_commit(self, connection: Connection, keys: Iterable[str]) -> None: ...
 
 
 class LocalNotifier:
@@ -105,6 +113,9 @@ class LocalNotifier:
 
     def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None:
         self._wakeups.wake(keys, pushed)
+
+    def publish_at_commit(self, connection: Connection, keys: Iterable[str]) -> None:
+        pass  # there are no other processes
 
 
 class NoSessions(SessionInterface):
@@ -171,6 +182,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         db,
         LongPolls(wakeups, on_woken=metrics.count_woken),
         notifier.publish,
+        publish_at_commit=notifier.publish_at_commit,
         on_send_batch=metrics.send_batch_size.observe,
         on_poll_batch=metrics.poll_batch_size.observe,
     )

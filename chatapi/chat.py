@@ -153,12 +153,15 @@ class Chat:
         db: Database,
         long_polls: LongPolls,
         publish: Publish,
+        # Tells the other processes, in the caller's transaction (Notifier.publish_at_commit).
+        publish_at_commit: Callable[[Connection, list[str]], None] = lambda connection, keys: None,
         on_send_batch: Callable[[int], None] = lambda size: None,
         on_poll_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
         self._db = db
         self._long_polls = long_polls
         self._publish = publish
+        self._publish_at_commit = publish_at_commit
         if db.is_postgresql:
             for engine in db.engines:
                 event.listen(engine, "connect", set_up_connection)
@@ -237,8 +240,13 @@ class Chat:
             user_id = connection.scalar(
                 Token.__table__.delete().where(Token.token_hash == token_hash).returning(Token.user_id)
             )
+            if user_id is not None:
+                # Other processes hear of it with this commit, before the wake-up
+                # of anything committed later: a send's pushed events must not
+                # answer their polls on this token (`publish_at_commit`).
+                self._publish_at_commit(connection, [token_key(token_hash)])
         if user_id is not None:
-            self._publish([token_key(token_hash)])
+            self._long_polls.wake_here([token_key(token_hash)])
 
     # Conversations --------------------------------------------------------
 

@@ -8,7 +8,6 @@ reach at most W x H times each limit; point the URI at a shared store
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -16,6 +15,7 @@ import gevent.lock
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 
+from chatapi import validation
 from chatapi.api import current_caller
 from chatapi.config import Settings
 from chatapi.errors import ApiError, error_response
@@ -28,10 +28,11 @@ def client_address() -> str:
 
 
 def _signin_username() -> str:
+    # The body as the view will read it (parsed once, validation.json_body).
     try:
-        username = json.loads(request.get_data(cache=True) or b"{}").get("username")
-    except (ValueError, AttributeError, RecursionError):
-        # Not JSON, not an object, or nested too deep: the view answers 400.
+        username = validation.json_body(request).get("username")
+    except ApiError:
+        # Not JSON, not an object, or nested too deep: the view answers it 400 (or 415).
         username = None
     return f"signin:{username.lower()}" if isinstance(username, str) else f"signin-address:{client_address()}"
 

@@ -39,6 +39,10 @@ class LongPolls:
         # Told, for each woken long-poll, whether pushed events answered it.
         self._on_woken = on_woken
 
+    def wake_here(self, keys: list[str]) -> None:
+        """Wake this process's waiters of `keys`, and no other process's."""
+        self._wakeups.wake(keys)
+
     @property
     def sequence(self) -> int:
         """The number of the latest wake-up: note it before the first check, pass it to `wait`."""

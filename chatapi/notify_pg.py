@@ -69,6 +69,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gevent.select import select
+from sqlalchemy.engine import Connection
 
 from chatapi.db import driver_message
 from chatapi.wakeups import WAKE_ALL, Pushed, Wakeups, add_pushed, key_user
@@ -260,6 +261,21 @@ class PostgresNotifier:
         self._pending.update(keys)
         add_pushed(self._pending_pushed, keys, pushed)
         self._has_pending.set()
+
+    def publish_at_commit(self, connection: Connection, keys: Iterable[str]) -> None:
+        """Notify the other processes of `keys` in the caller's transaction, on `connection`.
+
+        They hear of it as it commits, before the wake-up of anything
+        committed after it (PostgreSQL delivers notifications in commit
+        order), where `publish` after the commit reaches them with a later
+        round of the publisher. Without events: their waiters re-check. This
+        process's waiters are the caller's to wake, after the commit.
+        """
+        self.start()
+        payload = _payload(self._origin, sorted(keys), [], self._signing_key)
+        connection.exec_driver_sql(
+            "SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": CHANNEL, "payload": payload}
+        )
 
     def _connect(self, role: str) -> psycopg2.extensions.connection:
         # Named for pg_stat_activity: chatapi-listener, chatapi-publisher.

@@ -62,7 +62,30 @@ def refuse_oversized_body(request: Request) -> None:
 
 
 def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, or the contract's 415/400 errors."""
+    """The request's JSON object, or the contract's 415/400 errors.
+
+    Parsed once per request, the outcome kept: the sign-in limit reads the
+    username through here before the view does, and both must see the same
+    body. (How deep JSON may nest depends on how deep the call stack is where
+    it is parsed: parsed twice, one depth could fail for the limit and pass
+    for the view.)
+    """
+    outcome = request.environ.get(_JSON_BODY)
+    if outcome is None:
+        try:
+            outcome = _parse_json_body(request)
+        except ApiError as error:
+            outcome = error
+        request.environ[_JSON_BODY] = outcome
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
+
+
+_JSON_BODY = "chatapi.json_body"
+
+
+def _parse_json_body(request: Request) -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
     raw = request.get_data(cache=True)

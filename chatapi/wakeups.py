@@ -238,15 +238,22 @@ class Wakeups:
         self.sequence += 1
         self._recent.append((self.sequence, keys))
         woken: set[Waiter] = set()
+        # Woken through a key that is not a user's (a revoked token's): what
+        # that means is in no event, so these query, whatever their user was
+        # pushed by the same (coalesced) wake-up.
+        must_query: set[Waiter] = set()
         if WAKE_ALL in keys:
             pushed = None
             for waiters in self._by_key.values():
                 woken.update(waiters)
         else:
             for key in keys:
-                woken.update(self._by_key.get(key, ()))
+                waiters = self._by_key.get(key, ())
+                woken.update(waiters)
+                if pushed is not None and waiters and key_user(key) is None:
+                    must_query.update(waiters)
         for waiter in woken:
-            waiter.wake(pushed.get(waiter.user_id) if pushed is not None else None)
+            waiter.wake(pushed.get(waiter.user_id) if pushed is not None and waiter not in must_query else None)
         if woken:
             self._on_wake(len(woken))
         return len(woken)

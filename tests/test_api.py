@@ -373,6 +373,11 @@ def test_integers_are_read_by_value_whatever_their_leading_zeros(client, pair) -
     assert client.get(f"{url}?after=1{zero}&timeout=30", headers=bob).json["messages"] == []
     response = client.get(f"{API}/conversations/1{zero}", headers=bob)
     assert response.status_code == 404 and error_code(response) == "not_found"
+    # However many zeros: past 4300 digits Python's int() refuses a string (an id was a 500).
+    many = "0" * 5000
+    assert client.get(f"{API}/conversations/{many}{conversation_id}", headers=bob).json["id"] == conversation_id
+    body = client.get(f"{API}/conversations/{many}{conversation_id}/messages?after={many}2&timeout=0", headers=bob).json
+    assert [m["seq"] for m in body["messages"]] == [3]
 
 
 def test_reads_that_cannot_wait_answer_at_once(client, pair) -> None:

@@ -143,6 +143,25 @@ def test_a_sign_in_body_nested_too_deep_is_400_with_the_limits_on(tmp_path: Path
     app.extensions["chatapi"].db.dispose()
 
 
+def test_a_failed_sign_in_counts_for_its_username_however_deep_its_body_nests(tmp_path: Path) -> None:
+    """How deep a JSON body may nest depends on how deep the call stack is where it is
+    parsed. Parsed apart, a depth could fail in the limit's key (which then fell back to
+    the address) and pass in the view: a 401 not counted for the username it tried, so
+    every address could make the username's whole limit of guesses again."""
+    url = f"sqlite:///{tmp_path / 'depths.sqlite3'}"
+    migrate(url)
+    env = {"CHATAPI_DATABASE_URL": url, **LIMITS, "CHATAPI_RATE_LIMIT_SIGNIN_PER_ADDRESS": "100000/minute"}
+    app = create_app(Settings.from_env(env))
+    client = app.test_client()
+    answers = []
+    for depth in range(1100, 0, -1):  # from too deep for any parse to easily parsed
+        body = '{"username": "victim", "password": "wrong password", "x": ' + "[" * depth + "]" * depth + "}"
+        answers.append(client.post("/api/v1/tokens", data=body, content_type="application/json").status_code)
+    assert set(answers) == {400, 401, 429}
+    assert answers.count(401) == 3  # CHATAPI_RATE_LIMIT_SIGNIN_PER_USERNAME
+    app.extensions["chatapi"].db.dispose()
+
+
 def test_rate_limits_off_switches_every_limit_off(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'off.sqlite3'}"
     migrate(url)

@@ -84,6 +84,19 @@ def test_the_access_log_is_written_only_when_switched_on(start_server, tmp_path,
     assert len(lines) == (1 if access_log else 0), server.log_path.read_text()
 
 
+def test_malformed_http_is_in_the_access_log_not_a_traceback(start_server, tmp_path) -> None:
+    """pywsgi refuses a malformed request before it has an environ, and gunicorn's access
+    log reads one: each such request (a few bytes from anyone) wrote a traceback to the
+    error log, and none to the access log."""
+    server = start_server(f"sqlite:///{tmp_path / 'l.sqlite3'}", env={"CHATAPI_ACCESS_LOG": "-"})
+    for request_head in (b"HELLO\r\n\r\n", b"GET / HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n"):
+        assert _send_until_closed(server.port, request_head).startswith(b"HTTP/1.1 400 ")
+    server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "AttributeError" not in log, log
+    assert sum('"- - -" 400 ' in line for line in log.splitlines()) == 2, log
+
+
 # The contract lets the command line choose another worker class; the
 # shutdown promise must hold for gunicorn's own gevent workers too. (Their
 # one difference: connections idle between requests keep them alive until
@@ -337,6 +350,23 @@ def test_keep_alive_serves_many_requests_and_closes_idle_connections(start_serve
     # A connection that never sends a request is closed too.
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         assert _closed_within(sock, 5) is not None
+
+
+def test_with_keep_alive_off_a_stalled_request_head_is_still_closed(start_server, tmp_path) -> None:
+    """CHATAPI_KEEPALIVE_SECS=0 turns keep-alive off, not the limit on a request's head:
+    without one, a client that sends half a head (or nothing) held its connection for ever."""
+    server = start_server(f"sqlite:///{tmp_path / 'h.sqlite3'}", env={"CHATAPI_KEEPALIVE_SECS": "0"})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        answer = _raw_get(sock)
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+    for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(sent)
+            sock.settimeout(10)
+            answer = b""
+            while chunk := sock.recv(4096):  # a stalled head is answered 400, then closed
+                answer += chunk
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
 
 
 def test_sigterm_closes_kept_alive_connections(start_server, tmp_path) -> None:

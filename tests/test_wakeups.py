@@ -10,9 +10,19 @@ import gevent
 import pytest
 
 from chatapi import notify_pg
+from chatapi.auth import token_digest
 from chatapi.longpoll import Page, pushed_events
-from chatapi.wakeups import RECENT_WAKEUPS, WAKE_ALL, Pushed, Wakeups, add_pushed, conversation_key, user_key
-from tests.conftest import migrate
+from chatapi.wakeups import (
+    RECENT_WAKEUPS,
+    WAKE_ALL,
+    Pushed,
+    Wakeups,
+    add_pushed,
+    conversation_key,
+    token_key,
+    user_key,
+)
+from tests.conftest import Accounts, make_app, migrate
 
 
 def test_only_the_concerned_waiters_wake() -> None:
@@ -145,6 +155,35 @@ def test_one_wake_up_without_events_makes_the_waiter_query() -> None:
         wakeups.wake([user_key(1)], {1: [_event(5)]})
         wakeups.wake_all()
         assert alice.take_pushed() is None
+
+
+def test_a_waiter_woken_through_its_token_queries_whatever_its_user_was_pushed() -> None:
+    """A revoked token wakes its polls (token_key) to answer 401: a wake-up that also
+    carries the user's new events (a send coalesced with the revocation, in one round
+    of a publisher or one batch of a listener) must not answer the revoked poll with them."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    revoked, kept = token_key("a" * 64), token_key("b" * 64)
+    with wakeups.listening([user_key(1), revoked], 1) as on_revoked, wakeups.listening([user_key(1), kept], 1) as other:
+        wakeups.wake([revoked, user_key(1)], {1: [_event(5)]})
+        assert on_revoked.take_pushed() is None
+        assert other.take_pushed() == [_event(5)]  # the user's other tokens keep their pushed events
+
+
+def test_a_revocation_heard_with_a_send_makes_the_revoked_poll_query() -> None:
+    """Across processes: the other process's round carried both, in one payload or in two."""
+    wakeups = Wakeups(max_waiters_per_user=8)
+    notifier = notify_pg.PostgresNotifier("postgresql://unused", wakeups)
+    notifier._signing_key = KEY
+    revoked = token_key("a" * 64)
+    one_payload = notify_pg._payloads("other", sorted([revoked, user_key(1)]), {1: [_event(5)]}, KEY)
+    two_payloads = [
+        *notify_pg._payloads("other", [revoked], {}, KEY),
+        *notify_pg._payloads("other", [user_key(1)], {1: [_event(5)]}, KEY),
+    ]
+    for payloads in (one_payload, two_payloads):
+        with wakeups.listening([user_key(1), revoked], 1) as poll:
+            notifier._deliver(payloads)
+            assert poll.woken and poll.take_pushed() is None
 
 
 def test_a_waiter_woken_since_its_check_queries() -> None:
@@ -280,6 +319,32 @@ def test_a_round_of_many_payloads_reaches_the_other_processes_whole(postgres_url
         publisher.stop()
     assert sorted(key for found, _ in heard for key in found) == sorted(keys)
     assert {user: events for _, found in heard for user, events in found.items()} == pushed
+
+
+@pytest.mark.postgres
+def test_a_revocation_reaches_the_other_processes_with_its_commit(postgres_url: str, monkeypatch) -> None:
+    """A revoked token's polls in other processes must hear of it before the wake-up of any
+    later commit (a send's, whose pushed events they would answer 200 with): it is notified
+    in the revoking transaction, in commit order, not by a later round of the publisher
+    (here, one that never comes)."""
+    monkeypatch.setattr(notify_pg.PostgresNotifier, "_publish_forever", lambda self: None)
+    apps = make_app(postgres_url)
+    app = next(apps)
+    other = Wakeups(max_waiters_per_user=8)
+    listener = notify_pg.PostgresNotifier(postgres_url, other)
+    listener.start()
+    try:
+        client = app.test_client()
+        headers = Accounts(client).sign_up("alice")
+        alice = client.get("/api/v1/me", headers=headers).json["id"]
+        revoked = token_key(token_digest(headers["Authorization"].removeprefix("Bearer ")))
+        assert listener.listening.wait(10)
+        with other.listening([user_key(alice), revoked], alice) as poll:
+            assert client.delete("/api/v1/tokens/current", headers=headers).status_code == 204
+            assert poll.wait(5) and poll.take_pushed() is None
+    finally:
+        listener.stop()
+        next(apps, None)
 
 
 @pytest.mark.parametrize(
