@@ -810,6 +810,9 @@ def test_web_page_is_served_with_a_strict_csp(client) -> None:
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"
+    # Its files are revalidated on every load (docs/api.md, "Caching").
+    asset = client.get("/static/app.css")
+    assert asset.status_code == 200 and "no-cache" in asset.headers["Cache-Control"]
 
 
 @pytest.mark.parametrize("before", [None, 5])
