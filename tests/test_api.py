@@ -804,6 +804,18 @@ def test_made_up_methods_share_one_metrics_label(client) -> None:
     assert "X0Y" not in metrics and "BREW" not in metrics
 
 
+def test_the_route_label_is_the_path_the_openapi_document_names(client, pair) -> None:
+    """A dashboard joins the metrics with the API's own names: `{id}`, not Flask's `<id:conversation_id>`."""
+    alice, _, conversation_id = pair
+    assert send(client, alice, conversation_id).status_code == 201
+    assert client.get(f"{API}/conversations/{conversation_id}/messages?timeout=0", headers=alice).status_code == 200
+    metrics = client.get("/metrics").get_data(as_text=True)
+    routes = set(re.findall(r'chatapi_http_requests_total\{method="\w+",route="([^"]*)"', metrics))
+    documented = set(client.get(f"{API}/openapi.json").json["paths"])
+    assert {f"{API}/conversations/{{id}}/messages", f"{API}/conversations"} <= routes
+    assert routes <= documented | {"unmatched"}, routes - documented
+
+
 def test_web_page_is_served_with_a_strict_csp(client) -> None:
     response = client.get("/")
     assert response.status_code == 200 and response.mimetype == "text/html"

@@ -10,6 +10,7 @@ import jsonschema_rs
 
 from chatapi import validation
 from chatapi.errors import ApiError
+from chatapi.metrics import route_label
 
 
 def app_routes(app) -> set[tuple[str, str]]:
@@ -17,7 +18,7 @@ def app_routes(app) -> set[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "web.asset":
             continue  # the page's own files (/static/...), not an API
-        path = re.sub(r"<(?:\w+:)?conversation_id>", "{id}", rule.rule)
+        path = route_label(rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             routes.add((method.lower(), path))
     return routes
