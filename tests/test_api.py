@@ -887,6 +887,14 @@ def test_a_query_string_that_is_not_utf8_is_a_bad_parameter(client, pair, path: 
     assert response.status_code == 401 and error_code(response) == "unauthorized"
 
 
+@pytest.mark.parametrize("path", ["/me", "/conversations", "/conversations/{id}", "/openapi.json"])
+def test_routes_without_parameters_ignore_a_query_string_that_is_not_utf8(client, pair, path: str) -> None:
+    alice, _, conversation = pair
+    raw = {"QUERY_STRING": b"q=caf\xe9".decode("latin-1")}
+    response = client.get(f"{API}{path.format(id=conversation)}", headers=alice, environ_overrides=raw)
+    assert response.status_code == 200
+
+
 def test_no_cookie_session_is_kept_or_set(app, client) -> None:
     """Requests share one empty session that refuses writes, so nothing can leak between callers."""
     import flask
