@@ -776,6 +776,9 @@ def test_wrong_method_is_json_405(client) -> None:
     response = client.put(f"{API}/users", json={})
     assert response.status_code == 405 and error_code(response) == "method_not_allowed"
     assert "POST" in response.headers["Allow"]
+    # HEAD only where GET is.
+    response = client.head(f"{API}/users")
+    assert response.status_code == 405 and response.headers["Allow"] == "OPTIONS, POST"
 
 
 def test_non_json_body_is_415(client, accounts) -> None:
