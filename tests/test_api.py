@@ -788,6 +788,17 @@ def test_non_json_body_is_415(client, accounts) -> None:
     assert response.status_code == 415
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "gzip, identity"])
+def test_a_compressed_body_is_415(client, coding: str) -> None:
+    """A body declared compressed is not the JSON it reads as: refused (RFC 9110, 15.5.16), never read as plain."""
+    body = {"username": "alice", "password": "password123"}
+    response = client.post(f"{API}/users", json=body, headers={"Content-Encoding": coding})
+    assert response.status_code == 415 and error_code(response) == "unsupported_media_type"
+    assert response.headers["Accept-Encoding"] == "identity"
+    response = client.post(f"{API}/users", json=body, headers={"Content-Encoding": "identity"})
+    assert response.status_code == 201
+
+
 @pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"{'a': 1}", b'{"a": NaN}', b"[" * 60_000])
 def test_malformed_json_is_400(client, raw) -> None:
     response = client.post(f"{API}/users", data=raw, content_type="application/json")
