@@ -67,6 +67,7 @@ class App(Flask):
         # answer carries no Content-Type (as the 204 of DELETE /tokens/current).
         response = super().make_default_options_response()
         del response.headers["Content-Type"]
+        response.headers["Allow"] = errors.sorted_allow(response.headers["Allow"])
         return response
 
     def dispatch_request(self) -> object:

@@ -42,6 +42,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def sorted_allow(allow: str) -> str:
+    """An Allow header with its methods in one order: Werkzeug builds it from a
+    set, whose order differs from process to process (string hashing)."""
+    return ", ".join(sorted(allow.split(", ")))
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
@@ -74,7 +80,7 @@ def init_app(app: Flask) -> None:
         headers = {}
         allow = error.get_response().headers.get("Allow") if status == 405 else None
         if allow:
-            headers["Allow"] = allow
+            headers["Allow"] = sorted_allow(allow)
         code = _HTTP_CODES.get(status, "http_error")
         message = error.description or code
         if status == 413:

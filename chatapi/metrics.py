@@ -9,6 +9,7 @@ variable (unit tests, one process) the app's own registry is used.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from flask import Flask, Response, g, request
@@ -23,6 +24,12 @@ from prometheus_client import (
 )
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_label(rule: str) -> str:
+    """A Flask rule as the OpenAPI document spells its path: `<id:conversation_id>` is `{id}`."""
+    rule = re.sub(r"<(?:\w+:)?conversation_id>", "{id}", rule)
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
 
 
 class Metrics:
@@ -103,6 +110,7 @@ class Metrics:
 
         @app.after_request
         def _count(response: Response) -> Response:
+            # The Flask rule keys the children; the label is the documented path (route_label).
             route = request.url_rule.rule if request.url_rule else "unmatched"
             # Any word is a method to the HTTP server: as a label, a client
             # could add series without end.
@@ -110,9 +118,10 @@ class Metrics:
             key = (method, route, response.status_code)
             child = children.get(key)
             if child is None:
+                label = route_label(route)
                 child = children[key] = (
-                    self.requests.labels(method, route, str(response.status_code)),
-                    self.request_duration.labels(method, route),
+                    self.requests.labels(method, label, str(response.status_code)),
+                    self.request_duration.labels(method, label),
                 )
             child[0].inc()
             started = g.get("request_started")

@@ -21,8 +21,25 @@ def _json(schema: Json) -> Json:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _error(description: str) -> Json:
-    return {"description": description, **_json(_ref("Error"))}
+def _error(description: str, headers: Json | None = None) -> Json:
+    return {"description": description, **({"headers": headers} if headers else {}), **_json(_ref("Error"))}
+
+
+# The headers the contract promises with some errors (errors.error_response, limits.py).
+_CHALLENGE = {
+    "WWW-Authenticate": {
+        "description": "The authentication scheme to use",
+        "required": True,
+        "schema": {"type": "string", "enum": ["Bearer"]},
+    }
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Whole seconds to wait before asking again",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
 
 
 def _ok(description: str, schema: Json) -> Json:
@@ -34,10 +51,10 @@ _BODY_ERRORS = {
     "413": _error("Body over 65536 bytes"),
     "415": _error("Body is not JSON"),
 }
-_AUTH_ERRORS = {"401": _error("Missing, invalid or revoked token")}
+_AUTH_ERRORS = {"401": _error("Missing, invalid or revoked token", _CHALLENGE)}
 _NOT_FOUND = {"404": _error("No such conversation, or the caller is not part of it")}
-_RATE = {"429": _error("Rate limited; see Retry-After")}
-_UNAVAILABLE = {"503": _error("The database is unavailable; retry after Retry-After seconds")}
+_RATE = {"429": _error("Rate limited; see Retry-After", _RETRY_AFTER)}
+_UNAVAILABLE = {"503": _error("The database is unavailable; retry after Retry-After seconds", _RETRY_AFTER)}
 _STATUS = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
 _BEARER = [{"bearer": []}]
 
@@ -236,7 +253,7 @@ def _paths() -> Json:
                 "requestBody": {"required": True, **_json(_ref("SignIn"))},
                 "responses": {
                     "201": _ok("Signed in", _ref("Token")),
-                    "401": _error("Wrong username or password"),
+                    "401": _error("Wrong username or password", _CHALLENGE),
                     **_BODY_ERRORS,
                     **_RATE,
                 },

@@ -88,6 +88,14 @@ _JSON_BODY = "chatapi.json_body"
 def _parse_json_body(request: Request) -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
+    if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", ""):
+        # Compressed (or any coding): not the JSON its bytes would read as.
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the JSON body uncompressed (no Content-Encoding)",
+            {"Accept-Encoding": "identity"},
+        )
     raw = request.get_data(cache=True)
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)

@@ -321,13 +321,24 @@ def test_send_bad_input(client, pair, body, code) -> None:
     assert response.status_code == 400 and error_code(response) == code
 
 
+def send_raw(client, headers, conversation_id, raw: bytes):
+    """A send whose body is written out as bytes (what json= cannot say)."""
+    return client.post(
+        f"{API}/conversations/{conversation_id}/messages",
+        data=raw,
+        headers={**headers, "Content-Type": "application/json"},
+    )
+
+
+def test_a_field_given_twice_counts_with_its_last_value(client, pair) -> None:
+    alice, _, conversation_id = pair
+    response = send_raw(client, alice, conversation_id, b'{"text": "first", "text": "last"}')
+    assert response.status_code == 201 and response.json["text"] == "last"
+
+
 def test_lone_surrogate_text_is_refused(client, pair) -> None:
     alice, _, conversation_id = pair
-    response = client.post(
-        f"{API}/conversations/{conversation_id}/messages",
-        data=b'{"text": "a\\ud800b"}',
-        headers={**alice, "Content-Type": "application/json"},
-    )
+    response = send_raw(client, alice, conversation_id, b'{"text": "a\\ud800b"}')
     assert response.status_code == 400 and error_code(response) == "invalid_text"
 
 
@@ -757,10 +768,22 @@ def test_options_answers_with_allow_and_no_body(client, path: str, allowed: set[
     assert "Content-Type" not in response.headers
 
 
+def test_allow_lists_the_methods_in_one_order(client) -> None:
+    """Werkzeug builds Allow from a set, whose order differs from process to
+    process (string hashing): every worker must answer the same header."""
+    for path in ("/me", "/users", "/tokens/current", "/conversations", "/conversations/1/messages"):
+        for answer in (client.options(f"{API}{path}"), client.open(f"{API}{path}", method="PATCH")):
+            allow = answer.headers["Allow"]
+            assert allow == ", ".join(sorted(allow.split(", "))), (path, answer.status_code, allow)
+
+
 def test_wrong_method_is_json_405(client) -> None:
     response = client.put(f"{API}/users", json={})
     assert response.status_code == 405 and error_code(response) == "method_not_allowed"
     assert "POST" in response.headers["Allow"]
+    # HEAD only where GET is.
+    response = client.head(f"{API}/users")
+    assert response.status_code == 405 and response.headers["Allow"] == "OPTIONS, POST"
 
 
 def test_non_json_body_is_415(client, accounts) -> None:
@@ -768,6 +791,17 @@ def test_non_json_body_is_415(client, accounts) -> None:
     assert response.status_code == 415 and error_code(response) == "unsupported_media_type"
     response = client.post(f"{API}/users", data='{"username": "alice"}')
     assert response.status_code == 415
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "gzip, identity"])
+def test_a_compressed_body_is_415(client, coding: str) -> None:
+    """A body declared compressed is not the JSON it reads as: refused (RFC 9110, 15.5.16), never read as plain."""
+    body = {"username": "alice", "password": "password123"}
+    response = client.post(f"{API}/users", json=body, headers={"Content-Encoding": coding})
+    assert response.status_code == 415 and error_code(response) == "unsupported_media_type"
+    assert response.headers["Accept-Encoding"] == "identity"
+    response = client.post(f"{API}/users", json=body, headers={"Content-Encoding": "identity"})
+    assert response.status_code == 201
 
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"{'a': 1}", b'{"a": NaN}', b"[" * 60_000])
@@ -809,12 +843,27 @@ def test_made_up_methods_share_one_metrics_label(client) -> None:
     assert "X0Y" not in metrics and "BREW" not in metrics
 
 
+def test_the_route_label_is_the_path_the_openapi_document_names(client, pair) -> None:
+    """A dashboard joins the metrics with the API's own names: `{id}`, not Flask's `<id:conversation_id>`."""
+    alice, _, conversation_id = pair
+    assert send(client, alice, conversation_id).status_code == 201
+    assert client.get(f"{API}/conversations/{conversation_id}/messages?timeout=0", headers=alice).status_code == 200
+    metrics = client.get("/metrics").get_data(as_text=True)
+    routes = set(re.findall(r'chatapi_http_requests_total\{method="\w+",route="([^"]*)"', metrics))
+    documented = set(client.get(f"{API}/openapi.json").json["paths"])
+    assert {f"{API}/conversations/{{id}}/messages", f"{API}/conversations"} <= routes
+    assert routes <= documented | {"unmatched"}, routes - documented
+
+
 def test_web_page_is_served_with_a_strict_csp(client) -> None:
     response = client.get("/")
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"
+    # Its files are revalidated on every load (docs/api.md, "Caching").
+    asset = client.get("/static/app.css")
+    assert asset.status_code == 200 and "no-cache" in asset.headers["Cache-Control"]
 
 
 @pytest.mark.parametrize("before", [None, 5])
@@ -855,6 +904,14 @@ def test_a_query_string_that_is_not_utf8_is_a_bad_parameter(client, pair, path: 
     assert response.status_code == 400 and error_code(response) == "invalid_parameter"
     response = client.get(url, environ_overrides=raw)
     assert response.status_code == 401 and error_code(response) == "unauthorized"
+
+
+@pytest.mark.parametrize("path", ["/me", "/conversations", "/conversations/{id}", "/openapi.json"])
+def test_routes_without_parameters_ignore_a_query_string_that_is_not_utf8(client, pair, path: str) -> None:
+    alice, _, conversation = pair
+    raw = {"QUERY_STRING": b"q=caf\xe9".decode("latin-1")}
+    response = client.get(f"{API}{path.format(id=conversation)}", headers=alice, environ_overrides=raw)
+    assert response.status_code == 200
 
 
 def test_no_cookie_session_is_kept_or_set(app, client) -> None:

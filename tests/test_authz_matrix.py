@@ -113,6 +113,19 @@ def test_bad_credentials_win_over_bad_input(client, world) -> None:
         assert answer.status_code == 400, f"{method} {path} {query or body}"
 
 
+def test_the_route_is_checked_before_the_token_and_the_body_size_before_both(client, world) -> None:
+    """docs/api.md, "Order of checks": 413, then the route (404 not_found, 405), then 401."""
+    for method, path, status, code in (
+        ("PUT", "/api/v1/me", 405, "method_not_allowed"),
+        ("GET", "/api/v1/conversations/abc", 404, "not_found"),
+        ("GET", "/api/v1/nowhere", 404, "not_found"),
+    ):
+        answer = client.open(path, method=method)
+        assert (answer.status_code, answer.get_json()["error"]["code"]) == (status, code), (method, path)
+        big = client.open(path, method=method, data=b" " * 65_537, content_type="application/json")
+        assert big.status_code == 413, (method, path)
+
+
 def test_a_stranger_gets_404_on_every_conversation_endpoint_exactly_as_for_no_conversation(client, world) -> None:
     carol = world["auth"]["carol"]
     missing = world["private"] + world["others"] + 1000

@@ -76,6 +76,9 @@ def test_every_rate_limit_answers_429_with_retry_after(limited_server: ServerPro
     for n in range(5):
         assert alice.send(conversation, f"message {n}")["seq"] == n + 1
     _assert_rate_limited(alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": "one more"}), 61)
+    # The limit comes before the body and the conversation (docs/api.md, "Order of checks").
+    _assert_rate_limited(alice.post(f"/api/v1/conversations/{conversation}/messages", {"text": ""}), 61)
+    _assert_rate_limited(alice.post("/api/v1/conversations/999999/messages", {"text": "lost"}), 61)
     assert bob.send(conversation, "my own budget")["seq"] == 6
     # Only acknowledged messages exist: the refused send stored nothing.
     assert [m["text"] for m in bob.messages(conversation)["messages"]][-1] == "my own budget"

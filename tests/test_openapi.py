@@ -10,6 +10,7 @@ import jsonschema_rs
 
 from chatapi import validation
 from chatapi.errors import ApiError
+from chatapi.metrics import route_label
 
 
 def app_routes(app) -> set[tuple[str, str]]:
@@ -17,7 +18,7 @@ def app_routes(app) -> set[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "web.asset":
             continue  # the page's own files (/static/...), not an API
-        path = re.sub(r"<(?:\w+:)?conversation_id>", "{id}", rule.rule)
+        path = route_label(rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             routes.add((method.lower(), path))
     return routes
@@ -46,6 +47,23 @@ def test_every_operation_documents_success_and_errors(client) -> None:
                 assert {"400", "413", "415"} <= statuses, (method, path)
             if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
                 assert "503" in statuses, (method, path)  # the database may be down
+
+
+def test_errors_that_carry_a_header_document_it(client) -> None:
+    """API.md: 401 comes with `WWW-Authenticate: Bearer`, 429 with `Retry-After`
+    (and chatapi's 503 too, docs/api.md): a client generated from the document
+    must learn of them there."""
+    document = client.get("/api/v1/openapi.json").json
+    expected = {"401": "WWW-Authenticate", "429": "Retry-After", "503": "Retry-After"}
+    found = 0
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, header in expected.items():
+                if status in operation["responses"]:
+                    found += 1
+                    headers = operation["responses"][status].get("headers", {})
+                    assert headers.get(header, {}).get("required") is True, (method, path, status)
+    assert found >= 15
 
 
 def test_every_reference_resolves(client) -> None:

@@ -43,7 +43,7 @@ def test_metrics_add_up_across_workers(postgres_url: str, start_server) -> None:
             text,
             "chatapi_http_requests_total",
             method="POST",
-            route="/api/v1/conversations/<id:conversation_id>/messages",
+            route="/api/v1/conversations/{id}/messages",
             status="201",
         )
         == 10
