@@ -546,6 +546,19 @@ def test_cursor_acknowledges_delivery_once(client, pair) -> None:
     assert [(r["delivered_seq"], r["read_seq"]) for r in receipts] == [(1, 0)]
 
 
+def test_after_a_cursor_beyond_the_head_later_messages_are_still_acknowledged(client, pair) -> None:
+    """A client resynchronising with a cursor past the head (API.md) acknowledges only what
+    exists: a message that arrives afterwards is delivered when asked past its own pos."""
+    alice, bob, conversation_id = pair
+    head = events(client, bob, after=10**6)["last_pos"]
+    send(client, alice, conversation_id, "after the resync")
+    page = events(client, bob, after=head)
+    assert [e["type"] for e in page["events"]] == ["message", "receipt"]
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 0
+    events(client, bob, after=page["last_pos"])
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
+
+
 def test_an_acknowledging_poll_answers_exactly_what_the_stream_holds(client, pair, accounts) -> None:
     """A poll that acknowledges must answer what a later read of the same
     range (which acknowledges nothing new) finds: its own receipt alone, the
