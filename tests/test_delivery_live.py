@@ -87,6 +87,30 @@ def test_only_the_requests_a_message_concerns_are_woken(api: Api) -> None:
     assert metric(scrape(api.base_url), "chatapi_wakeups_total") - woken_before == 2
 
 
+def test_a_send_wakes_the_senders_other_device_too(api: Api) -> None:
+    """A message wakes the waiting requests of both parties: the sender's other device,
+    waiting on its stream and on the conversation, is handed the message at once."""
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+    signed_in = alice.post("/api/v1/tokens", {"username": alice.username, "password": PASSWORD})
+    other_device = Api(alice.base_url, signed_in.json()["token"], alice.username)
+    head = other_device.events()["last_pos"]
+    polls = {
+        "events": Background(lambda: other_device.events(after=head, timeout=20)),
+        "messages": Background(
+            lambda: Api(api.base_url, other_device.token).messages(conversation, after=0, timeout=20)
+        ),
+    }
+    wait_for_waiting_polls(api.base_url, 2)
+    sent_at = time.monotonic()
+    sent = alice.send(conversation, "from my laptop")
+    assert [e["message"] for e in polls["events"].join(25)["events"] if e["type"] == "message"] == [sent]
+    assert polls["messages"].join(25)["messages"] == [sent]
+    # As for the peer's polls: this rules out a wait for the timeout, not measures the wake-up.
+    for name, poll in polls.items():
+        assert poll.finished_at - sent_at < 2.5, name
+
+
 def test_concurrent_senders_on_both_sides_get_gapless_seqs(api: Api) -> None:
     alice, bob = api.signed_up(), api.signed_up()
     conversation = alice.start(bob.username)
