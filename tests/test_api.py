@@ -659,9 +659,10 @@ def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
     assert response.status_code == 200
     assert (response.json["read_seq"], response.json["unread"]) == (2, 1)
     before = events(client, alice)["last_pos"]
-    lower = client.post(url, json={"seq": 1}, headers=bob)
-    assert lower.status_code == 200 and lower.json["read_seq"] == 2
-    assert events(client, alice)["last_pos"] == before, "a lower read mark must emit no receipt"
+    for seq in (1, 2):  # lower, then the same: neither grows read_seq
+        again = client.post(url, json={"seq": seq}, headers=bob)
+        assert again.status_code == 200 and again.json["read_seq"] == 2
+        assert events(client, alice)["last_pos"] == before, f"read mark {seq} after 2 must emit no receipt"
     conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
     assert (conversation["peer_read_seq"], conversation["peer_delivered_seq"]) == (2, 2)
 
