@@ -117,6 +117,36 @@ def test_a_send_wakes_the_senders_other_device_too(api: Api) -> None:
         assert poll.finished_at - sent_at < 2.5, name
 
 
+def test_a_read_wakes_both_streams_and_no_conversation_poll(api: Api) -> None:
+    """A read adds a receipt to both parties' streams and no message: their event polls
+    are woken, the conversation's message polls keep waiting until their timeout."""
+    alice, bob = api.signed_up(), api.signed_up()
+    conversation = alice.start(bob.username)["id"]
+    alice.send(conversation, "read me")
+    bob.messages(conversation, after=1)  # delivered now: the polls below acknowledge nothing new
+    polls = {}
+    for user in (alice, bob):
+        head = user.events()["last_pos"]
+        stream, chat = Api(api.base_url, user.token), Api(api.base_url, user.token)  # a device each
+        polls[user.username, "events"] = Background(lambda stream=stream, head=head: stream.events(head, timeout=20))
+        polls[user.username, "messages"] = Background(
+            lambda chat=chat: (time.monotonic(), chat.messages(conversation, after=1, timeout=3))
+        )
+    wait_for_waiting_polls(api.base_url, 4)
+    woken_before = metric(scrape(api.base_url), "chatapi_wakeups_total")
+    started = time.monotonic()
+    assert bob.post(f"/api/v1/conversations/{conversation}/read", {"seq": 1}).status_code == 200
+    for user in (alice.username, bob.username):
+        answer = polls[user, "events"].join(25)
+        assert [(e["type"], e["user"], e["read_seq"]) for e in answer["events"]] == [("receipt", bob.username, 1)]
+        assert polls[user, "events"].finished_at - started < 2.5, user
+        asked_at, answer = polls[user, "messages"].join(25)
+        assert answer == {"messages": [], "last_seq": 1}
+        assert polls[user, "messages"].finished_at - asked_at > 2.5, f"{user}'s conversation poll answered early"
+    # Woken and waiting again would look the same from outside: the counter tells.
+    assert metric(scrape(api.base_url), "chatapi_wakeups_total") - woken_before == 2
+
+
 def test_concurrent_senders_on_both_sides_get_gapless_seqs(api: Api) -> None:
     alice, bob = api.signed_up(), api.signed_up()
     conversation = alice.start(bob.username)
