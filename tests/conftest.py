@@ -27,8 +27,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     stats = session.config.pluginmanager.get_plugin("terminalreporter").stats
     left_out = {kind: len(stats.get(kind, [])) for kind in ("skipped", "deselected", "xfailed", "xpassed")}
-    if any(left_out.values()):
-        session.config.stash[_LEFT_OUT] = f"CHATAPI_TESTS_ALL=1: not every test ran and passed: {left_out}"
+    # A file never collected (--ignore, a path argument, --collect-only) counts in none of those.
+    passed_in = {report.nodeid.split("::", 1)[0] for report in stats.get("passed", [])}
+    not_run = sorted(
+        name for path in Path(__file__).parent.glob("test_*.py") if (name := f"tests/{path.name}") not in passed_in
+    )
+    if any(left_out.values()) or not_run:
+        session.config.stash[_LEFT_OUT] = (
+            f"CHATAPI_TESTS_ALL=1: not every test ran and passed: {left_out}, files with no test passed: {not_run}"
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -562,6 +562,19 @@ def test_cursor_acknowledges_delivery_once(client, pair) -> None:
     assert [(r["delivered_seq"], r["read_seq"]) for r in receipts] == [(1, 0)]
 
 
+def test_after_a_cursor_beyond_the_head_later_messages_are_still_acknowledged(client, pair) -> None:
+    """A client resynchronising with a cursor past the head (API.md) acknowledges only what
+    exists: a message that arrives afterwards is delivered when asked past its own pos."""
+    alice, bob, conversation_id = pair
+    head = events(client, bob, after=10**6)["last_pos"]
+    send(client, alice, conversation_id, "after the resync")
+    page = events(client, bob, after=head)
+    assert [e["type"] for e in page["events"]] == ["message", "receipt"]
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 0
+    events(client, bob, after=page["last_pos"])
+    assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
+
+
 def test_an_acknowledging_poll_answers_exactly_what_the_stream_holds(client, pair, accounts) -> None:
     """A poll that acknowledges must answer what a later read of the same
     range (which acknowledges nothing new) finds: its own receipt alone, the
@@ -662,9 +675,10 @@ def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
     assert response.status_code == 200
     assert (response.json["read_seq"], response.json["unread"]) == (2, 1)
     before = events(client, alice)["last_pos"]
-    lower = client.post(url, json={"seq": 1}, headers=bob)
-    assert lower.status_code == 200 and lower.json["read_seq"] == 2
-    assert events(client, alice)["last_pos"] == before, "a lower read mark must emit no receipt"
+    for seq in (1, 2):  # lower, then the same: neither grows read_seq
+        again = client.post(url, json={"seq": seq}, headers=bob)
+        assert again.status_code == 200 and again.json["read_seq"] == 2
+        assert events(client, alice)["last_pos"] == before, f"read mark {seq} after 2 must emit no receipt"
     conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
     assert (conversation["peer_read_seq"], conversation["peer_delivered_seq"]) == (2, 2)
 
