@@ -15,6 +15,7 @@ import fcntl
 import gc
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -570,10 +571,27 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def _log_to_the_error_log(worker: Worker) -> None:
+    """chatapi's own log and Flask-Limiter's go where gunicorn's error log goes
+    (--error-logfile, syslog), in its format. Unset, chatapi's warnings went
+    to stderr bare (Python's last resort) and Flask-Limiter's nowhere at all:
+    it logs through a NullHandler that a limit store it cannot reach (the
+    limits then off, `swallow_errors`) could not be seen through. Flask-Limiter
+    from WARNING: at INFO it writes a line for every refused request.
+    """
+    error_log = worker.log.error_log
+    for name, level in (("chatapi", error_log.level), ("flask-limiter", max(error_log.level, logging.WARNING))):
+        logger = logging.getLogger(name)
+        logger.handlers = list(error_log.handlers)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 def post_worker_init(worker: Worker) -> None:
     """In each worker, after gevent has patched it and the app is loaded."""
     from psycogreen.gevent import patch_psycopg
 
+    _log_to_the_error_log(worker)
     patch_psycopg()
     gc.freeze()
     gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])

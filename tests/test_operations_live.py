@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from tests.conftest import migrate
 from tests.support.api import Api
 from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
+from tests.support.ports import free_port
 from tests.support.postgres import database_connections, execute, query_value
 from tests.support.server import REPO
 
@@ -810,3 +812,23 @@ def test_a_binary_upgrade_on_sqlite_is_refused_and_the_old_master_serves_on(star
     )
     alice, bob = Api(old.base_url).signed_up(), Api(old.base_url).signed_up()
     assert alice.send(alice.start(bob.username)["id"], "still served")["seq"] == 1
+
+
+def test_chatapis_warnings_are_written_to_gunicorns_error_log(start_server, tmp_path: Path) -> None:
+    """Where --error-logfile says, in gunicorn's format: they went to stderr, bare."""
+    error_log = tmp_path / "error.log"
+    server = start_server(
+        f"postgresql://chatapi@127.0.0.1:{free_port()}/chatapi",  # nothing listens there
+        env={"CHATAPI_MIGRATE": "off"},
+        args=["--error-logfile", str(error_log)],
+        ready_path="/healthz",
+    )
+    signup = requests.post(
+        server.base_url + "/api/v1/users", json={"username": "alice", "password": "password123"}, timeout=10
+    )
+    assert signup.status_code == 503
+    wait_until(
+        lambda: re.search(r"\[\d+\] \[WARNING\] database unavailable: OperationalError", error_log.read_text()),
+        timeout=10,
+        what="the warning in the error log",
+    )
