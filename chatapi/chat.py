@@ -154,7 +154,8 @@ class Chat:
         long_polls: LongPolls,
         publish: Publish,
         # Tells the other processes, in the caller's transaction (Notifier.publish_at_commit).
-        publish_at_commit: Callable[[Connection, list[str]], None] = lambda connection, keys: None,
+        # No default: without it a revoked token's polls in other processes would sleep on.
+        publish_at_commit: Callable[[Connection, list[str]], None],
         on_send_batch: Callable[[int], None] = lambda size: None,
         on_poll_batch: Callable[[int], None] = lambda size: None,
     ) -> None:

@@ -40,7 +40,11 @@ class LongPolls:
         self._on_woken = on_woken
 
     def wake_here(self, keys: list[str]) -> None:
-        """Wake this process's waiters of `keys`, and no other process's."""
+        """Wake this process's waiters of `keys`, and no other process's.
+
+        For a change the other processes were told of in its own transaction
+        (`Notifier.publish_at_commit`): call it after the commit.
+        """
         self._wakeups.wake(keys)
 
     @property

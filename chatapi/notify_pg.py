@@ -25,7 +25,10 @@ which user and conversation ids are woken, and when (docs/deploy.md).
 
 Notifications are sent after the data commits, not inside the data
 transaction: PostgreSQL serialises the commits of all transactions that ran
-NOTIFY behind one global lock, which would cap message throughput. Keys that
+NOTIFY behind one global lock, which would cap message throughput. (A
+revocation is the exception, rare enough for the lock: `publish_at_commit`
+notifies in its transaction, so that no later commit's events reach a poll
+on the revoked token first.) Keys that
 pile up while one round of notifications is in flight go out together in the
 next, so the publisher coalesces under load and adds no delay when idle. A
 round is one statement and one transaction, however many payloads it
