@@ -577,11 +577,15 @@ def _log_to_the_error_log(worker: Worker) -> None:
     to stderr bare (Python's last resort) and Flask-Limiter's nowhere at all:
     it logs through a NullHandler that a limit store it cannot reach (the
     limits then off, `swallow_errors`) could not be seen through. Flask-Limiter
-    from WARNING: at INFO it writes a line for every refused request.
+    from WARNING: at INFO it writes a line for every refused request. A logger
+    the operator's own logging configuration (--log-config-json, ...) gave
+    handlers is left as it is.
     """
     error_log = worker.log.error_log
     for name, level in (("chatapi", error_log.level), ("flask-limiter", max(error_log.level, logging.WARNING))):
         logger = logging.getLogger(name)
+        if any(not isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+            continue
         logger.handlers = list(error_log.handlers)
         logger.setLevel(level)
         logger.propagate = False

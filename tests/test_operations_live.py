@@ -832,3 +832,34 @@ def test_chatapis_warnings_are_written_to_gunicorns_error_log(start_server, tmp_
         timeout=10,
         what="the warning in the error log",
     )
+
+
+def test_a_logging_configuration_of_the_operators_keeps_chatapis_warnings_where_it_says(
+    start_server, tmp_path: Path
+) -> None:
+    """gunicorn's --log-config-json: a chatapi logger it sets up is not redirected to the error log."""
+    own_log = tmp_path / "chatapi.log"
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        # gunicorn replaces its defaults top-level key by top-level key, so the root handler is given again.
+        "handlers": {
+            "own": {"class": "logging.FileHandler", "filename": str(own_log)},
+            "console": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        },
+        "root": {"level": "INFO", "handlers": ["console"]},
+        "loggers": {"chatapi": {"handlers": ["own"], "level": "WARNING", "propagate": False}},
+    }
+    (tmp_path / "logging.json").write_text(json.dumps(config))
+    server = start_server(
+        f"postgresql://chatapi@127.0.0.1:{free_port()}/chatapi",  # nothing listens there
+        env={"CHATAPI_MIGRATE": "off"},
+        args=["--log-config-json", str(tmp_path / "logging.json")],
+        ready_path="/healthz",
+    )
+    signup = requests.post(
+        server.base_url + "/api/v1/users", json={"username": "alice", "password": "password123"}, timeout=10
+    )
+    assert signup.status_code == 503
+    wait_until(lambda: "database unavailable: OperationalError" in own_log.read_text(), timeout=10, what="the warning")
+    assert "database unavailable" not in server.log_path.read_text()
