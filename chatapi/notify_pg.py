@@ -275,10 +275,9 @@ class PostgresNotifier:
         process's waiters are the caller's to wake, after the commit.
         """
         self.start()
-        payload = _payload(self._origin, sorted(keys), [], self._signing_key)
-        connection.exec_driver_sql(
-            "SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": CHANNEL, "payload": payload}
-        )
+        # The publisher's own round (NOTIFY_ROUND, _payloads), on the caller's connection.
+        payloads = _payloads(self._origin, sorted(keys), {}, self._signing_key)
+        connection.exec_driver_sql(NOTIFY_ROUND, (CHANNEL, payloads))
 
     def _connect(self, role: str) -> psycopg2.extensions.connection:
         # Named for pg_stat_activity: chatapi-listener, chatapi-publisher.
