@@ -581,10 +581,17 @@ def _log_to_the_error_log(worker: Worker) -> None:
     the operator's own logging configuration (--log-config-json, ...) gave
     handlers is left as it is.
     """
+    from flask.logging import default_handler
+
     error_log = worker.log.error_log
     for name, level in (("chatapi", error_log.level), ("flask-limiter", max(error_log.level, logging.WARNING))):
         logger = logging.getLogger(name)
-        if any(not isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        # Not the operator's: Flask-Limiter's NullHandler, and the handler Flask
+        # gives the app's logger (also "chatapi") if it is used while the app loads.
+        if any(
+            not isinstance(handler, logging.NullHandler) and handler is not default_handler
+            for handler in logger.handlers
+        ):
             continue
         logger.handlers = list(error_log.handlers)
         logger.setLevel(level)
