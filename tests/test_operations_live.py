@@ -26,7 +26,7 @@ from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
 from tests.support.ports import free_port
 from tests.support.postgres import database_connections, execute, query_value
-from tests.support.server import REPO
+from tests.support.server import REPO, children
 
 
 @pytest.mark.postgres
@@ -783,7 +783,7 @@ def test_a_binary_upgrade_serves_throughout_and_leaves_no_metrics_directory(
         lambda: int(Path(f"{pidfile}.2").read_text() or 0), timeout=30, what="the new master's pid file"
     )
     wait_until(
-        lambda: len(subprocess.run(["pgrep", "-P", str(new_master)], capture_output=True).stdout.split()) == 2,
+        lambda: len(children(new_master)) == 2,
         timeout=30,
         what="the new master's two workers",
     )

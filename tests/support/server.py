@@ -15,6 +15,12 @@ from tests.support.ports import free_port, wait_until_answering
 REPO = Path(__file__).resolve().parents[2]
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a master's workers, say)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in out.split()]
+
+
 class ServerProcess:
     def __init__(
         self,
@@ -98,10 +104,7 @@ class ServerProcess:
             time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
-        if self.process is None:
-            return []
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
-        return [int(pid) for pid in out.split()]
+        return children(self.process.pid) if self.process else []
 
     def client_connections(self) -> dict[int, int]:
         """Each worker's established connections on the server's port (from /proc: no tools needed)."""
