@@ -26,7 +26,7 @@ from tests.support.faults import wait_until
 from tests.support.metrics import metric, scrape, wait_for_waiting_polls
 from tests.support.ports import free_port
 from tests.support.postgres import database_connections, execute, query_value
-from tests.support.server import REPO, children
+from tests.support.server import REPO, ServerProcess, children
 
 
 @pytest.mark.postgres
@@ -814,19 +814,26 @@ def test_a_binary_upgrade_on_sqlite_is_refused_and_the_old_master_serves_on(star
     assert alice.send(alice.start(bob.username)["id"], "still served")["seq"] == 1
 
 
-def test_chatapis_warnings_are_written_to_gunicorns_error_log(start_server, tmp_path: Path) -> None:
-    """Where --error-logfile says, in gunicorn's format: they went to stderr, bare."""
-    error_log = tmp_path / "error.log"
+def _warn_of_an_unavailable_database(start_server, args: list[str]) -> ServerProcess:
+    """A server on a database nothing listens for, whose sign-up answers 503 and logs
+    "database unavailable" (a chatapi warning); started with gunicorn's `args`."""
     server = start_server(
-        f"postgresql://chatapi@127.0.0.1:{free_port()}/chatapi",  # nothing listens there
+        f"postgresql://chatapi@127.0.0.1:{free_port()}/chatapi",
         env={"CHATAPI_MIGRATE": "off"},
-        args=["--error-logfile", str(error_log)],
+        args=args,
         ready_path="/healthz",
     )
     signup = requests.post(
         server.base_url + "/api/v1/users", json={"username": "alice", "password": "password123"}, timeout=10
     )
     assert signup.status_code == 503
+    return server
+
+
+def test_chatapis_warnings_are_written_to_gunicorns_error_log(start_server, tmp_path: Path) -> None:
+    """Where --error-logfile says, in gunicorn's format: they went to stderr, bare."""
+    error_log = tmp_path / "error.log"
+    _warn_of_an_unavailable_database(start_server, ["--error-logfile", str(error_log)])
     wait_until(
         lambda: re.search(r"\[\d+\] \[WARNING\] database unavailable: OperationalError", error_log.read_text()),
         timeout=10,
@@ -851,15 +858,6 @@ def test_a_logging_configuration_of_the_operators_keeps_chatapis_warnings_where_
         "loggers": {"chatapi": {"handlers": ["own"], "level": "WARNING", "propagate": False}},
     }
     (tmp_path / "logging.json").write_text(json.dumps(config))
-    server = start_server(
-        f"postgresql://chatapi@127.0.0.1:{free_port()}/chatapi",  # nothing listens there
-        env={"CHATAPI_MIGRATE": "off"},
-        args=["--log-config-json", str(tmp_path / "logging.json")],
-        ready_path="/healthz",
-    )
-    signup = requests.post(
-        server.base_url + "/api/v1/users", json={"username": "alice", "password": "password123"}, timeout=10
-    )
-    assert signup.status_code == 503
+    server = _warn_of_an_unavailable_database(start_server, ["--log-config-json", str(tmp_path / "logging.json")])
     wait_until(lambda: "database unavailable: OperationalError" in own_log.read_text(), timeout=10, what="the warning")
     assert "database unavailable" not in server.log_path.read_text()
