@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from bench.httpc import Connection
 from chatapi.config import Settings
 from tests.support.postgres import database_connections
+from tests.support.server import GUNICORN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ class Server:
             **self.env,
         }
         connections_before = database_connections(self.database_url)
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
+        command = [GUNICORN, "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
         if self.workers:
             command += ["--workers", str(self.workers)]
         log = open(self.log_path, "ab")

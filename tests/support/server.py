@@ -14,6 +14,12 @@ from tests.support.ports import free_port, wait_until_answering
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The console script beside the interpreter, as bin/serve and the systemd unit
+# run it: a binary upgrade (SIGUSR2) re-executes the master's own command line,
+# and `python -m gunicorn` re-executes as a script that puts gunicorn's package
+# first on sys.path (its `http` shadows the standard library's).
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
 
 def children(pid: int) -> list[int]:
     """The processes `pid` started (a master's workers, say)."""
@@ -58,12 +64,7 @@ class ServerProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [
-                # The console script, as bin/serve and the systemd unit run it: a
-                # binary upgrade (SIGUSR2) re-executes the master's own command
-                # line, and `python -m gunicorn` re-executes as a script that puts
-                # gunicorn's package first on sys.path (its `http` shadows the
-                # standard library's).
-                str(Path(sys.executable).with_name("gunicorn")),
+                GUNICORN,
                 "-c",
                 str(REPO / "gunicorn.conf.py"),
                 "--bind",
