@@ -319,7 +319,8 @@ class Chat:
 
         401 for a bad token, 404 unless the user is in the conversation.
         Takes the token, not a Caller: on PostgreSQL the token lookup and
-        the whole send are one round trip (`pg_functions.SEND_FUNCTION`).
+        the whole send are one round trip (`pg_functions.SEND_FUNCTION`, or
+        `SEND_BATCH_FUNCTION` for sends committed together: `_sends`).
         """
         if token is None:
             raise unauthorized()
@@ -540,7 +541,8 @@ class Chat:
 
         Takes the token, not a Caller: on PostgreSQL the token lookup, the
         acknowledgement and the first check are one round trip
-        (`pg_functions.POLL_FUNCTION`), the hottest path of the service.
+        (`pg_functions.POLL_FUNCTION`, or `POLL_BATCH_FUNCTION` for polls
+        committed together: `_polls`), the hottest path of the service.
         """
         if token is None:
             raise unauthorized()

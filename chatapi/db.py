@@ -35,7 +35,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # A pooled PostgreSQL connection that was idle longer than this is pinged
 # before use, so a database restart does not surface as a failed request.
 # One used more recently is assumed alive: pinging on every checkout
-# (pool_pre_ping) cost about 15% of a busy worker's CPU (docs/performance.md).
+# (pool_pre_ping) took 16-18% of a busy worker's samples (docs/performance.md).
 PING_IF_IDLE_SECS = 1.0
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 NOT_MIGRATED = "the database schema is not migrated (alembic upgrade head)"
@@ -145,13 +145,13 @@ class Database:
     def fetch_all(self, statement: str, params: dict[str, Any]) -> list[Any]:
         """PostgreSQL only: run one statement in its own transaction; its rows, as named tuples.
 
-        For the hottest calls (chat.py's server-side functions), on a bare
-        psycopg2 cursor: for a textual statement SQLAlchemy's Connection
-        rebuilds the result's column metadata on every call, which cost more
-        Python than the rest of the request. Being autocommit, the statement
-        is atomic and durable without a BEGIN and a COMMIT round trip. Errors
-        are raised as SQLAlchemy's, and a connection that lost the server is
-        invalidated, as a SQLAlchemy Connection does.
+        For the hottest calls (chat.py's server-side functions and its token
+        lookup), on a bare psycopg2 cursor: for a textual statement
+        SQLAlchemy's Connection rebuilds the result's column metadata on every
+        call, which cost more Python than the rest of the request. Being
+        autocommit, the statement is atomic and durable without a BEGIN and a
+        COMMIT round trip. Errors are raised as SQLAlchemy's, and a connection
+        that lost the server is invalidated, as a SQLAlchemy Connection does.
         """
         connection = self.autocommit_engine.raw_connection()
         try:

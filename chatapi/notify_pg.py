@@ -184,7 +184,7 @@ def _unseal(sealed: str, key: bytes) -> dict:
         raise ValueError("sealed events that do not open with our key") from exc
 
 
-def _origin(payload: str) -> str:
+def _claimed_origin(payload: str) -> str:
     """Who published a payload, as it says (unchecked: only good for skipping one's own)."""
     return payload.partition("|")[0].partition(".")[0]
 
@@ -402,7 +402,7 @@ class PostgresNotifier:
         keys: set[str] = set()
         pushed: dict[int, list | None] = {}
         for payload in payloads:
-            if _origin(payload) == self._origin:
+            if _claimed_origin(payload) == self._origin:
                 # Our own: publish() woke this process's waiters already.
                 # Skipped before parsing and checking its signature, which
                 # half of what a worker hears would otherwise cost for nothing.

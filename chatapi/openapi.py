@@ -1,9 +1,9 @@
 """The OpenAPI 3 document of /api/v1, the operational endpoints and the page,
 served at /api/v1/openapi.json.
 
-Written by hand from the contract (shared API.md); a test checks that every
-route the app serves is described here, and schemathesis checks responses
-against it.
+Written by hand from the contract (docs/api.md); a test checks that every
+route the app serves but the page's files (/static/...) is described here,
+and schemathesis checks responses against it.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def _static(filename: str) -> Response:
 
 @bp.get("/")
 def index() -> Response:
-    # The page is a read like any other (API.md: reads carry no-store); its
+    # The page is a read like any other (docs/api.md: reads carry no-store); its
     # assets are revalidated (no-cache), so a new release shows at once.
     response = _static("index.html")
     response.headers["Cache-Control"] = "no-store"

@@ -15,8 +15,8 @@ Json = dict[str, Any]
 def rfc3339(moment: datetime) -> str:
     """A stored (naive, UTC) time as the contract spells it: always six decimals, then Z.
 
-    isoformat takes a third of strftime's time, and every message and event
-    answered spells one (docs/performance.md, change 32).
+    isoformat takes less than half of strftime's time (1.0 µs against 2.4), and
+    every message and event answered spells one (docs/performance.md, change 32).
     """
     return moment.isoformat(timespec="microseconds") + "Z"
 
