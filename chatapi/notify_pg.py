@@ -179,9 +179,12 @@ def _unseal(sealed: str, key: bytes) -> dict:
     """The events sealed by `_payload`; ValueError if they were not sealed with `key`."""
     try:
         raw = base64.urlsafe_b64decode(sealed.encode())
-        return json.loads(_cipher(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], None))
+        events = json.loads(_cipher(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], None))
     except (binascii.Error, InvalidTag) as exc:
         raise ValueError("sealed events that do not open with our key") from exc
+    if not isinstance(events, dict):
+        raise ValueError("sealed events that are not an object")
+    return events
 
 
 def _claimed_origin(payload: str) -> str:

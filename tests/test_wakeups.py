@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterable
 
@@ -262,6 +263,16 @@ def test_events_are_trusted_only_under_a_valid_signature(forge) -> None:
     assert notify_pg._parse(payload, b"another key" * 3)[1:] == (keys, {})
     assert notify_pg._parse(forge(payload), KEY)[1:] == (keys, {})
     assert notify_pg._parse(payload, None)[1:] == (keys, {}), "no key to check with: nothing is trusted"
+
+
+def test_signed_events_of_another_shape_are_refused_not_trusted() -> None:
+    """`_parse` raises ValueError (its reader then wakes everyone) for any payload not of our shape, signed or not."""
+    nonce = bytes(notify_pg.NONCE_BYTES)
+    sealed = nonce + notify_pg._cipher(KEY).encrypt(nonce, b"[1]", None)
+    body = user_key(1) + notify_pg.SEALED_MARK + base64.urlsafe_b64encode(sealed).decode()
+    payload = f"origin.{notify_pg._signature(KEY, 'origin|' + body)}|{body}"
+    with pytest.raises(ValueError):
+        notify_pg._parse(payload, KEY)
 
 
 def _flip(text: str, index: int) -> str:
