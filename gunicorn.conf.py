@@ -477,12 +477,14 @@ def on_reload(server: Arbiter) -> None:
     try:
         _check_setup(server)
         _migrate()
-    except (SystemExit, subprocess.CalledProcessError) as exc:
-        # New code must not serve an old schema. Raised as they are, these
-        # would end the master at once and orphan its workers; HaltServer
-        # stops them gracefully and exits 1, with the reason in the log (a
-        # supervisor's restart then migrates again, or fails visibly).
-        raise HaltServer(f"reload stopped: {exc}", 1) from None
+    except SystemExit as exc:
+        # New code must not serve an old schema. Raised as it is, this would
+        # end the master at once and orphan its workers; HaltServer stops
+        # them gracefully and exits 1, with the reason in the log (a
+        # supervisor's restart then migrates again, or fails visibly). A
+        # failed migration has written its own reason to stderr.
+        reason = exc.code if isinstance(exc.code, str) else f"alembic upgrade head failed (exit status {exc.code})"
+        raise HaltServer(f"reload stopped: {reason}", 1) from None
 
 
 def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> None:
@@ -533,7 +535,11 @@ def _migrate() -> None:
         # It runs in the master's working directory, as the workers do: the
         # default SQLite file is found there (alembic.ini finds the rest).
         alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
-        subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"], check=True)
+        status = subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"]).returncode
+        if status:
+            # It has said why on stderr (a setting it refused, in one line:
+            # migrations/env.py); the master's own traceback would add nothing.
+            raise SystemExit(status)
 
 
 def _sqlite_file(url: str) -> str | None:

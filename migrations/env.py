@@ -6,7 +6,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from chatapi.config import Settings
+from chatapi.config import ConfigError, Settings
 from chatapi.models import Base
 
 # Any constant works; it only has to be the same for every chatapi process.
@@ -21,7 +21,13 @@ target_metadata = Base.metadata
 
 def run_migrations_online() -> None:
     given = config.attributes.get("database_url")
-    url = Settings.from_env({"CHATAPI_DATABASE_URL": given} if given else None).database_url
+    try:
+        # Every setting is read, not only the URL: a start (gunicorn.conf.py
+        # migrates first) refuses a bad one before any worker is started.
+        url = Settings.from_env({"CHATAPI_DATABASE_URL": given} if given else None).database_url
+    except ConfigError as refused:
+        # One line that names the variable, not a traceback around it.
+        raise SystemExit(str(refused)) from None
     engine = create_engine(url)
     with engine.connect() as connection:
         is_postgresql = connection.dialect.name == "postgresql"
