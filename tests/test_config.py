@@ -66,6 +66,11 @@ def test_switches_and_limits() -> None:
 @pytest.mark.parametrize(
     "env",
     [
+        # Another database (which create_app would have failed on with a traceback), or no URL at all.
+        {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
+        {"CHATAPI_DATABASE_URL": "postgresql+asyncpg://chatapi:secret@db/chatapi"},
+        {"CHATAPI_DATABASE_URL": "chatapi.sqlite3"},
+        {"DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
         {"CHATAPI_RATE_LIMITS": "maybe"},
         {"CHATAPI_REGISTRATION": "closed"},
         {"CHATAPI_LONG_POLL_MAX_SECS": "soon"},
@@ -104,6 +109,7 @@ def test_bad_values_are_refused_at_start_naming_the_variable(env: dict[str, str]
         Settings.from_env(env)
     assert any(name in str(refused.value) for name in env), str(refused.value)
     assert "\n" not in str(refused.value)
+    assert "secret" not in str(refused.value)
 
 
 def test_an_empty_value_is_the_default() -> None:
@@ -231,15 +237,28 @@ def test_the_server_refuses_bad_values_naming_the_variable(
         {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan"},
         # ...and without it, by each worker as it loads the app.
         {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan", "CHATAPI_MIGRATE": "off"},
+        # The master took any URL but PostgreSQL's for SQLite, and locked a file named after its path.
+        {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
+        {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi", "CHATAPI_MIGRATE": "off"},
+        {"DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
+        # A SQLite file where none can be made.
+        {"CHATAPI_DATABASE_URL": "sqlite:////proc/chatapi/chatapi.sqlite3"},
     ],
 )
 def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: dict[str, str]) -> None:
-    inherited = {name: value for name, value in os.environ.items() if not name.startswith("CHATAPI_")}
-    database = {"CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"}
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("CHATAPI_") and name not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
+    }
+    database = {} if "DATABASE_URL" in env else {"CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"}
+    here = tmp_path / "run"
+    here.mkdir()
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
-        cwd=REPO,
+        [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"), "--pythonpath", str(REPO)]
+        + ["--bind", "127.0.0.1:0", "wsgi:app"],
+        cwd=here,
         env={**inherited, **database, **env},
         capture_output=True,
         text=True,
@@ -252,3 +271,5 @@ def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: d
     # One line that names it, not a traceback around it (the master's, the migration's or a worker's).
     assert output.count(f"{name} must be ") == 1, output
     assert "Traceback" not in output, output
+    assert "secret" not in output, output
+    assert list(here.iterdir()) == []  # no file made in the working directory
