@@ -452,6 +452,9 @@ def on_starting(server: Arbiter) -> None:
     variable, database_url = _database_of(server)
     sqlite_file = _sqlite_file(database_url)
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and not (os.path.isdir(given) and os.access(given, os.W_OK | os.X_OK)):
+        # prometheus_client opens its files there as each worker starts: it failed to boot.
+        raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR must be a directory that chatapi can write to, not {given!r}")
     if given and sqlite_file and sqlite_file.endswith(".db"):
         # prometheus_client takes every *.db in its directory for its own.
         if os.path.dirname(os.path.abspath(sqlite_file)) == os.path.abspath(given):

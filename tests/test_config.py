@@ -243,6 +243,9 @@ def test_the_server_refuses_bad_values_naming_the_variable(
         {"DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
         # A SQLite file where none can be made.
         {"CHATAPI_DATABASE_URL": "sqlite:////proc/chatapi/chatapi.sqlite3"},
+        # Each failed as the worker booted, with a traceback (the first one's naming the password).
+        {"CHATAPI_RATE_LIMIT_STORAGE_URI": "reddis://:secret@limits.internal:6379/0"},
+        {"PROMETHEUS_MULTIPROC_DIR": "/proc/chatapi-metrics"},
     ],
 )
 def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: dict[str, str]) -> None:
