@@ -84,10 +84,10 @@ bind = os.environ.get("CHATAPI_BIND") or "127.0.0.1:8000"
 def _switch(name: str) -> bool:
     """An on/off variable, default on, in the words chatapi.config accepts
     (which the master must not import: it would load the app before gevent)."""
-    value = (os.environ.get(name) or "on").strip().lower()
-    if value in ("1", "on", "true", "yes"):
+    value = os.environ.get(name) or "on"
+    if value.strip().lower() in ("1", "on", "true", "yes"):
         return True
-    if value in ("0", "off", "false", "no"):
+    if value.strip().lower() in ("0", "off", "false", "no"):
         return False
     raise SystemExit(f"{name} must be on or off, not {value!r}")
 
@@ -117,12 +117,13 @@ def _protocol_error(status: str, reason: str, message: str) -> bytes:
 
 
 def _seconds(name: str, default: str) -> float:
+    given = os.environ.get(name) or default
     try:
-        value = float(os.environ.get(name) or default)
+        value = float(given)
     except ValueError:
         value = 0
     if not 0 < value < float("inf"):
-        _refuse(f"{name} must be a number of seconds above 0")
+        _refuse(f"{name} must be a number of seconds above 0, not {given!r}")
         return float(default)
     return value
 

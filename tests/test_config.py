@@ -211,6 +211,7 @@ def test_the_server_and_the_app_default_to_the_same_sqlite_file(monkeypatch: pyt
         {"CHATAPI_KEEPALIVE_SECS": "2.5"},
         {"CHATAPI_GRACEFUL_TIMEOUT_SECS": "soon"},
         {"CHATAPI_BODY_TIMEOUT_SECS": "inf"},
+        {"CHATAPI_BODY_TIMEOUT_SECS": "soon"},
         # gunicorn took a misspelt level for info.
         {"CHATAPI_LOG_LEVEL": "verbose"},
     ],
@@ -222,6 +223,7 @@ def test_the_server_refuses_bad_values_naming_the_variable(
     with pytest.raises(SystemExit) as refused:
         server_settings(monkeypatch, env)  # a start, or gunicorn --check-config
     assert str(refused.value.code).startswith(f"{name} must be ")
+    assert str(refused.value.code).endswith(f", not {env[name]!r}")  # as given
     # Read again at a reload: collected, for on_reload to stop the master gracefully.
     collected = server_settings(monkeypatch, env, reread=True)["_refused"]
     assert len(collected) == 1 and collected[0].startswith(f"{name} must be ")
