@@ -171,6 +171,9 @@ def _database_url(env: Mapping[str, str]) -> str:
         # The scheme only: the rest of a URL may hold a password.
         given = f"a URL of scheme {scheme!r}" if separator else "a value without a scheme://"
         raise ConfigError(f"{name} must be sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DATABASE, not {given}")
+    if scheme.startswith("sqlite") and url.partition("://")[2] in ("", "/", "/:memory:"):
+        # Each process would have a database of its own, and the one migrated (by the master's child) is gone.
+        raise ConfigError(f"{name} must be sqlite:///FILE: a SQLite database in memory is empty in every process")
     return _with_driver(url)
 
 

@@ -70,6 +70,9 @@ def test_switches_and_limits() -> None:
         {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
         {"CHATAPI_DATABASE_URL": "postgresql+asyncpg://chatapi:secret@db/chatapi"},
         {"CHATAPI_DATABASE_URL": "chatapi.sqlite3"},
+        # Served, every request answered 503: the migrated database was the master's child's.
+        {"CHATAPI_DATABASE_URL": "sqlite://"},
+        {"CHATAPI_DATABASE_URL": "sqlite:///:memory:"},
         {"DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
         {"CHATAPI_RATE_LIMITS": "maybe"},
         {"CHATAPI_REGISTRATION": "closed"},
@@ -251,6 +254,22 @@ def test_the_server_refuses_bad_values_naming_the_variable(
     ],
 )
 def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: dict[str, str]) -> None:
+    output = refused_start(tmp_path, env)
+    [name, *_] = env
+    # One line that names it, not a traceback around it (the master's, the migration's or a worker's).
+    assert output.count(f"{name} must be ") == 1, output
+
+
+def test_a_database_that_does_not_answer_stops_gunicorn_with_the_drivers_line(tmp_path: Path) -> None:
+    output = refused_start(tmp_path, {"CHATAPI_DATABASE_URL": "postgresql://chatapi:secret@127.0.0.1:1/chatapi"})
+    assert output.count("alembic upgrade head could not connect to the database: OperationalError: ") == 1, output
+    assert "Connection refused" in output
+
+
+def refused_start(tmp_path: Path, env: dict[str, str]) -> str:
+    """gunicorn started with the shipped settings and `env`, expected to stop at once: its output.
+
+    Without a traceback or the password `secret`, and with nothing left in its working directory."""
     inherited = {
         name: value
         for name, value in os.environ.items()
@@ -271,10 +290,8 @@ def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: d
     )
     assert result.returncode != 0
     assert time.monotonic() - started < 15
-    [name, *_] = env
     output = result.stdout + result.stderr
-    # One line that names it, not a traceback around it (the master's, the migration's or a worker's).
-    assert output.count(f"{name} must be ") == 1, output
     assert "Traceback" not in output, output
     assert "secret" not in output, output
-    assert list(here.iterdir()) == []  # no file made in the working directory
+    assert list(here.iterdir()) == []
+    return output
