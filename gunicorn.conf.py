@@ -85,9 +85,10 @@ def _switch(name: str) -> bool:
     """An on/off variable, default on, in the words chatapi.config accepts
     (which the master must not import: it would load the app before gevent)."""
     value = os.environ.get(name) or "on"
-    if value.strip().lower() in ("1", "on", "true", "yes"):
+    word = value.strip().lower()
+    if word in ("1", "on", "true", "yes"):
         return True
-    if value.strip().lower() in ("0", "off", "false", "no"):
+    if word in ("0", "off", "false", "no"):
         return False
     raise SystemExit(f"{name} must be on or off, not {value!r}")
 
@@ -554,9 +555,10 @@ def _sqlite_file(url: str) -> str | None:
     """The file a SQLite URL names, as SQLAlchemy reads it (sqlite:///relative,
     sqlite:////absolute, %-escapes decoded); None for a database in memory,
     and for any other URL (PostgreSQL's, or one the app refuses when it reads it)."""
-    if urlsplit(url).scheme not in ("sqlite", "sqlite+pysqlite"):
+    parts = urlsplit(url)
+    if parts.scheme not in ("sqlite", "sqlite+pysqlite"):
         return None
-    path = unquote(urlsplit(url).path[1:])
+    path = unquote(parts.path[1:])
     return None if not path or path == ":memory:" else path
 
 

@@ -166,12 +166,12 @@ def _database_url(env: Mapping[str, str]) -> str:
     if name is None:
         return DEFAULT_DATABASE_URL
     url = env[name]
-    scheme, separator, _ = url.partition("://")
+    scheme, separator, rest = url.partition("://")
     if not separator or scheme not in DATABASE_URL_SCHEMES:
         # The scheme only: the rest of a URL may hold a password.
         given = f"a URL of scheme {scheme!r}" if separator else "a value without a scheme://"
         raise ConfigError(f"{name} must be sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DATABASE, not {given}")
-    if scheme.startswith("sqlite") and url.partition("://")[2] in ("", "/", "/:memory:"):
+    if scheme.startswith("sqlite") and rest in ("", "/", "/:memory:"):
         # Each process would have a database of its own, and the one migrated (by the master's child) is gone.
         raise ConfigError(f"{name} must be sqlite:///FILE: a SQLite database in memory is empty in every process")
     return _with_driver(url)
