@@ -47,12 +47,15 @@ if TYPE_CHECKING:
 _DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
 
 
-def _database_url_in(env: Mapping[str, str]) -> str:
-    """The database URL as chatapi.config.Settings.from_env reads it."""
-    return env.get("CHATAPI_DATABASE_URL") or env.get("DATABASE_URL") or _DEFAULT_DATABASE_URL
+def _database_in(env: Mapping[str, str]) -> tuple[str, str]:
+    """The variable that names the database, and its URL, as chatapi.config.Settings.from_env reads them."""
+    for name in ("CHATAPI_DATABASE_URL", "DATABASE_URL"):
+        if env.get(name):
+            return name, env[name]
+    return "CHATAPI_DATABASE_URL", _DEFAULT_DATABASE_URL
 
 
-_database_url = _database_url_in(os.environ)
+_database_url = _database_in(os.environ)[1]
 
 
 def _is_postgresql(url: str) -> bool:
@@ -81,10 +84,11 @@ bind = os.environ.get("CHATAPI_BIND") or "127.0.0.1:8000"
 def _switch(name: str) -> bool:
     """An on/off variable, default on, in the words chatapi.config accepts
     (which the master must not import: it would load the app before gevent)."""
-    value = (os.environ.get(name) or "on").strip().lower()
-    if value in ("1", "on", "true", "yes"):
+    value = os.environ.get(name) or "on"
+    word = value.strip().lower()
+    if word in ("1", "on", "true", "yes"):
         return True
-    if value in ("0", "off", "false", "no"):
+    if word in ("0", "off", "false", "no"):
         return False
     raise SystemExit(f"{name} must be on or off, not {value!r}")
 
@@ -114,12 +118,13 @@ def _protocol_error(status: str, reason: str, message: str) -> bytes:
 
 
 def _seconds(name: str, default: str) -> float:
+    given = os.environ.get(name) or default
     try:
-        value = float(os.environ.get(name) or default)
+        value = float(given)
     except ValueError:
         value = 0
     if not 0 < value < float("inf"):
-        _refuse(f"{name} must be a number of seconds above 0")
+        _refuse(f"{name} must be a number of seconds above 0, not {given!r}")
         return float(default)
     return value
 
@@ -446,15 +451,18 @@ def on_starting(server: Arbiter) -> None:
         # between them were lost, and /metrics was empty.
         raise SystemExit("chatapi cannot run with --preload (preload_app): each worker must load the app itself")
     _check_setup(server)
-    database_url = _database_url_of(server)
-    sqlite_file = None if _is_postgresql(database_url) else _sqlite_file(database_url)
+    variable, database_url = _database_of(server)
+    sqlite_file = _sqlite_file(database_url)
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and not (os.path.isdir(given) and os.access(given, os.W_OK | os.X_OK)):
+        # prometheus_client opens its files there as each worker starts: it failed to boot.
+        raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR must be a directory that chatapi can write to, not {given!r}")
     if given and sqlite_file and sqlite_file.endswith(".db"):
         # prometheus_client takes every *.db in its directory for its own.
         if os.path.dirname(os.path.abspath(sqlite_file)) == os.path.abspath(given):
             raise SystemExit(f"PROMETHEUS_MULTIPROC_DIR must not hold the database {sqlite_file} (a .db file)")
     if sqlite_file:
-        _lock_sqlite_file(sqlite_file)
+        _lock_sqlite_file(sqlite_file, variable)
     _migrate()
     if given:
         # A binary upgrade's new master (GUNICORN_PID set) leaves them: the
@@ -477,12 +485,14 @@ def on_reload(server: Arbiter) -> None:
     try:
         _check_setup(server)
         _migrate()
-    except (SystemExit, subprocess.CalledProcessError) as exc:
-        # New code must not serve an old schema. Raised as they are, these
-        # would end the master at once and orphan its workers; HaltServer
-        # stops them gracefully and exits 1, with the reason in the log (a
-        # supervisor's restart then migrates again, or fails visibly).
-        raise HaltServer(f"reload stopped: {exc}", 1) from None
+    except SystemExit as exc:
+        # New code must not serve an old schema. Raised as it is, this would
+        # end the master at once and orphan its workers; HaltServer stops
+        # them gracefully and exits 1, with the reason in the log (a
+        # supervisor's restart then migrates again, or fails visibly). A
+        # failed migration has written its own reason to stderr.
+        reason = exc.code if isinstance(exc.code, str) else f"alembic upgrade head failed (exit status {exc.code})"
+        raise HaltServer(f"reload stopped: {reason}", 1) from None
 
 
 def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> None:
@@ -490,7 +500,7 @@ def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> 
     second one would miss the first one's wake-ups (its polls would answer
     only at their timeout). Held at every change of the count: at start,
     at a reload (which reads `workers` again) and at SIGTTIN."""
-    if not _is_postgresql(_database_url_of(server)) and new_value > 1:
+    if not _is_postgresql(_database_of(server)[1]) and new_value > 1:
         server.log.warning("SQLite runs one worker process; ignoring workers=%s", new_value)
         server.cfg.set("workers", 1)
         server.num_workers = 1
@@ -510,10 +520,11 @@ def _check_setup(server: Arbiter) -> None:
         raise SystemExit("\n".join(refused))
 
 
-def _database_url_of(server: Arbiter) -> str:
-    """The database the workers will use. gunicorn applies `-e` (raw_env)
-    after it has read this file, so it is looked up here, and it wins."""
-    return _database_url_in({**os.environ, **server.cfg.env})
+def _database_of(server: Arbiter) -> tuple[str, str]:
+    """The database the workers will use (the variable that names it, and its
+    URL). gunicorn applies `-e` (raw_env) after it has read this file, so it
+    is looked up here, and it wins."""
+    return _database_in({**os.environ, **server.cfg.env})
 
 
 def _remove_metrics_files(directory: str) -> None:
@@ -533,17 +544,25 @@ def _migrate() -> None:
         # It runs in the master's working directory, as the workers do: the
         # default SQLite file is found there (alembic.ini finds the rest).
         alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
-        subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"], check=True)
+        status = subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"]).returncode
+        if status:
+            # It has said why on stderr (a setting it refused, in one line:
+            # migrations/env.py); the master's own traceback would add nothing.
+            raise SystemExit(status)
 
 
 def _sqlite_file(url: str) -> str | None:
     """The file a SQLite URL names, as SQLAlchemy reads it (sqlite:///relative,
-    sqlite:////absolute, %-escapes decoded); None for a database in memory."""
-    path = unquote(urlsplit(url).path[1:])
+    sqlite:////absolute, %-escapes decoded); None for a database in memory,
+    and for any other URL (PostgreSQL's, or one the app refuses when it reads it)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("sqlite", "sqlite+pysqlite"):
+        return None
+    path = unquote(parts.path[1:])
     return None if not path or path == ":memory:" else path
 
 
-def _lock_sqlite_file(path: str) -> None:
+def _lock_sqlite_file(path: str, variable: str) -> None:
     """Refuse to serve a SQLite file that another chatapi instance serves.
 
     Wake-ups on SQLite stay in their process, so a second instance on the
@@ -553,10 +572,13 @@ def _lock_sqlite_file(path: str) -> None:
     of them, however they end.
     """
     lock_path = path + ".lock"
+    unusable = f"{variable} must be a SQLite file that chatapi can write, in a directory it can write to"
     try:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise SystemExit(f"cannot open {lock_path} (next to the SQLite file): {exc.strerror}") from None
+        raise SystemExit(f"{unusable}: cannot open {lock_path}: {exc.strerror}") from None
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise SystemExit(f"{unusable}: {path} is not writable")
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

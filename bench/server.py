@@ -58,7 +58,8 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"server not ready after {timeout}s; see {self.log_path}")
             time.sleep(0.1)
-        expected = self.workers or int(env.get("CHATAPI_WORKERS") or 2)
+        # gunicorn.conf.py's count: 2 on PostgreSQL unless set (a whole number, which it also takes as "2.0").
+        expected = self.workers or int(float(env.get("CHATAPI_WORKERS") or 2))
         while len(self.worker_pids()) < expected and time.monotonic() < deadline:
             time.sleep(0.1)
         # A few requests, to reach every worker: none measured is its first.

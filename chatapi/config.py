@@ -17,6 +17,8 @@ from typing import TypeVar
 from limits import parse_many
 
 DEFAULT_DATABASE_URL = "sqlite:///chatapi.sqlite3"
+# The databases chatapi runs on: SQLite, and PostgreSQL through psycopg2.
+DATABASE_URL_SCHEMES = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg2")
 
 # What a variable reads as when unset: its default, or None where Settings works it out.
 Default = TypeVar("Default")
@@ -132,15 +134,13 @@ class Settings:
         env = os.environ if environ is None else environ
         get = env.get
         default = cls()
-        database_url = get("CHATAPI_DATABASE_URL") or get("DATABASE_URL") or DEFAULT_DATABASE_URL
-        database_url = _with_driver(database_url)
 
         def limit(name: str) -> str:
             """CHATAPI_RATE_LIMIT_<name>; unset or empty, the default."""
             return get(f"CHATAPI_RATE_LIMIT_{name}") or getattr(default, f"rate_limit_{name.lower()}")
 
         return cls(
-            database_url=database_url,
+            database_url=_database_url(env),
             registration_open=_flag(env, "CHATAPI_REGISTRATION"),
             long_poll_default_secs=_number(env, "CHATAPI_LONG_POLL_DEFAULT_SECS", None),  # None: __post_init__
             long_poll_max_secs=_number(env, "CHATAPI_LONG_POLL_MAX_SECS", LONG_POLL_MAX_SECS),
@@ -158,6 +158,23 @@ class Settings:
             db_write_pool_size=_count(env, "CHATAPI_DB_WRITE_POOL_SIZE", default.db_write_pool_size, low=1),
             db_pool_warm=_count(env, "CHATAPI_DB_POOL_WARM", None),  # None: __post_init__
         )
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    """CHATAPI_DATABASE_URL, else DATABASE_URL, else the default; a database chatapi runs on."""
+    name = next((name for name in ("CHATAPI_DATABASE_URL", "DATABASE_URL") if env.get(name)), None)
+    if name is None:
+        return DEFAULT_DATABASE_URL
+    url = env[name]
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in DATABASE_URL_SCHEMES:
+        # The scheme only: the rest of a URL may hold a password.
+        given = f"a URL of scheme {scheme!r}" if separator else "a value without a scheme://"
+        raise ConfigError(f"{name} must be sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DATABASE, not {given}")
+    if scheme.startswith("sqlite") and rest in ("", "/", "/:memory:"):
+        # Each process would have a database of its own, and the one migrated (by the master's child) is gone.
+        raise ConfigError(f"{name} must be sqlite:///FILE: a SQLite database in memory is empty in every process")
+    return _with_driver(url)
 
 
 def _with_driver(url: str) -> str:

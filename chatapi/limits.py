@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 import time
+from urllib.parse import urlsplit
 
 import gevent.lock
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RateLimitExceeded
+from limits.errors import ConfigurationError
 
 from chatapi import validation
 from chatapi.api import current_caller
-from chatapi.config import Settings
+from chatapi.config import ConfigError, Settings
 from chatapi.errors import ApiError, error_response
 
 
@@ -92,15 +94,22 @@ def _created(response: Response) -> bool:
 
 
 def init_app(app: Flask, settings: Settings) -> Limiter:
-    limiter = Limiter(
-        key_func=client_address,
-        app=app,
-        storage_uri=settings.rate_limit_storage_uri,
-        enabled=settings.rate_limits_enabled,
-        headers_enabled=False,
-        # A broken limit store must not take the chat down with it.
-        swallow_errors=True,
-    )
+    try:
+        limiter = Limiter(
+            key_func=client_address,
+            app=app,
+            storage_uri=settings.rate_limit_storage_uri,
+            enabled=settings.rate_limits_enabled,
+            headers_enabled=False,
+            # A broken limit store must not take the chat down with it.
+            swallow_errors=True,
+        )
+    except ConfigurationError as exc:
+        # Made here (with the limits on): an unknown scheme, or one whose
+        # client library is not installed. The URI may hold a password.
+        uri = settings.rate_limit_storage_uri
+        reason = str(exc).replace(uri, f"{urlsplit(uri).scheme}://...")
+        raise ConfigError(f"CHATAPI_RATE_LIMIT_STORAGE_URI must be a storage Flask-Limiter can use: {reason}") from None
     if not settings.rate_limits_enabled:
         # Off: no view is wrapped. Disabled, Flask-Limiter's wrapper would
         # still identify and filter every request before finding it exempt

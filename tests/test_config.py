@@ -66,6 +66,14 @@ def test_switches_and_limits() -> None:
 @pytest.mark.parametrize(
     "env",
     [
+        # Another database (which create_app would have failed on with a traceback), or no URL at all.
+        {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
+        {"CHATAPI_DATABASE_URL": "postgresql+asyncpg://chatapi:secret@db/chatapi"},
+        {"CHATAPI_DATABASE_URL": "chatapi.sqlite3"},
+        # Served, every request answered 503: the migrated database was the master's child's.
+        {"CHATAPI_DATABASE_URL": "sqlite://"},
+        {"CHATAPI_DATABASE_URL": "sqlite:///:memory:"},
+        {"DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
         {"CHATAPI_RATE_LIMITS": "maybe"},
         {"CHATAPI_REGISTRATION": "closed"},
         {"CHATAPI_LONG_POLL_MAX_SECS": "soon"},
@@ -104,6 +112,7 @@ def test_bad_values_are_refused_at_start_naming_the_variable(env: dict[str, str]
         Settings.from_env(env)
     assert any(name in str(refused.value) for name in env), str(refused.value)
     assert "\n" not in str(refused.value)
+    assert "secret" not in str(refused.value)
 
 
 def test_an_empty_value_is_the_default() -> None:
@@ -205,6 +214,7 @@ def test_the_server_and_the_app_default_to_the_same_sqlite_file(monkeypatch: pyt
         {"CHATAPI_KEEPALIVE_SECS": "2.5"},
         {"CHATAPI_GRACEFUL_TIMEOUT_SECS": "soon"},
         {"CHATAPI_BODY_TIMEOUT_SECS": "inf"},
+        {"CHATAPI_BODY_TIMEOUT_SECS": "soon"},
         # gunicorn took a misspelt level for info.
         {"CHATAPI_LOG_LEVEL": "verbose"},
     ],
@@ -216,6 +226,7 @@ def test_the_server_refuses_bad_values_naming_the_variable(
     with pytest.raises(SystemExit) as refused:
         server_settings(monkeypatch, env)  # a start, or gunicorn --check-config
     assert str(refused.value.code).startswith(f"{name} must be ")
+    assert str(refused.value.code).endswith(f", not {env[name]!r}")  # as given
     # Read again at a reload: collected, for on_reload to stop the master gracefully.
     collected = server_settings(monkeypatch, env, reread=True)["_refused"]
     assert len(collected) == 1 and collected[0].startswith(f"{name} must be ")
@@ -231,15 +242,47 @@ def test_the_server_refuses_bad_values_naming_the_variable(
         {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan"},
         # ...and without it, by each worker as it loads the app.
         {"CHATAPI_LONG_POLL_DEFAULT_SECS": "nan", "CHATAPI_MIGRATE": "off"},
+        # The master took any URL but PostgreSQL's for SQLite, and locked a file named after its path.
+        {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
+        {"CHATAPI_DATABASE_URL": "mysql://chatapi:secret@db/chatapi", "CHATAPI_MIGRATE": "off"},
+        {"DATABASE_URL": "mysql://chatapi:secret@db/chatapi"},
+        # A SQLite file where none can be made.
+        {"CHATAPI_DATABASE_URL": "sqlite:////proc/chatapi/chatapi.sqlite3"},
+        # Each failed as the worker booted, with a traceback (the first one's naming the password).
+        {"CHATAPI_RATE_LIMIT_STORAGE_URI": "reddis://:secret@limits.internal:6379/0"},
+        {"PROMETHEUS_MULTIPROC_DIR": "/proc/chatapi-metrics"},
     ],
 )
 def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: dict[str, str]) -> None:
-    inherited = {name: value for name, value in os.environ.items() if not name.startswith("CHATAPI_")}
-    database = {"CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"}
+    output = refused_start(tmp_path, env)
+    [name, *_] = env
+    # One line that names it, not a traceback around it (the master's, the migration's or a worker's).
+    assert output.count(f"{name} must be ") == 1, output
+
+
+def test_a_database_that_does_not_answer_stops_gunicorn_with_the_drivers_line(tmp_path: Path) -> None:
+    output = refused_start(tmp_path, {"CHATAPI_DATABASE_URL": "postgresql://chatapi:secret@127.0.0.1:1/chatapi"})
+    assert output.count("alembic upgrade head could not connect to the database: OperationalError: ") == 1, output
+    assert "Connection refused" in output
+
+
+def refused_start(tmp_path: Path, env: dict[str, str]) -> str:
+    """gunicorn started with the shipped settings and `env`, expected to stop at once: its output.
+
+    Without a traceback or the password `secret`, and with nothing left in its working directory."""
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("CHATAPI_") and name not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
+    }
+    database = {} if "DATABASE_URL" in env else {"CHATAPI_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}"}
+    here = tmp_path / "run"
+    here.mkdir()
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
-        cwd=REPO,
+        [sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py"), "--pythonpath", str(REPO)]
+        + ["--bind", "127.0.0.1:0", "wsgi:app"],
+        cwd=here,
         env={**inherited, **database, **env},
         capture_output=True,
         text=True,
@@ -247,5 +290,8 @@ def test_a_bad_value_stops_gunicorn_at_once_with_its_name(tmp_path: Path, env: d
     )
     assert result.returncode != 0
     assert time.monotonic() - started < 15
-    [name, *_] = env
-    assert f"{name} must be " in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert "secret" not in output, output
+    assert list(here.iterdir()) == []
+    return output

@@ -48,12 +48,19 @@ def test_the_configuration_table_lists_every_variable_the_code_reads() -> None:
     """One place documents the configuration: a variable added to the code must be added there."""
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"`(CHATAPI_[A-Z_]+)`", section))
+    documented = set(re.findall(r"`([A-Z][A-Z_]+)`", section))
     code = "".join(path.read_text() for path in [*(REPO / "chatapi").glob("*.py"), REPO / "gunicorn.conf.py"])
     read = set(re.findall(r'"(CHATAPI_[A-Z_]+)"', code))
     # config.py reads the rate limits through a helper, by suffix: limit("SEND_PER_USER").
     read |= {f"CHATAPI_RATE_LIMIT_{suffix}" for suffix in re.findall(r'limit\("([A-Z_]+)"\)', code)}
     assert len(read) > 20, f"found only {sorted(read)} in the code: the patterns are out of date"
+    # The scripts' and the tests' own: a shell default in bin/, os.environ's in Python.
+    tools = [*(REPO / "bin").iterdir(), *(REPO / "tests").rglob("*.py"), *(REPO / "bench").glob("*.py")]
+    tools_text = "".join(path.read_text() for path in tools)
+    by_tools = set(re.findall(r"\$\{([A-Z_]+)", tools_text))
+    by_tools |= set(re.findall(r'os\.environ(?:\.get\(|\[)"([A-Z_]+)"', tools_text + code))
+    assert {"PYTHON", "CHATAPI_PYTHON", "CHATAPI_PG_BIN"} <= by_tools, "the patterns are out of date"
+    read |= by_tools
     assert read - documented == set()
 
     # And no document or example names a variable that does not exist (a
@@ -61,7 +68,6 @@ def test_the_configuration_table_lists_every_variable_the_code_reads() -> None:
     def named(path: Path) -> set[str]:
         return set(re.findall(r"\b(CHATAPI_[A-Z_]*[A-Z])\b", path.read_text()))
 
-    tools = [*(REPO / "bin").iterdir(), *(REPO / "tests").rglob("*.py"), *(REPO / "bench").glob("*.py")]
     read |= {name for path in tools for name in named(path)}
     for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "deploy").rglob("*.*")]:
         assert named(path) - read == set(), f"{path.name} names variables nothing reads"

@@ -29,7 +29,7 @@ def site_for(upstream_ports: list[int], port: int) -> str:
     """The shipped site with the test's upstreams and listening port."""
     site = SITE.read_text()
     servers = "".join(f"    server 127.0.0.1:{p};\n" for p in upstream_ports)
-    site, count = re.subn(r"^    server 127\.0\.0\.1:8000;\n", servers, site, flags=re.M)
+    site, count = re.subn(r"^    server [^\s;]+;\n", servers, site, flags=re.M)
     assert count == 1, "deploy/nginx/chatapi.conf: upstream server line not found"
     site, count = re.subn(
         r"^    listen 80;\n    listen \[::\]:80;\n", f"    listen 127.0.0.1:{port};\n", site, flags=re.M
