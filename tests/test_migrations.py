@@ -287,3 +287,52 @@ def test_hosts_that_start_at_once_on_an_empty_database_migrate_it_once(postgres_
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT count(*) FROM secrets")) == 1  # one key for every host
     engine.dispose()
+
+
+def test_a_start_on_a_database_a_newer_release_migrated_warns_and_serves(database_url: str, start_server) -> None:
+    """Code rolled back after an upgrade, or an old instance restarted during a rolling deploy: its
+    migrations do not know the database's revision. The start leaves the database as it is, says so
+    in one warning, and serves; /readyz is ready (on PostgreSQL it tells when the schema lacks what
+    the code needs). Before, the master died with two tracebacks (alembic's `Can't locate revision`)."""
+    migrate(database_url)
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0003'"))
+    engine.dispose()
+    server = start_server(database_url)  # and /readyz answers 200
+    alice, bob = Api(server.base_url).signed_up(), Api(server.base_url).signed_up()
+    alice.send(alice.start(bob.username)["id"], "after the rollback")
+    assert _revisions(database_url) == {"0003"}
+    log = server.log_path.read_text()
+    head = code_revisions()[0]
+    assert f"the database is at revision 0003, which this code's migrations (head {head}) do not know" in log
+    assert f"`alembic downgrade {head}` with that newer release's code" in log
+    assert "Traceback" not in log, log
+    # By hand, without the start's `-x newer_database=keep`, alembic refuses in one line.
+    env = {**os.environ, "CHATAPI_DATABASE_URL": database_url}
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    said = by_hand.stdout + by_hand.stderr
+    assert by_hand.returncode != 0 and "FAILED: Can't locate revision identified by '0003'" in said
+    assert "Traceback" not in said
+
+
+def test_a_failed_migration_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    """The master's reason, after alembic's own, instead of a CalledProcessError traceback."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATAPI_")}
+    env.update(CHATAPI_DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}", CHATAPI_LONG_POLL_DEFAULT_SECS="nan")
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "CHATAPI_LONG_POLL_DEFAULT_SECS must be a number" in result.stderr  # alembic's ERROR line
+    assert result.stderr.rstrip().endswith(
+        "the schema migration (alembic upgrade head) failed with exit status 255; see above"
+    )
+    assert "Traceback" not in result.stderr, result.stderr
