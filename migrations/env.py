@@ -63,16 +63,12 @@ def _kept_as_newer() -> bool:
     newer = sorted(set(context.get_context().get_current_heads()) - known)
     if not newer:
         return False
-    head = context.script.get_current_head()
     log.warning(
-        "the database is at revision %s, which this code's migrations (head %s) do not know: a newer release "
-        "migrated it. Left as it is: this code serves it as long as the schema still has what the code uses. "
-        "To go back to %s, run `alembic downgrade %s` with that newer release's code (docs/deploy.md, "
-        '"Upgrades and rollbacks").',
-        ", ".join(newer),
-        head,
-        head,
-        head,
+        "the database is at revision %(newer)s, which this code's migrations (head %(head)s) do not know: a newer "
+        "release migrated it. Left as it is: this code serves it as long as the schema still has what the code "
+        "uses. To go back to %(head)s, run `alembic downgrade %(head)s` with that newer release's code "
+        '(docs/deploy.md, "Upgrades and rollbacks").',
+        {"newer": ", ".join(newer), "head": context.script.get_current_head()},
     )
     return True
 
