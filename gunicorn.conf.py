@@ -538,13 +538,16 @@ def _remove_metrics_files(directory: str) -> None:
 
 
 def _migrate() -> None:
+    """`alembic upgrade head`; a failure raises SystemExit, after alembic's own error in the log."""
     if _switch("CHATAPI_MIGRATE"):
         # In a child process, so the master never imports the app: workers
         # must import gevent-sensitive modules only after gevent patches them.
         # It runs in the master's working directory, as the workers do: the
         # default SQLite file is found there (alembic.ini finds the rest).
+        # A database a newer release migrated is kept as it is (migrations/env.py).
         alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
-        status = subprocess.run([sys.executable, "-m", "alembic", "-c", alembic_ini, "upgrade", "head"]).returncode
+        command = [sys.executable, "-m", "alembic", "-c", alembic_ini, "-x", "newer_database=keep", "upgrade", "head"]
+        status = subprocess.run(command).returncode
         if status:
             # It has said why on stderr (a setting it refused, in one line:
             # migrations/env.py); the master's own traceback would add nothing.

@@ -1,6 +1,15 @@
 """Alembic environment: the same database URL as the app, and on PostgreSQL an
-advisory lock so that several hosts starting at once migrate one at a time."""
+advisory lock so that several hosts starting at once migrate one at a time.
 
+`-x newer_database=keep` (gunicorn.conf.py passes it at a start and a reload):
+a database at a revision these migrations do not know was migrated by a
+newer release (a rolling deploy, or the code rolled back). It is left as it
+is, with a warning, rather than failing the start: the code serves it as
+long as the schema still has what it uses (on PostgreSQL, /readyz tells
+when it has not). Run by hand, without it, alembic refuses such a database.
+"""
+
+import logging
 from logging.config import fileConfig
 
 from alembic import context
@@ -17,6 +26,7 @@ MIGRATION_LOCK_ID = 7_302_615_001
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
+log = logging.getLogger("alembic.env")
 
 target_metadata = Base.metadata
 
@@ -45,12 +55,31 @@ def run_migrations_online() -> None:
         try:
             context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
-                context.run_migrations()
+                if not _kept_as_newer():
+                    context.run_migrations()
         finally:
             if is_postgresql:
                 connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
                 connection.commit()
     engine.dispose()
+
+
+def _kept_as_newer() -> bool:
+    """With `-x newer_database=keep`: whether the database is at a revision these migrations do not know (warned)."""
+    if context.get_x_argument(as_dictionary=True).get("newer_database") != "keep":
+        return False
+    known = {script.revision for script in context.script.walk_revisions()}
+    newer = sorted(set(context.get_context().get_current_heads()) - known)
+    if not newer:
+        return False
+    log.warning(
+        "the database is at revision %(newer)s, which this code's migrations (head %(head)s) do not know: a newer "
+        "release migrated it. Left as it is: this code serves it as long as the schema still has what the code "
+        "uses. To go back to %(head)s, run `alembic downgrade %(head)s` with that newer release's code "
+        '(docs/deploy.md, "Upgrades and rollbacks").',
+        {"newer": ", ".join(newer), "head": context.script.get_current_head()},
+    )
+    return True
 
 
 if context.is_offline_mode():

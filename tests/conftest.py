@@ -44,11 +44,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_sep("=", config.stash[_LEFT_OUT], red=True)
 
 
-def migrate(database_url: str, revision: str = "head") -> None:
+def alembic_config(database_url: str) -> Config:
+    """alembic.ini's configuration on `database_url`, leaving the test run's logging as it is."""
     config = Config(str(REPO / "alembic.ini"))
     config.attributes["database_url"] = database_url
     config.attributes["configure_logging"] = False
-    command.upgrade(config, revision)
+    return config
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(database_url), revision)
 
 
 @pytest.fixture
