@@ -774,9 +774,9 @@ _bump_head = (
     .returning(User.event_head)
 )
 _BUMP_HEAD = PreparedStatement("chatapi_bump_head", _bump_head)
-# Only SQLite's acknowledgement runs it (PostgreSQL's is pg_functions'), so it is not prepared.
-_BUMP_HEAD_AND_ACK = _bump_head.values(
-    acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)
+_BUMP_HEAD_AND_ACK = PreparedStatement(
+    "chatapi_bump_head_and_ack",
+    _bump_head.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
 )
 _INSERT_EVENTS = insert(Event)
 
@@ -845,8 +845,8 @@ def _append_events(
     for user_id in sorted(user_ids):
         events = events_by_user.get(user_id, [])
         if acked_pos is not None and acked_pos[0] == user_id:
-            head = connection.execute(
-                _BUMP_HEAD_AND_ACK, {"b_user_id": user_id, "count": len(events), "acked": acked_pos[1]}
+            head = run_prepared(
+                connection, _BUMP_HEAD_AND_ACK, b_user_id=user_id, count=len(events), acked=acked_pos[1]
             )
         else:
             head = run_prepared(connection, _BUMP_HEAD, b_user_id=user_id, count=len(events))
