@@ -774,6 +774,9 @@ _bump_head = (
     .returning(User.event_head)
 )
 _BUMP_HEAD = PreparedStatement("chatapi_bump_head", _bump_head)
+# Only SQLite runs it (PostgreSQL acknowledges in pg_functions), but preparing
+# it on each PostgreSQL connection checks users.acked_pos is there: a schema
+# without it fails the set-up, which /readyz names (SchemaNotMigrated).
 _BUMP_HEAD_AND_ACK = PreparedStatement(
     "chatapi_bump_head_and_ack",
     _bump_head.values(acked_pos=case((User.acked_pos < bindparam("acked"), bindparam("acked")), else_=User.acked_pos)),
