@@ -843,3 +843,50 @@ def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored
         assert_quiet(tab_b)
     finally:
         context.close()
+
+
+# Accessibility: what a screen reader and a keyboard meet. ------------------------------------
+
+# A control in the accessibility tree without a name: `- button` rather than `- button "Send"`.
+UNNAMED_CONTROL = re.compile(r'^\s*- (button|link|textbox|tab|checkbox|combobox)(?! ")\b.*$', re.MULTILINE)
+
+
+def unnamed_controls(page: Page) -> list[str]:
+    return [match.group(0).strip() for match in UNNAMED_CONTROL.finditer(page.locator("body").aria_snapshot())]
+
+
+def test_each_screen_has_a_heading_and_each_field_says_its_hint_error_and_notice(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    alice = people("alice")
+    page = alice.page
+    expect(page.get_by_role("heading", level=1)).to_have_text("chatapi")
+    username = page.get_by_label("Username", exact=True)
+    password = page.get_by_label("Password", exact=True)
+    expect(username).to_have_accessible_description("")
+    page.get_by_role("tab", name="Create account").click()
+    expect(username).to_have_accessible_description("3–32 characters: a–z, 0–9, _ . -")
+    expect(password).to_have_accessible_description("At least 8 characters.")
+    assert unnamed_controls(page) == []
+    page.get_by_role("tab", name="Sign in").click()
+    expect(password).to_have_accessible_description("")
+    username.fill("alice")
+    password.fill("not the password")
+    password.press("Enter")
+    expect(password).to_have_accessible_description("Wrong username or password.")
+    expect(password).to_be_focused()
+
+    sign_in(alice)
+    sidebar = page.get_by_role("complementary", name="Conversations")
+    expect(sidebar.get_by_role("heading", level=1)).to_have_text("chatapi")
+    expect(sidebar).to_contain_text("Signed in as")
+    start_chat(alice, "bob")
+    expect(page.get_by_role("main").get_by_role("heading", level=2)).to_have_text("bob")
+    assert unnamed_controls(page) == []
+
+    # Thrown out (signed out elsewhere): the focus is in the username field, which says why.
+    Api(server.base_url, alice.token()).request("DELETE", "/api/v1/tokens/current")
+    api.signed_up("carol").start("alice")
+    expect(username).to_be_focused()
+    expect(username).to_have_accessible_description(re.compile("^Your session has ended .* Please sign in again.$"))
