@@ -890,3 +890,80 @@ def test_each_screen_has_a_heading_and_each_field_says_its_hint_error_and_notice
     api.signed_up("carol").start("alice")
     expect(username).to_be_focused()
     expect(username).to_have_accessible_description(re.compile("^Your session has ended .* Please sign in again.$"))
+
+
+FOCUS = """() => {
+    const focused = document.activeElement;
+    const style = getComputedStyle(focused);
+    const ring = style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2;
+    return { body: focused === document.body, ring, html: focused.outerHTML.slice(0, 120) };
+}"""
+
+
+def tab_to(page: Page, target, *, backwards: bool = False, most: int = 25) -> None:
+    """Presses Tab (Shift+Tab) until `target` has the focus; each control on the way shows a focus ring."""
+    for _ in range(most):
+        page.keyboard.press("Shift+Tab" if backwards else "Tab")
+        focus = page.evaluate(FOCUS)
+        assert not focus["body"], f"{target} not reached by Tab"
+        assert focus["ring"], f"no focus ring on {focus['html']}"
+        if target.evaluate("el => el === document.activeElement"):
+            return
+    raise AssertionError(f"{target} not reached in {most} presses of Tab")
+
+
+def test_keyboard_only_sign_up_chat_switch_and_sign_out(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("bob")
+    alice = people("alice")
+    page = alice.page
+    keyboard = page.keyboard
+    username = page.get_by_label("Username", exact=True)
+    expect(username).to_be_focused()
+    assert page.evaluate(FOCUS)["ring"]
+    create = page.get_by_role("tab", name="Create account")
+    tab_to(page, page.get_by_role("tab", name="Sign in"), backwards=True)
+    keyboard.press("ArrowRight")
+    expect(create).to_be_focused()
+    expect(create).to_have_attribute("aria-selected", "true")
+    tab_to(page, username)
+    keyboard.type("alice")
+    keyboard.press("Tab")
+    assert page.evaluate(FOCUS)["ring"]
+    keyboard.type(PASSWORD)
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("me-name")).to_have_text("alice")
+
+    # Signed in: the focus is in the field that starts a chat.
+    peer = page.get_by_role("textbox", name="Start a chat with a username")
+    expect(peer).to_be_focused()
+    keyboard.type("nobody")
+    tab_to(page, page.get_by_role("button", name="Start"))
+    keyboard.press("Enter")
+    expect(peer).to_be_focused()
+    expect(peer).to_have_accessible_description("There is no user called “nobody”.")
+    keyboard.press("ControlOrMeta+A")
+    keyboard.type("bob")
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("conversation-title")).to_have_text("bob")
+    composer = page.get_by_role("textbox", name="Message")
+    expect(composer).to_be_focused()
+    keyboard.type("sent with Enter")
+    keyboard.press("Enter")
+    expect(alice.message("sent with Enter")).to_have_attribute("data-seq", "1")
+    expect(composer).to_be_focused()
+    expect(composer).to_have_value("")
+
+    # Another conversation comes in; Shift+Tab reaches it, Enter opens it, and the focus is in its composer.
+    carol = api.signed_up("carol")
+    carol.send(carol.start("alice")["id"], "hello from carol")
+    tab_to(page, alice.conversation_with("carol"), backwards=True)
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("conversation-title")).to_have_text("carol")
+    expect(composer).to_be_focused()
+    expect(alice.message("hello from carol")).to_be_visible()
+
+    tab_to(page, page.get_by_role("button", name="Sign out"), backwards=True)
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("auth-notice")).to_contain_text("signed out")
+    expect(username).to_be_focused()

@@ -555,6 +555,8 @@ export class ChatView {
       else if (error.code === "invalid_peer") this.#showNewChatError("That is you. Pick someone else.");
       else if (error.status === 0) this.#showNewChatError("Cannot reach the server. Try again in a moment.");
       else if (error.status !== 401) this.#showNewChatError(error.message);
+      // The button lost the focus when it was disabled: it goes to the field, to correct the name.
+      this.newChatPeer.focus();
     } finally {
       button.disabled = false;
     }
