@@ -422,6 +422,7 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: Serv
     alice = people("alice")
     sign_in(alice)
     start_chat(alice, "bob")
+    record_announcements(alice.page)
 
     alice.send(MARKUP)
     conversation_id = api_bob.start("alice")["id"]
@@ -435,6 +436,8 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: Serv
     expect(alice.message("<script>alert(2)</script><b>bold?</b>")).to_have_class(re.compile(r"\bmessage--theirs\b"))
     messages = alice.page.get_by_test_id("message-list")
     assert messages.locator("img, script, b").count() == 0
+    # Read out to screen readers as the same text.
+    assert announced(alice.page)[:2] == [f"You: {MARKUP}", "bob: <script>alert(2)</script><b>bold?</b>"]
     # A word longer than the bubble wraps instead of widening the page.
     assert alice.page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
     # Give a planted handler every chance to fire: one more round trip after it was rendered.
@@ -774,9 +777,27 @@ def test_a_stale_tab_ending_its_session_keeps_the_session_signed_in_since(
         context.close()
 
 
+def record_announcements(page: Page) -> None:
+    """From now on, `announced(page)` lists every line the page puts in its live region (where each
+    stays only a few seconds)."""
+    page.evaluate(
+        """() => {
+            window.announced = [];
+            new MutationObserver((records) => {
+                for (const record of records)
+                    for (const node of record.addedNodes) window.announced.push(node.textContent);
+            }).observe(document.getElementById("announcements"), { childList: true });
+        }"""
+    )
+
+
+def announced(page: Page) -> list[str]:
+    return page.evaluate("window.announced")
+
+
 def test_the_first_message_of_an_empty_conversation_is_announced(people, server: ServerProcess) -> None:
-    """The live region is silenced only while a whole page goes in (opening, older history): the
-    first message to arrive in an open, empty conversation is news like any other."""
+    """A whole page going in at once (opening, older history) is not read out: the first message to
+    arrive in an open, empty conversation is news like any other."""
     api = Api(server.base_url)
     api.signed_up("alice")
     api_bob = api.signed_up("bob")
@@ -785,22 +806,11 @@ def test_the_first_message_of_an_empty_conversation_is_announced(people, server:
     sign_in(alice)
     alice.open_conversation("bob")
     alice.page.wait_for_timeout(500)  # the (empty) page of messages is in
-    alice.page.evaluate(
-        """() => {
-            const list = document.getElementById("message-list");
-            window.liveWhenAdded = [];
-            new MutationObserver((records) => {
-                for (const record of records)
-                    for (const node of record.addedNodes)
-                        if (node.dataset?.testid === "message")
-                            window.liveWhenAdded.push(list.getAttribute("aria-live"));
-            }).observe(list, { childList: true });
-        }"""
-    )
+    record_announcements(alice.page)
     api_bob.send(conversation_id, "hello, anyone there?")
     expect(alice.message("hello, anyone there?")).to_be_visible()
     alice.send("yes, here")
-    assert alice.page.evaluate("window.liveWhenAdded") == ["polite", "polite"]
+    assert announced(alice.page) == ["bob: hello, anyone there?", "You: yes, here"]
 
 
 def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored_once(
@@ -967,3 +977,66 @@ def test_keyboard_only_sign_up_chat_switch_and_sign_out(people, server: ServerPr
     keyboard.press("Enter")
     expect(page.get_by_test_id("auth-notice")).to_contain_text("signed out")
     expect(username).to_be_focused()
+
+
+def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_not(
+    people, server: ServerProcess
+) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    api_carol = api.signed_up("carol")
+    with_bob = api_bob.start("alice")["id"]
+    with_carol = api_carol.start("alice")["id"]
+    for n in range(1, 61):  # a page and a bit
+        api_bob.send(with_bob, f"line {n}")
+    alice = people("alice")
+    page = alice.page
+    sign_in(alice)
+    record_announcements(page)
+
+    # The messages are a list (in a region named after the peer); opening it and loading its
+    # history reads none of it out.
+    alice.open_conversation("bob")
+    history = page.get_by_role("region", name="Messages with bob").get_by_role("list")
+    expect(history.get_by_role("listitem").filter(has_text="line 60")).to_be_visible()
+    page.get_by_role("button", name="Load earlier messages").click()
+    expect(page.get_by_test_id("message-text")).to_have_count(60)
+    assert announced(page) == []
+
+    # What comes in is read out, once, with who wrote it; the ticks say in words where a message is.
+    api_bob.send(with_bob, "are you there?")
+    wait_for(page, lambda: announced(page) == ["bob: are you there?"], "bob's message announced")
+    alice.send("yes")
+    expect(alice.message("yes").get_by_role("img", name="Sent")).to_be_visible()
+    api_bob.post(f"/api/v1/conversations/{with_bob}/read", {"seq": 62})
+    expect(alice.message("yes").get_by_role("img", name="Read")).to_be_visible()
+
+    # A message in another conversation, then the connection lost and found.
+    page.route("**/api/v1/events*", lambda route: route.abort("connectionrefused"))
+    api_carol.send(with_carol, "psst")  # answers the poll in flight; the next one fails
+    wait_for(page, lambda: "Reconnecting…" in announced(page), "the lost connection announced")
+    page.unroute("**/api/v1/events*")
+    wait_for(page, lambda: "Connected again." in announced(page), "the connection back announced")
+
+    # A message the server refuses for good.
+    refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
+    page.route(
+        "**/api/v1/conversations/*/messages",
+        lambda route: (
+            route.fulfill(status=404, content_type="application/json", body=refused)
+            if route.request.method == "POST"
+            else route.continue_()
+        ),
+    )
+    alice.send("refused", acknowledged=False)
+    expect(alice.message("refused")).to_have_attribute("data-state", "failed")
+    assert announced(page) == [
+        "bob: are you there?",
+        "You: yes",
+        "New message from carol",
+        "Reconnecting…",
+        "Connected again.",
+        "You: refused",
+        "Not sent: no such conversation",
+    ]
