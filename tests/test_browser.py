@@ -1040,3 +1040,129 @@ def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_
         "You: refused",
         "Not sent: no such conversation",
     ]
+
+
+# Each shown text's colour against what is behind it (backgrounds and opacity composed up the tree),
+# as WCAG computes contrast: 4.5:1, or 3:1 for large text. Left out: text that is not shown (hidden,
+# visually hidden for screen readers), disabled controls, and the avatars' initials, which are
+# decoration (aria-hidden, beside the name they repeat).
+LOW_CONTRAST = """() => {
+    const parse = (colour) => {
+        const [r, g, b, a = 1] = colour.match(/[0-9.]+/g).map(Number);
+        return [r, g, b, a];
+    };
+    const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3])).concat(1);
+    const mix = (colour, under, alpha) => over([...colour.slice(0, 3), alpha], under);
+    const luminance = (colour) => {
+        const [r, g, b] = colour.slice(0, 3).map((v) => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    const ratio = (a, b) => {
+        const [light, dark] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+        return (light + 0.05) / (dark + 0.05);
+    };
+    // The text colour and the background behind it, as they reach the screen.
+    const seen = (element, colour) => {
+        const chain = [];
+        for (let node = element; node; node = node.parentElement) chain.unshift(node);
+        let background = [255, 255, 255, 1];
+        let behindGroup = null;
+        let opacity = 1;
+        for (const node of chain) {
+            const style = getComputedStyle(node);
+            if (Number(style.opacity) < 1) {
+                behindGroup ??= background;
+                opacity *= Number(style.opacity);
+            }
+            background = over(parse(style.backgroundColor), background);
+        }
+        let text = over(parse(colour), background);
+        if (behindGroup) {
+            text = mix(text, behindGroup, opacity);
+            background = mix(background, behindGroup, opacity);
+        }
+        return [text, background];
+    };
+    const failures = [];
+    const check = (element, colour, what) => {
+        const style = getComputedStyle(element);
+        const size = parseFloat(style.fontSize);
+        const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+        const [text, background] = seen(element, colour);
+        const contrast = ratio(text, background);
+        if (contrast < (large ? 3 : 4.5)) {
+            const rgb = (c) => `rgb(${c.slice(0, 3).map(Math.round).join(", ")})`;
+            const where = `${what} (${element.className})`;
+            failures.push(`${contrast.toFixed(2)}:1 ${where}: ${rgb(text)} on ${rgb(background)}`);
+        }
+    };
+    for (const element of document.body.querySelectorAll("*")) {
+        if (!element.checkVisibility() || element.closest(".visually-hidden, [aria-hidden=true], :disabled")) continue;
+        const own = [...element.childNodes].filter((n) => n.nodeType === Node.TEXT_NODE && n.data.trim());
+        const text = own.length ? JSON.stringify(own[0].data.trim().slice(0, 30)) : null;
+        if (text) check(element, getComputedStyle(element).color, text);
+        if (element.placeholder && !element.value) {
+            check(element, getComputedStyle(element, "::placeholder").color, `placeholder "${element.placeholder}"`);
+        }
+    }
+    return failures;
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_text_shown_has_enough_contrast(people, server: ServerProcess, scheme: str) -> None:
+    api = Api(server.base_url)
+    api_bob = api.signed_up("bob")
+    alice = people("alice")
+    page = alice.page
+    page.emulate_media(color_scheme=scheme)
+    low: list[str] = []
+
+    # Signed out: creating an account (its hints), with an error.
+    page.get_by_role("tab", name="Create account").click()
+    page.get_by_role("button", name="Create account").click()
+    expect(page.get_by_test_id("auth-error")).to_be_visible()
+    low += page.evaluate(LOW_CONTRAST)
+
+    # Signed in, nothing yet; then a conversation of each kind: read, unread, empty.
+    sign_up(alice)
+    expect(page.get_by_text("No conversations yet.", exact=False)).to_be_visible()
+    low += page.evaluate(LOW_CONTRAST)
+    with_bob = api_bob.start("alice")["id"]
+    api_bob.send(with_bob, "hi alice")
+    api_carol = api.signed_up("carol")
+    api_carol.send(api_carol.start("alice")["id"], "unread, from carol")
+    api.signed_up("dave").start("alice")
+    alice.open_conversation("bob")
+    alice.send("hi bob")
+    expect(alice.conversation_with("carol").get_by_test_id("unread-badge")).to_have_text("1")
+    low += page.evaluate(LOW_CONTRAST)
+
+    # My messages in each state: refused for good, waiting for the server, sent.
+    sends = "**/api/v1/conversations/*/messages"
+
+    def answer(status: int, body: str) -> Callable[[Route], None]:
+        return lambda route: (
+            route.fulfill(status=status, content_type="application/json", body=body)
+            if route.request.method == "POST"
+            else route.continue_()
+        )
+
+    page.route(sends, answer(404, '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'))
+    alice.send("refused", acknowledged=False)
+    expect(alice.message("refused")).to_have_attribute("data-state", "failed")
+    page.unroute(sends)
+    page.route(sends, answer(503, '{"error": {"code": "service_unavailable", "message": "try again"}}'))
+    alice.send("waiting", acknowledged=False)
+    expect(alice.message("waiting").get_by_test_id("message-retrying")).to_be_visible()
+    page.get_by_test_id("composer").fill("x" * 3900)  # the counter warns
+    page.route("**/api/v1/events*", lambda route: route.abort("connectionrefused"))
+    api_bob.send(with_bob, "the last word")  # answers the poll in flight; the next one fails
+    expect(page.get_by_test_id("connection-status")).to_contain_text("Reconnecting")
+    low += page.evaluate(LOW_CONTRAST)
+
+    assert low == [], "\n".join(low)
+    page.unroute(sends)  # the outbox empties, and no dialog asks about unsent messages
