@@ -1166,3 +1166,31 @@ def test_every_text_shown_has_enough_contrast(people, server: ServerProcess, sch
 
     assert low == [], "\n".join(low)
     page.unroute(sends)  # the outbox empties, and no dialog asks about unsent messages
+
+
+def test_jumping_to_the_latest_message_does_not_glide_when_motion_is_reduced(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    for n in range(1, 61):
+        api_bob.send(conversation_id, f"line {n}")
+    alice = people("alice")
+    page = alice.page
+    page.emulate_media(reduced_motion="reduce")
+    sign_in(alice)
+    alice.open_conversation("bob")
+    expect(page.get_by_test_id("message-text")).to_have_count(50)
+    scroller = page.get_by_test_id("message-scroller")
+    scroller.evaluate("el => { el.scrollTop = 0; }")  # the rest of the history comes in above
+    expect(page.get_by_text("This is the beginning of your conversation.")).to_be_visible()
+    jump = page.get_by_role("button", name="Jump to the latest message")
+    expect(jump).to_be_visible()
+    left = jump.evaluate(
+        """button => {
+            button.click();
+            const scroller = document.getElementById("messages");
+            return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight;
+        }"""
+    )
+    assert left < 1, f"{left} px still to scroll right after the click: it glides"

@@ -37,6 +37,8 @@ const ANNOUNCEMENT_MS = 5000;
 
 /** Both panes side by side from this width on (keep in step with app.css). */
 const WIDE_LAYOUT = "(min-width: 48rem)";
+/** The reader asked for less motion: scrolls jump instead of gliding. */
+const REDUCED_MOTION = "(prefers-reduced-motion: reduce)";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const ICONS = {
@@ -170,7 +172,8 @@ export class ChatView {
       this.#updateJump();
     });
     this.#listen(this.jumpButton, "click", () => {
-      this.scroller.scrollTo({ top: this.scroller.scrollHeight, behavior: "smooth" });
+      const behavior = window.matchMedia(REDUCED_MOTION).matches ? "instant" : "smooth";
+      this.scroller.scrollTo({ top: this.scroller.scrollHeight, behavior });
       this.composerText.focus({ preventScroll: true });
     });
     this.#listen(this.loadOlderButton, "click", () => this.#loadOlder());
