@@ -1019,6 +1019,14 @@ def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_
     page.unroute("**/api/v1/events*")
     wait_for(page, lambda: "Connected again." in announced(page), "the connection back announced")
 
+    # The composer says how to send and how much there is room for; too long, Enter says why it does nothing.
+    composer = page.get_by_role("textbox", name="Message")
+    expect(composer).to_have_accessible_description("Enter to send, Shift+Enter for a new line 0 / 4000")
+    composer.fill("x" * 4001)
+    composer.press("Enter")
+    expect(composer).to_have_value("x" * 4001)
+    composer.fill("")
+
     # A message the server refuses for good.
     refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
     page.route(
@@ -1037,6 +1045,7 @@ def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_
         "New message from carol",
         "Reconnecting…",
         "Connected again.",
+        "Too long to send: 4001 / 4000: 1 too many",
         "You: refused",
         "Not sent: no such conversation",
     ]

@@ -680,7 +680,9 @@ export class ChatView {
   #send() {
     const id = this.openId;
     const text = sendable(this.composerText.value);
-    if (id == null || isBlank(text) || codePoints(text) > TEXT_MAX_CHARS) return;
+    if (id == null || isBlank(text)) return;
+    // The counter shows it in red; a screen reader is told why Enter did nothing.
+    if (codePoints(text) > TEXT_MAX_CHARS) return this.#announce([`Too long to send: ${this.composerCount.textContent}`]);
     this.client.send(id, text);
     this.composerText.value = "";
     this.drafts.delete(id);
