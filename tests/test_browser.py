@@ -978,6 +978,11 @@ def test_keyboard_only_sign_up_chat_switch_and_sign_out(people, server: ServerPr
     expect(page.get_by_test_id("auth-notice")).to_contain_text("signed out")
     expect(username).to_be_focused()
 
+    # On a phone the focus goes to the screen's heading, not into a field (and the on-screen keyboard).
+    bob = people("bob", PHONE)
+    sign_in(bob)
+    expect(bob.page.get_by_role("heading", name="chatapi")).to_be_focused()
+
 
 def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_not(
     people, server: ServerProcess

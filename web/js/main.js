@@ -136,8 +136,8 @@ async function submit(event) {
     // Awaited: the button stays disabled until the page has started, so a second press cannot
     // start a second session (whose client and view would outlive signing out).
     await enter(session);
-    // The focus was in the form, gone now: it goes to the signed-in screen's first field.
-    if (!appView.hidden && !appView.contains(document.activeElement)) $("new-chat-peer").focus();
+    // The focus was in the form, gone now: on to the signed-in screen.
+    if (!appView.hidden && !appView.contains(document.activeElement)) view.focusStart();
   } catch (error) {
     showError(describe(error));
     passwordInput.focus();

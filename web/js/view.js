@@ -191,6 +191,15 @@ export class ChatView {
     this.#route();
   }
 
+  /**
+   * Gives the focus to the screen (after signing in): to the field that starts a chat, or on a phone
+   * to the screen's heading, not to bring the on-screen keyboard up over the list.
+   */
+  focusStart() {
+    if (window.matchMedia(WIDE_LAYOUT).matches) this.newChatPeer.focus();
+    else document.getElementById("app-heading").focus();
+  }
+
   dispose() {
     for (const dispose of this.disposers) dispose();
     this.disposers = [];
