@@ -422,6 +422,8 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: Serv
     alice = people("alice")
     sign_in(alice)
     start_chat(alice, "bob")
+    # Its (empty) history is in: what goes in from now on is news, not the page that opened it.
+    expect(alice.page.get_by_text("This is the beginning of your conversation.")).to_be_visible()
     record_announcements(alice.page)
 
     alice.send(MARKUP)
@@ -805,7 +807,7 @@ def test_the_first_message_of_an_empty_conversation_is_announced(people, server:
     alice = people("alice")
     sign_in(alice)
     alice.open_conversation("bob")
-    alice.page.wait_for_timeout(500)  # the (empty) page of messages is in
+    expect(alice.page.get_by_text("This is the beginning of your conversation.")).to_be_visible()  # its page is in
     record_announcements(alice.page)
     api_bob.send(conversation_id, "hello, anyone there?")
     expect(alice.message("hello, anyone there?")).to_be_visible()
