@@ -9,6 +9,7 @@ as root); without it these tests fail, they never skip.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -191,6 +192,19 @@ def wait_for(page: Page, condition: Callable[[], object], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not within {WAIT_MS} ms"
         page.wait_for_timeout(50)
+
+
+def posts_answered(status: int, code: str, message: str) -> Callable[[Route], None]:
+    """A route handler: each POST gets this error answer, as if from the server; other requests go through."""
+    body = json.dumps({"error": {"code": code, "message": message}})
+
+    def handle(route: Route) -> None:
+        if route.request.method == "POST":
+            route.fulfill(status=status, content_type="application/json", body=body)
+        else:
+            route.continue_()
+
+    return handle
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -645,16 +659,8 @@ def test_a_send_that_keeps_failing_says_so_and_a_passing_error_leaves_no_false_a
     alice = people("alice")
     sign_in(alice)
     start_chat(alice, "bob")
-    unavailable = '{"error": {"code": "service_unavailable", "message": "the database is unavailable"}}'
     sends = "**/api/v1/conversations/*/messages"
-    alice.page.route(
-        sends,
-        lambda route: (
-            route.fulfill(status=503, content_type="application/json", body=unavailable)
-            if route.request.method == "POST"
-            else route.continue_()
-        ),
-    )
+    alice.page.route(sends, posts_answered(503, "service_unavailable", "the database is unavailable"))
     alice.send("patience", acknowledged=False)
     note = alice.message("patience").get_by_test_id("message-retrying")
     expect(note).to_contain_text("the database is unavailable")
@@ -825,16 +831,8 @@ def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored
     api_bob = api.signed_up("bob")
     conversation_id = api_bob.start("alice")["id"]
     context = one_profile(browser)
-    refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
     sends = "**/api/v1/conversations/*/messages"
-    context.route(
-        sends,
-        lambda route: (
-            route.fulfill(status=404, content_type="application/json", body=refused)
-            if route.request.method == "POST"
-            else route.continue_()
-        ),
-    )
+    context.route(sends, posts_answered(404, "conversation_not_found", "no such conversation"))
     try:
         tab_a, tab_b = alice_in_two_tabs(context, server)
         tab_a.open_conversation("bob")
@@ -1035,14 +1033,8 @@ def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_
     composer.fill("")
 
     # A message the server refuses for good.
-    refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
     page.route(
-        "**/api/v1/conversations/*/messages",
-        lambda route: (
-            route.fulfill(status=404, content_type="application/json", body=refused)
-            if route.request.method == "POST"
-            else route.continue_()
-        ),
+        "**/api/v1/conversations/*/messages", posts_answered(404, "conversation_not_found", "no such conversation")
     )
     alice.send("refused", acknowledged=False)
     expect(alice.message("refused")).to_have_attribute("data-state", "failed")
@@ -1159,19 +1151,11 @@ def test_every_text_shown_has_enough_contrast(people, server: ServerProcess, sch
 
     # My messages in each state: refused for good, waiting for the server, sent.
     sends = "**/api/v1/conversations/*/messages"
-
-    def answer(status: int, body: str) -> Callable[[Route], None]:
-        return lambda route: (
-            route.fulfill(status=status, content_type="application/json", body=body)
-            if route.request.method == "POST"
-            else route.continue_()
-        )
-
-    page.route(sends, answer(404, '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'))
+    page.route(sends, posts_answered(404, "conversation_not_found", "no such conversation"))
     alice.send("refused", acknowledged=False)
     expect(alice.message("refused")).to_have_attribute("data-state", "failed")
     page.unroute(sends)
-    page.route(sends, answer(503, '{"error": {"code": "service_unavailable", "message": "try again"}}'))
+    page.route(sends, posts_answered(503, "service_unavailable", "try again"))
     alice.send("waiting", acknowledged=False)
     expect(alice.message("waiting").get_by_test_id("message-retrying")).to_be_visible()
     page.get_by_test_id("composer").fill("x" * 3900)  # the counter warns
