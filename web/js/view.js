@@ -691,7 +691,10 @@ export class ChatView {
     const text = sendable(this.composerText.value);
     if (id == null || isBlank(text)) return;
     // The counter shows it in red; a screen reader is told why Enter did nothing.
-    if (codePoints(text) > TEXT_MAX_CHARS) return this.#announce([`Too long to send: ${this.composerCount.textContent}`]);
+    if (codePoints(text) > TEXT_MAX_CHARS) {
+      this.#announce([`Too long to send: ${this.composerCount.textContent}`]);
+      return;
+    }
     this.client.send(id, text);
     this.composerText.value = "";
     this.drafts.delete(id);
