@@ -9,6 +9,7 @@ as root); without it these tests fail, they never skip.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -191,6 +192,19 @@ def wait_for(page: Page, condition: Callable[[], object], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not within {WAIT_MS} ms"
         page.wait_for_timeout(50)
+
+
+def posts_answered(status: int, code: str, message: str) -> Callable[[Route], None]:
+    """A route handler: each POST gets this error answer, as if from the server; other requests go through."""
+    body = json.dumps({"error": {"code": code, "message": message}})
+
+    def handle(route: Route) -> None:
+        if route.request.method == "POST":
+            route.fulfill(status=status, content_type="application/json", body=body)
+        else:
+            route.continue_()
+
+    return handle
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -422,6 +436,9 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: Serv
     alice = people("alice")
     sign_in(alice)
     start_chat(alice, "bob")
+    # Its (empty) history is in: what goes in from now on is news, not the page that opened it.
+    expect(alice.page.get_by_text("This is the beginning of your conversation.")).to_be_visible()
+    record_announcements(alice.page)
 
     alice.send(MARKUP)
     conversation_id = api_bob.start("alice")["id"]
@@ -435,6 +452,8 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(people, server: Serv
     expect(alice.message("<script>alert(2)</script><b>bold?</b>")).to_have_class(re.compile(r"\bmessage--theirs\b"))
     messages = alice.page.get_by_test_id("message-list")
     assert messages.locator("img, script, b").count() == 0
+    # Read out to screen readers as the same text.
+    assert announced(alice.page)[:2] == [f"You: {MARKUP}", "bob: <script>alert(2)</script><b>bold?</b>"]
     # A word longer than the bubble wraps instead of widening the page.
     assert alice.page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
     # Give a planted handler every chance to fire: one more round trip after it was rendered.
@@ -640,16 +659,8 @@ def test_a_send_that_keeps_failing_says_so_and_a_passing_error_leaves_no_false_a
     alice = people("alice")
     sign_in(alice)
     start_chat(alice, "bob")
-    unavailable = '{"error": {"code": "service_unavailable", "message": "the database is unavailable"}}'
     sends = "**/api/v1/conversations/*/messages"
-    alice.page.route(
-        sends,
-        lambda route: (
-            route.fulfill(status=503, content_type="application/json", body=unavailable)
-            if route.request.method == "POST"
-            else route.continue_()
-        ),
-    )
+    alice.page.route(sends, posts_answered(503, "service_unavailable", "the database is unavailable"))
     alice.send("patience", acknowledged=False)
     note = alice.message("patience").get_by_test_id("message-retrying")
     expect(note).to_contain_text("the database is unavailable")
@@ -774,9 +785,27 @@ def test_a_stale_tab_ending_its_session_keeps_the_session_signed_in_since(
         context.close()
 
 
+def record_announcements(page: Page) -> None:
+    """From now on, `announced(page)` lists every line the page puts in its live region (where each
+    stays only a few seconds)."""
+    page.evaluate(
+        """() => {
+            window.announced = [];
+            new MutationObserver((records) => {
+                for (const record of records)
+                    for (const node of record.addedNodes) window.announced.push(node.textContent);
+            }).observe(document.getElementById("announcements"), { childList: true });
+        }"""
+    )
+
+
+def announced(page: Page) -> list[str]:
+    return page.evaluate("window.announced")
+
+
 def test_the_first_message_of_an_empty_conversation_is_announced(people, server: ServerProcess) -> None:
-    """The live region is silenced only while a whole page goes in (opening, older history): the
-    first message to arrive in an open, empty conversation is news like any other."""
+    """A whole page going in at once (opening, older history) is not read out: the first message to
+    arrive in an open, empty conversation is news like any other."""
     api = Api(server.base_url)
     api.signed_up("alice")
     api_bob = api.signed_up("bob")
@@ -784,23 +813,12 @@ def test_the_first_message_of_an_empty_conversation_is_announced(people, server:
     alice = people("alice")
     sign_in(alice)
     alice.open_conversation("bob")
-    alice.page.wait_for_timeout(500)  # the (empty) page of messages is in
-    alice.page.evaluate(
-        """() => {
-            const list = document.getElementById("message-list");
-            window.liveWhenAdded = [];
-            new MutationObserver((records) => {
-                for (const record of records)
-                    for (const node of record.addedNodes)
-                        if (node.dataset?.testid === "message")
-                            window.liveWhenAdded.push(list.getAttribute("aria-live"));
-            }).observe(list, { childList: true });
-        }"""
-    )
+    expect(alice.page.get_by_text("This is the beginning of your conversation.")).to_be_visible()  # its page is in
+    record_announcements(alice.page)
     api_bob.send(conversation_id, "hello, anyone there?")
     expect(alice.message("hello, anyone there?")).to_be_visible()
     alice.send("yes, here")
-    assert alice.page.evaluate("window.liveWhenAdded") == ["polite", "polite"]
+    assert announced(alice.page) == ["bob: hello, anyone there?", "You: yes, here"]
 
 
 def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored_once(
@@ -813,16 +831,8 @@ def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored
     api_bob = api.signed_up("bob")
     conversation_id = api_bob.start("alice")["id"]
     context = one_profile(browser)
-    refused = '{"error": {"code": "conversation_not_found", "message": "no such conversation"}}'
     sends = "**/api/v1/conversations/*/messages"
-    context.route(
-        sends,
-        lambda route: (
-            route.fulfill(status=404, content_type="application/json", body=refused)
-            if route.request.method == "POST"
-            else route.continue_()
-        ),
-    )
+    context.route(sends, posts_answered(404, "conversation_not_found", "no such conversation"))
     try:
         tab_a, tab_b = alice_in_two_tabs(context, server)
         tab_a.open_conversation("bob")
@@ -843,3 +853,344 @@ def test_a_refused_message_retried_in_one_tab_is_settled_in_the_other_and_stored
         assert_quiet(tab_b)
     finally:
         context.close()
+
+
+# Accessibility: what a screen reader and a keyboard meet. ------------------------------------
+
+# A control in the accessibility tree without a name: `- button` rather than `- button "Send"`.
+UNNAMED_CONTROL = re.compile(r'^\s*- (button|link|textbox|tab|checkbox|combobox)(?! ")\b.*$', re.MULTILINE)
+
+
+def unnamed_controls(page: Page) -> list[str]:
+    return [match.group(0).strip() for match in UNNAMED_CONTROL.finditer(page.locator("body").aria_snapshot())]
+
+
+def test_each_screen_has_a_heading_and_each_field_says_its_hint_error_and_notice(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api.signed_up("bob")
+    alice = people("alice")
+    page = alice.page
+    expect(page.get_by_role("heading", level=1)).to_have_text("chatapi")
+    username = page.get_by_label("Username", exact=True)
+    password = page.get_by_label("Password", exact=True)
+    expect(username).to_have_accessible_description("")
+    page.get_by_role("tab", name="Create account").click()
+    expect(username).to_have_accessible_description("3–32 characters: a–z, 0–9, _ . -")
+    expect(password).to_have_accessible_description("At least 8 characters.")
+    assert unnamed_controls(page) == []
+    page.get_by_role("tab", name="Sign in").click()
+    expect(password).to_have_accessible_description("")
+    username.fill("alice")
+    password.fill("not the password")
+    password.press("Enter")
+    expect(password).to_have_accessible_description("Wrong username or password.")
+    expect(password).to_be_focused()
+
+    sign_in(alice)
+    sidebar = page.get_by_role("complementary", name="Conversations")
+    expect(sidebar.get_by_role("heading", level=1)).to_have_text("chatapi")
+    expect(sidebar).to_contain_text("Signed in as")
+    start_chat(alice, "bob")
+    expect(page.get_by_role("main").get_by_role("heading", level=2)).to_have_text("bob")
+    assert unnamed_controls(page) == []
+
+    # Thrown out (signed out elsewhere): the focus is in the username field, which says why.
+    Api(server.base_url, alice.token()).request("DELETE", "/api/v1/tokens/current")
+    api.signed_up("carol").start("alice")
+    expect(username).to_be_focused()
+    expect(username).to_have_accessible_description(re.compile("^Your session has ended .* Please sign in again.$"))
+
+
+FOCUS = """() => {
+    const focused = document.activeElement;
+    const style = getComputedStyle(focused);
+    const ring = style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2;
+    return { body: focused === document.body, ring, html: focused.outerHTML.slice(0, 120) };
+}"""
+
+
+def tab_to(page: Page, target, *, backwards: bool = False, most: int = 25) -> None:
+    """Presses Tab (Shift+Tab) until `target` has the focus; each control on the way shows a focus ring."""
+    for _ in range(most):
+        page.keyboard.press("Shift+Tab" if backwards else "Tab")
+        focus = page.evaluate(FOCUS)
+        assert not focus["body"], f"{target} not reached by Tab"
+        assert focus["ring"], f"no focus ring on {focus['html']}"
+        if target.evaluate("el => el === document.activeElement"):
+            return
+    raise AssertionError(f"{target} not reached in {most} presses of Tab")
+
+
+def test_keyboard_only_sign_up_chat_switch_and_sign_out(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("bob")
+    alice = people("alice")
+    page = alice.page
+    keyboard = page.keyboard
+    username = page.get_by_label("Username", exact=True)
+    expect(username).to_be_focused()
+    assert page.evaluate(FOCUS)["ring"]
+    create = page.get_by_role("tab", name="Create account")
+    tab_to(page, page.get_by_role("tab", name="Sign in"), backwards=True)
+    keyboard.press("ArrowRight")
+    expect(create).to_be_focused()
+    expect(create).to_have_attribute("aria-selected", "true")
+    tab_to(page, username)
+    keyboard.type("alice")
+    keyboard.press("Tab")
+    assert page.evaluate(FOCUS)["ring"]
+    keyboard.type(PASSWORD)
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("me-name")).to_have_text("alice")
+
+    # Signed in: the focus is in the field that starts a chat.
+    peer = page.get_by_role("textbox", name="Start a chat with a username")
+    expect(peer).to_be_focused()
+    keyboard.type("nobody")
+    tab_to(page, page.get_by_role("button", name="Start"))
+    keyboard.press("Enter")
+    expect(peer).to_be_focused()
+    expect(peer).to_have_accessible_description("There is no user called “nobody”.")
+    keyboard.press("ControlOrMeta+A")
+    keyboard.type("bob")
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("conversation-title")).to_have_text("bob")
+    composer = page.get_by_role("textbox", name="Message")
+    expect(composer).to_be_focused()
+    keyboard.type("sent with Enter")
+    keyboard.press("Enter")
+    expect(alice.message("sent with Enter")).to_have_attribute("data-seq", "1")
+    expect(composer).to_be_focused()
+    expect(composer).to_have_value("")
+
+    # Another conversation comes in; Shift+Tab reaches it, Enter opens it, and the focus is in its composer.
+    carol = api.signed_up("carol")
+    carol.send(carol.start("alice")["id"], "hello from carol")
+    tab_to(page, alice.conversation_with("carol"), backwards=True)
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("conversation-title")).to_have_text("carol")
+    expect(composer).to_be_focused()
+    expect(alice.message("hello from carol")).to_be_visible()
+
+    tab_to(page, page.get_by_role("button", name="Sign out"), backwards=True)
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("auth-notice")).to_contain_text("signed out")
+    expect(username).to_be_focused()
+
+    # On a phone the focus goes to the screen's heading, not into a field (and the on-screen keyboard).
+    bob = people("bob", PHONE)
+    sign_in(bob)
+    expect(bob.page.get_by_role("heading", name="chatapi")).to_be_focused()
+
+
+def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_not(
+    people, server: ServerProcess
+) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    api_carol = api.signed_up("carol")
+    with_bob = api_bob.start("alice")["id"]
+    with_carol = api_carol.start("alice")["id"]
+    for n in range(1, 61):  # a page and a bit
+        api_bob.send(with_bob, f"line {n}")
+    alice = people("alice")
+    page = alice.page
+    sign_in(alice)
+    record_announcements(page)
+
+    # The messages are a list (in a region named after the peer); opening it and loading its
+    # history reads none of it out.
+    alice.open_conversation("bob")
+    history = page.get_by_role("region", name="Messages with bob").get_by_role("list")
+    expect(history.get_by_role("listitem").filter(has_text="line 60")).to_be_visible()
+    page.get_by_role("button", name="Load earlier messages").click()
+    expect(page.get_by_test_id("message-text")).to_have_count(60)
+    assert announced(page) == []
+
+    # What comes in is read out, once, with who wrote it; the ticks say in words where a message is.
+    api_bob.send(with_bob, "are you there?")
+    wait_for(page, lambda: announced(page) == ["bob: are you there?"], "bob's message announced")
+    alice.send("yes")
+    expect(alice.message("yes").get_by_role("img", name="Sent")).to_be_visible()
+    api_bob.post(f"/api/v1/conversations/{with_bob}/read", {"seq": 62})
+    expect(alice.message("yes").get_by_role("img", name="Read")).to_be_visible()
+
+    # A message in another conversation, then the connection lost and found.
+    page.route("**/api/v1/events*", lambda route: route.abort("connectionrefused"))
+    api_carol.send(with_carol, "psst")  # answers the poll in flight; the next one fails
+    wait_for(page, lambda: "Reconnecting…" in announced(page), "the lost connection announced")
+    page.unroute("**/api/v1/events*")
+    wait_for(page, lambda: "Connected again." in announced(page), "the connection back announced")
+
+    # The composer says how to send and how much there is room for; too long, Enter says why it does nothing.
+    composer = page.get_by_role("textbox", name="Message")
+    expect(composer).to_have_accessible_description("Enter to send, Shift+Enter for a new line 0 / 4000")
+    composer.fill("x" * 4001)
+    composer.press("Enter")
+    expect(composer).to_have_value("x" * 4001)
+    composer.fill("")
+
+    # A message the server refuses for good.
+    page.route(
+        "**/api/v1/conversations/*/messages", posts_answered(404, "conversation_not_found", "no such conversation")
+    )
+    alice.send("refused", acknowledged=False)
+    expect(alice.message("refused")).to_have_attribute("data-state", "failed")
+    assert announced(page) == [
+        "bob: are you there?",
+        "You: yes",
+        "New message from carol",
+        "Reconnecting…",
+        "Connected again.",
+        "Too long to send: 4001 / 4000: 1 too many",
+        "You: refused",
+        "Not sent: no such conversation",
+    ]
+
+
+# Each shown text's colour against what is behind it (backgrounds and opacity composed up the tree),
+# as WCAG computes contrast: 4.5:1, or 3:1 for large text. Left out: text that is not shown (hidden,
+# visually hidden for screen readers), disabled controls, and the avatars' initials, which are
+# decoration (aria-hidden, beside the name they repeat).
+LOW_CONTRAST = """() => {
+    const parse = (colour) => {
+        const [r, g, b, a = 1] = colour.match(/[0-9.]+/g).map(Number);
+        return [r, g, b, a];
+    };
+    const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3])).concat(1);
+    const mix = (colour, under, alpha) => over([...colour.slice(0, 3), alpha], under);
+    const luminance = (colour) => {
+        const [r, g, b] = colour.slice(0, 3).map((v) => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    const ratio = (a, b) => {
+        const [light, dark] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+        return (light + 0.05) / (dark + 0.05);
+    };
+    // The text colour and the background behind it, as they reach the screen.
+    const seen = (element, colour) => {
+        const chain = [];
+        for (let node = element; node; node = node.parentElement) chain.unshift(node);
+        let background = [255, 255, 255, 1];
+        let behindGroup = null;
+        let opacity = 1;
+        for (const node of chain) {
+            const style = getComputedStyle(node);
+            if (Number(style.opacity) < 1) {
+                behindGroup ??= background;
+                opacity *= Number(style.opacity);
+            }
+            background = over(parse(style.backgroundColor), background);
+        }
+        let text = over(parse(colour), background);
+        if (behindGroup) {
+            text = mix(text, behindGroup, opacity);
+            background = mix(background, behindGroup, opacity);
+        }
+        return [text, background];
+    };
+    const failures = [];
+    const check = (element, colour, what) => {
+        const style = getComputedStyle(element);
+        const size = parseFloat(style.fontSize);
+        const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+        const [text, background] = seen(element, colour);
+        const contrast = ratio(text, background);
+        if (contrast < (large ? 3 : 4.5)) {
+            const rgb = (c) => `rgb(${c.slice(0, 3).map(Math.round).join(", ")})`;
+            const where = `${what} (${element.className})`;
+            failures.push(`${contrast.toFixed(2)}:1 ${where}: ${rgb(text)} on ${rgb(background)}`);
+        }
+    };
+    for (const element of document.body.querySelectorAll("*")) {
+        if (!element.checkVisibility() || element.closest(".visually-hidden, [aria-hidden=true], :disabled")) continue;
+        const own = [...element.childNodes].filter((n) => n.nodeType === Node.TEXT_NODE && n.data.trim());
+        const text = own.length ? JSON.stringify(own[0].data.trim().slice(0, 30)) : null;
+        if (text) check(element, getComputedStyle(element).color, text);
+        if (element.placeholder && !element.value) {
+            check(element, getComputedStyle(element, "::placeholder").color, `placeholder "${element.placeholder}"`);
+        }
+    }
+    return failures;
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_text_shown_has_enough_contrast(people, server: ServerProcess, scheme: str) -> None:
+    api = Api(server.base_url)
+    api_bob = api.signed_up("bob")
+    alice = people("alice")
+    page = alice.page
+    page.emulate_media(color_scheme=scheme)
+    low: list[str] = []
+
+    # Signed out: creating an account (its hints), with an error.
+    page.get_by_role("tab", name="Create account").click()
+    page.get_by_role("button", name="Create account").click()
+    expect(page.get_by_test_id("auth-error")).to_be_visible()
+    low += page.evaluate(LOW_CONTRAST)
+
+    # Signed in, nothing yet; then a conversation of each kind: read, unread, empty.
+    sign_up(alice)
+    expect(page.get_by_text("No conversations yet.", exact=False)).to_be_visible()
+    low += page.evaluate(LOW_CONTRAST)
+    with_bob = api_bob.start("alice")["id"]
+    api_bob.send(with_bob, "hi alice")
+    api_carol = api.signed_up("carol")
+    api_carol.send(api_carol.start("alice")["id"], "unread, from carol")
+    api.signed_up("dave").start("alice")
+    alice.open_conversation("bob")
+    alice.send("hi bob")
+    expect(alice.conversation_with("carol").get_by_test_id("unread-badge")).to_have_text("1")
+    low += page.evaluate(LOW_CONTRAST)
+
+    # My messages in each state: refused for good, waiting for the server, sent.
+    sends = "**/api/v1/conversations/*/messages"
+    page.route(sends, posts_answered(404, "conversation_not_found", "no such conversation"))
+    alice.send("refused", acknowledged=False)
+    expect(alice.message("refused")).to_have_attribute("data-state", "failed")
+    page.unroute(sends)
+    page.route(sends, posts_answered(503, "service_unavailable", "try again"))
+    alice.send("waiting", acknowledged=False)
+    expect(alice.message("waiting").get_by_test_id("message-retrying")).to_be_visible()
+    page.get_by_test_id("composer").fill("x" * 3900)  # the counter warns
+    page.route("**/api/v1/events*", lambda route: route.abort("connectionrefused"))
+    api_bob.send(with_bob, "the last word")  # answers the poll in flight; the next one fails
+    expect(page.get_by_test_id("connection-status")).to_contain_text("Reconnecting")
+    low += page.evaluate(LOW_CONTRAST)
+
+    assert low == [], "\n".join(low)
+    page.unroute(sends)  # the outbox empties, and no dialog asks about unsent messages
+
+
+def test_jumping_to_the_latest_message_does_not_glide_when_motion_is_reduced(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    api.signed_up("alice")
+    api_bob = api.signed_up("bob")
+    conversation_id = api_bob.start("alice")["id"]
+    for n in range(1, 61):
+        api_bob.send(conversation_id, f"line {n}")
+    alice = people("alice")
+    page = alice.page
+    page.emulate_media(reduced_motion="reduce")
+    sign_in(alice)
+    alice.open_conversation("bob")
+    expect(page.get_by_test_id("message-text")).to_have_count(50)
+    scroller = page.get_by_test_id("message-scroller")
+    scroller.evaluate("el => { el.scrollTop = 0; }")  # the rest of the history comes in above
+    expect(page.get_by_text("This is the beginning of your conversation.")).to_be_visible()
+    jump = page.get_by_role("button", name="Jump to the latest message")
+    expect(jump).to_be_visible()
+    left = jump.evaluate(
+        """button => {
+            button.click();
+            const scroller = document.getElementById("messages");
+            return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight;
+        }"""
+    )
+    assert left < 1, f"{left} px still to scroll right after the click: it glides"

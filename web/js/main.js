@@ -66,6 +66,24 @@ function showError(message) {
   const invalid = message ? "true" : "false";
   usernameInput.setAttribute("aria-invalid", invalid);
   passwordInput.setAttribute("aria-invalid", invalid);
+  describeFields();
+}
+
+/**
+ * What a screen reader says after each field's name: the error, the notice (the field has the focus
+ * when the form comes up with one) and the hint, those that are shown. A hidden element named by
+ * aria-describedby would be read all the same, so only the shown ones are named.
+ */
+function describeFields() {
+  const shown = (...nodes) => nodes.filter((node) => !node.hidden && node.textContent).map((node) => node.id);
+  const fields = [
+    [usernameInput, shown(errorText, notice, $("auth-username-hint"))],
+    [passwordInput, shown(errorText, $("auth-password-hint"))],
+  ];
+  for (const [field, ids] of fields) {
+    if (ids.length) field.setAttribute("aria-describedby", ids.join(" "));
+    else field.removeAttribute("aria-describedby");
+  }
 }
 
 function showAuth(message = "") {
@@ -118,6 +136,8 @@ async function submit(event) {
     // Awaited: the button stays disabled until the page has started, so a second press cannot
     // start a second session (whose client and view would outlive signing out).
     await enter(session);
+    // The focus was in the form, gone now: on to the signed-in screen.
+    if (!appView.hidden && !appView.contains(document.activeElement)) view.focusStart();
   } catch (error) {
     showError(describe(error));
     passwordInput.focus();

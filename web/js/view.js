@@ -29,9 +29,16 @@ const LOAD_OLDER_AT_PX = 200;
 const COUNT_WARN_AT = 3800;
 /** The composer grows with its text up to this height (px), then scrolls. */
 const COMPOSER_MAX_PX = 160;
+/**
+ * An announcement stays in the live region this long (ms): screen readers take its text when it goes
+ * in, and after that it would only be found again, out of place, by someone reading the page through.
+ */
+const ANNOUNCEMENT_MS = 5000;
 
 /** Both panes side by side from this width on (keep in step with app.css). */
 const WIDE_LAYOUT = "(min-width: 48rem)";
+/** The reader asked for less motion: scrolls jump instead of gliding. */
+const REDUCED_MOTION = "(prefers-reduced-motion: reduce)";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const ICONS = {
@@ -68,6 +75,11 @@ function icon(paths) {
     svg.append(path);
   }
   return svg;
+}
+
+/** "You:" or "bob:", before a message's text for screen readers. */
+function speaker(row) {
+  return row.mine ? "You:" : `${row.sender}:`;
 }
 
 function setAvatar(node, name) {
@@ -110,6 +122,8 @@ export class ChatView {
     this.flushQueued = false;
     this.loadingOlder = false;
     this.filled = false; // the open conversation's loaded messages are in the list
+    this.unreadShown = new Map(); // conversation id -> its unread count in the list, to announce the new ones
+    this.listShown = false; // the list has been rendered since the client started
     this.disposers = [];
 
     const $ = (id) => document.getElementById(id);
@@ -133,6 +147,7 @@ export class ChatView {
     this.composer = $("composer");
     this.composerText = $("composer-text");
     this.composerCount = $("composer-count");
+    this.announcer = $("announcements");
     this.sendButton = this.composer.querySelector("button[type=submit]");
     $("me-name").textContent = client.me;
     setAvatar($("me-avatar"), client.me);
@@ -157,7 +172,8 @@ export class ChatView {
       this.#updateJump();
     });
     this.#listen(this.jumpButton, "click", () => {
-      this.scroller.scrollTo({ top: this.scroller.scrollHeight, behavior: "smooth" });
+      const behavior = window.matchMedia(REDUCED_MOTION).matches ? "instant" : "smooth";
+      this.scroller.scrollTo({ top: this.scroller.scrollHeight, behavior });
       this.composerText.focus({ preventScroll: true });
     });
     this.#listen(this.loadOlderButton, "click", () => this.#loadOlder());
@@ -175,11 +191,21 @@ export class ChatView {
     this.#route();
   }
 
+  /**
+   * Gives the focus to the screen (after signing in): to the field that starts a chat, or on a phone
+   * to the screen's heading, not to bring the on-screen keyboard up over the list.
+   */
+  focusStart() {
+    if (window.matchMedia(WIDE_LAYOUT).matches) this.newChatPeer.focus();
+    else document.getElementById("app-heading").focus();
+  }
+
   dispose() {
     for (const dispose of this.disposers) dispose();
     this.disposers = [];
     this.list.replaceChildren();
     this.messageList.replaceChildren();
+    this.announcer.replaceChildren();
     document.getElementById("me-name").textContent = "";
     document.getElementById("me-avatar").textContent = "";
     this.conversation.hidden = true;
@@ -221,6 +247,9 @@ export class ChatView {
 
   #renderStatus() {
     const status = this.client.status;
+    const was = this.connection.dataset.state;
+    if (status === "reconnecting" && was !== "reconnecting") this.#announce(["Reconnecting…"]);
+    if (status === "online" && was === "reconnecting") this.#announce(["Connected again."]);
     this.connection.dataset.state = status;
     this.connection.hidden = status === "online";
     this.connectionText.textContent = status === "reconnecting" ? "Reconnecting…" : "Connecting…";
@@ -229,6 +258,7 @@ export class ChatView {
   #renderList() {
     const conversations = this.client.conversationList();
     this.listEmpty.hidden = conversations.length > 0 || !this.client.started;
+    const news = [];
     reconcile(
       this.list,
       conversations,
@@ -271,6 +301,11 @@ export class ChatView {
           : "No messages yet";
         preview.classList.toggle("conversation-preview--empty", !last);
         const unread = this.client.unread(c);
+        // More unread than the list showed: news, unless it is the open conversation (which says it itself).
+        if (this.listShown && unread > (this.unreadShown.get(c.id) ?? 0) && c.id !== this.openId) {
+          news.push(`New message from ${c.peer}`);
+        }
+        this.unreadShown.set(c.id, unread);
         badge.textContent = String(unread);
         badge.hidden = unread === 0 || c.id === this.openId;
         link.classList.toggle("conversation-item--unread", unread > 0 && c.id !== this.openId);
@@ -282,6 +317,8 @@ export class ChatView {
         else link.removeAttribute("aria-current");
       },
     );
+    this.#announce(news);
+    this.listShown = this.client.started;
     // The tab's title counts what is unread, including the open conversation while the page is hidden.
     const watching = document.visibilityState === "visible" ? this.openId : null;
     const unreadTotal = conversations.reduce((sum, c) => sum + (c.id === watching ? 0 : this.client.unread(c)), 0);
@@ -297,7 +334,7 @@ export class ChatView {
     this.title.textContent = conversation.peer;
     this.composerText.placeholder = `Message ${conversation.peer}`;
     setAvatar(this.avatar, conversation.peer);
-    this.messageList.setAttribute("aria-label", `Messages with ${conversation.peer}`);
+    this.scroller.setAttribute("aria-label", `Messages with ${conversation.peer}`);
     if (!this.client.loaded.has(id)) {
       this.messageList.replaceChildren();
       this.filled = false;
@@ -352,21 +389,28 @@ export class ChatView {
       });
     }
 
-    // A whole page going in at once (the conversation opened, or older history) is not news:
-    // the live region must not read it all out. (Not "no message shown yet": in an open, empty
-    // conversation the first message is news.)
+    // What screen readers are told: each message that comes in, each note on sending that goes up.
+    // A whole page going in at once (the conversation opened, or older history) is not news, and
+    // is not read out. (Not "no message shown yet": in an open, empty conversation the first
+    // message is news.)
     const quiet = !this.filled || this.loadingOlder;
     this.filled = true;
-    if (quiet) this.messageList.setAttribute("aria-live", "off");
+    const news = [];
     reconcile(
       this.messageList,
       rows,
       (row) => row.key,
-      (row) => (row.kind === "day" ? this.#createDay() : this.#createMessage()),
-      (node, row) => (row.kind === "day" ? this.#updateDay(node, row) : this.#updateMessage(node, row)),
+      (row) => {
+        if (row.kind === "day") return this.#createDay();
+        news.push(`${speaker(row)} ${row.text}`);
+        return this.#createMessage();
+      },
+      (node, row) => {
+        if (row.kind === "day") this.#updateDay(node, row);
+        else news.push(...this.#updateMessage(node, row));
+      },
     );
-
-    if (quiet) requestAnimationFrame(() => this.messageList.setAttribute("aria-live", "polite"));
+    if (!quiet) this.#announce(news);
 
     const hasOlder = this.client.hasOlder(id);
     this.loadOlderButton.hidden = !hasOlder;
@@ -420,7 +464,7 @@ export class ChatView {
 
   #updateMessage(li, row) {
     const [who, text, meta] = li.firstElementChild.children;
-    who.textContent = row.mine ? "You:" : `${row.sender}:`;
+    who.textContent = speaker(row);
     const [time, state] = meta.children;
     li.classList.toggle("message--mine", row.mine);
     li.classList.toggle("message--theirs", !row.mine);
@@ -443,32 +487,36 @@ export class ChatView {
       delete li.dataset.state;
       state.hidden = true;
     }
-    this.#updateFailure(li, row);
-    this.#updateRetrying(li, row);
+    // The notes put up now, to be announced.
+    return [this.#updateFailure(li, row), this.#updateRetrying(li, row)].filter(Boolean);
   }
 
-  /** A send that keeps failing for a passing reason says so, under its clock. */
+  /** A send that keeps failing for a passing reason says so, under its clock. Returns the note if new. */
   #updateRetrying(li, row) {
     let note = li.querySelector(".message-retrying");
     if (!row.retrying) {
       note?.remove();
-      return;
+      return null;
     }
-    if (!note) {
+    const put = !note;
+    if (put) {
       note = el("div", "message-retrying");
       note.dataset.testid = "message-retrying";
       li.append(note);
     }
     note.textContent = `Not sent yet (${row.retrying}); trying again…`;
+    return put ? note.textContent : null;
   }
 
+  /** A message refused for good says so, with Retry and Delete. Returns the note if new. */
   #updateFailure(li, row) {
     let failure = li.querySelector(".message-failure");
     if (row.state !== "failed") {
       failure?.remove();
-      return;
+      return null;
     }
-    if (!failure) {
+    const put = !failure;
+    if (put) {
       failure = el("div", "message-failure");
       failure.append(el("span", "message-failure-text"));
       const retry = el("button", "link-button", "Retry");
@@ -482,6 +530,16 @@ export class ChatView {
     }
     failure.dataset.clientId = row.clientId;
     failure.firstElementChild.textContent = `Not sent: ${row.error ?? "refused by the server"}`;
+    return put ? failure.firstElementChild.textContent : null;
+  }
+
+  /** Tells screen readers `lines`, through the page's live region (the screen shows them already). */
+  #announce(lines) {
+    for (const text of lines) {
+      const line = el("p", "", text);
+      this.announcer.append(line);
+      setTimeout(() => line.remove(), ANNOUNCEMENT_MS);
+    }
   }
 
   #messageAction(event) {
@@ -555,6 +613,8 @@ export class ChatView {
       else if (error.code === "invalid_peer") this.#showNewChatError("That is you. Pick someone else.");
       else if (error.status === 0) this.#showNewChatError("Cannot reach the server. Try again in a moment.");
       else if (error.status !== 401) this.#showNewChatError(error.message);
+      // The button lost the focus when it was disabled: it goes to the field, to correct the name.
+      this.newChatPeer.focus();
     } finally {
       button.disabled = false;
     }
@@ -629,7 +689,12 @@ export class ChatView {
   #send() {
     const id = this.openId;
     const text = sendable(this.composerText.value);
-    if (id == null || isBlank(text) || codePoints(text) > TEXT_MAX_CHARS) return;
+    if (id == null || isBlank(text)) return;
+    // The counter shows it in red; a screen reader is told why Enter did nothing.
+    if (codePoints(text) > TEXT_MAX_CHARS) {
+      this.#announce([`Too long to send: ${this.composerCount.textContent}`]);
+      return;
+    }
     this.client.send(id, text);
     this.composerText.value = "";
     this.drafts.delete(id);
