@@ -6,14 +6,11 @@ docs/design.md for how they fit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 from flask import Flask, Request, Response, request
 from flask.globals import request_ctx
 from flask.sessions import NullSession, SessionInterface
-from sqlalchemy.engine import Connection
 from werkzeug.datastructures import MultiDict
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
@@ -26,8 +23,9 @@ from chatapi.db import Database
 from chatapi.errors import ApiError
 from chatapi.longpoll import LongPolls
 from chatapi.metrics import Metrics
+from chatapi.notify import LocalNotifier, Notifier
 from chatapi.validation import MAX_BODY_BYTES
-from chatapi.wakeups import Pushed, Wakeups
+from chatapi.wakeups import Wakeups
 
 __all__ = ["create_app", "Settings"]
 
@@ -82,41 +80,6 @@ class App(Flask):
         if req.routing_exception is None and not req.view_args and req.method != "OPTIONS":
             return self.ensure_sync(self.view_functions[req.url_rule.endpoint])()
         return super().dispatch_request()
-
-
-class Notifier(Protocol):
-    """Carries wake-ups to the waiting requests they concern, after commit.
-
-    `publish_at_commit` tells the other processes only, in the committing
-    transaction itself (the caller wakes this process's waiters after it).
-    """
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None: ...
-
-    def publish_at_commit(self, connection: Connection, keys: Iterable[str]) -> None: ...
-
-
-class LocalNotifier:
-    """Wake-ups within one process (the SQLite mode)."""
-
-    def __init__(self, wakeups: Wakeups) -> None:
-        self._wakeups = wakeups
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def publish(self, keys: Iterable[str], pushed: Pushed | None = None) -> None:
-        self._wakeups.wake(keys, pushed)
-
-    def publish_at_commit(self, connection: Connection, keys: Iterable[str]) -> None:
-        pass  # there are no other processes
 
 
 class NoSessions(SessionInterface):
