@@ -489,9 +489,8 @@ def on_reload(server: Arbiter) -> None:
         # New code must not serve an old schema. Raised as it is, this would
         # end the master at once and orphan its workers; HaltServer stops
         # them gracefully and exits 1, with the reason in the log (a
-        # supervisor's restart then migrates again, or fails visibly). A
-        # failed migration has written its own reason to stderr.
-        reason = exc.code if isinstance(exc.code, str) else f"alembic upgrade head failed (exit status {exc.code})"
+        # supervisor's restart then migrates again, or fails visibly).
+        reason = exc.reason if isinstance(exc, _MigrationFailed) else exc.code
         raise HaltServer(f"reload stopped: {reason}", 1) from None
 
 
@@ -537,8 +536,16 @@ def _remove_metrics_files(directory: str) -> None:
             os.remove(path)
 
 
+class _MigrationFailed(SystemExit):
+    """`alembic upgrade head` failed: exits with its status, and keeps the line that says why."""
+
+    def __init__(self, status: int, last_line: str) -> None:
+        super().__init__(status)
+        self.reason = last_line or f"alembic upgrade head failed (exit status {status})"
+
+
 def _migrate() -> None:
-    """`alembic upgrade head`; a failure raises SystemExit, after alembic's own error in the log."""
+    """`alembic upgrade head`; a failure raises _MigrationFailed, after alembic's own error on stderr."""
     if _switch("CHATAPI_MIGRATE"):
         # In a child process, so the master never imports the app: workers
         # must import gevent-sensitive modules only after gevent patches them.
@@ -547,11 +554,16 @@ def _migrate() -> None:
         # A database a newer release migrated is kept as it is (migrations/env.py).
         alembic_ini = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alembic.ini")
         command = [sys.executable, "-m", "alembic", "-c", alembic_ini, "-x", "newer_database=keep", "upgrade", "head"]
-        status = subprocess.run(command).returncode
-        if status:
-            # It has said why on stderr (a setting it refused, in one line:
-            # migrations/env.py); the master's own traceback would add nothing.
-            raise SystemExit(status)
+        # Its output goes on to stderr as it comes; its last line is why it
+        # failed, in one line (migrations/env.py), kept for a reload's log.
+        last_line = ""
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as migration:
+            for line in migration.stderr:
+                sys.stderr.write(line)
+                last_line = line.strip() or last_line
+        if migration.returncode:
+            # The master's own traceback would add nothing to what it said.
+            raise _MigrationFailed(migration.returncode, last_line)
 
 
 def _sqlite_file(url: str) -> str | None:

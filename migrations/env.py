@@ -13,6 +13,7 @@ import logging
 from logging.config import fileConfig
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -56,12 +57,29 @@ def run_migrations_online() -> None:
             context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
                 if not _kept_as_newer():
-                    context.run_migrations()
+                    _run_migrations()
         finally:
             if is_postgresql:
                 connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
                 connection.commit()
     engine.dispose()
+
+
+def _run_migrations() -> None:
+    """Run them; a failure is logged with its traceback, then raised again as one line.
+
+    gunicorn.conf.py's master takes the last line alembic writes for the
+    reason a reload stopped (its own log may be a file, not stderr); a
+    traceback would end with the driver's "Background on this error" link.
+    """
+    try:
+        context.run_migrations()
+    except CommandError:
+        raise  # alembic says it in one line ("FAILED: ...")
+    except Exception as exc:
+        log.exception("the migration failed")
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise SystemExit(f"alembic upgrade head failed: {type(exc).__name__}: {first_line}") from None
 
 
 def _kept_as_newer() -> bool:

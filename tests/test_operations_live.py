@@ -705,6 +705,17 @@ def test_a_database_url_given_with_gunicorns_e_option_is_the_one_the_master_uses
     assert list(here.iterdir()) == []  # no SQLite file, no lock
 
 
+def _downgrade_one_revision(database: Path) -> None:
+    """The SQLite database one release behind, as new code finds it on disk."""
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "downgrade", "-1"],
+        cwd=REPO,
+        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}"},
+        check=True,
+        capture_output=True,
+    )
+
+
 def test_a_reload_migrates_the_schema_before_new_workers_start(start_server, tmp_path: Path) -> None:
     """`systemctl reload` is how new code is deployed (docs/deploy.md): its migrations must run too."""
     from alembic.config import Config
@@ -719,17 +730,28 @@ def test_a_reload_migrates_the_schema_before_new_workers_start(start_server, tmp
             return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
 
     assert version() == head
-    # The database one release behind, as new code finds it on disk.
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "downgrade", "-1"],
-        cwd=REPO,
-        env={**os.environ, "CHATAPI_DATABASE_URL": f"sqlite:///{database}"},
-        check=True,
-        capture_output=True,
-    )
+    _downgrade_one_revision(database)
     assert version() != head
     server.signal(signal.SIGHUP)
     wait_until(lambda: version() == head, 30, what="the reload's migration")
+
+
+def test_a_reload_whose_migration_fails_stops_with_the_reason_in_the_error_log(start_server, tmp_path: Path) -> None:
+    """New code must not serve an old schema: the master stops (exit status 1). The operator reads why
+    in gunicorn's error log, which may be a file: not only in the migration's stderr."""
+    database = tmp_path / "r.sqlite3"
+    error_log = tmp_path / "error.log"
+    server = start_server(f"sqlite:///{database}", args=["--error-logfile", str(error_log)])
+    _downgrade_one_revision(database)
+    # What the head migration creates, already there: its upgrade fails.
+    with sqlite3.connect(database) as conn:
+        conn.execute("CREATE TABLE secrets (name TEXT)")
+    server.signal(signal.SIGHUP)
+    assert server.process is not None and server.process.wait(30) == 1
+    assert (
+        "reload stopped: alembic upgrade head failed: OperationalError: "
+        "(sqlite3.OperationalError) table secrets already exists"
+    ) in error_log.read_text()
 
 
 def test_a_metrics_directory_given_by_the_operator_is_emptied_at_start(start_server, tmp_path: Path) -> None:
