@@ -964,10 +964,14 @@ def test_keyboard_only_sign_up_chat_switch_and_sign_out(people, server: ServerPr
     expect(composer).to_be_focused()
     expect(composer).to_have_value("")
 
-    # Another conversation comes in; Shift+Tab reaches it, Enter opens it, and the focus is in its composer.
+    # Another conversation comes in, above bob's. Shift+Tab reaches the list at the open conversation,
+    # the arrow keys move to it, Enter opens it, and the focus is in its composer.
     carol = api.signed_up("carol")
     carol.send(carol.start("alice")["id"], "hello from carol")
-    tab_to(page, alice.conversation_with("carol"), backwards=True)
+    expect(alice.conversation_with("carol")).to_be_visible()
+    tab_to(page, alice.conversation_with("bob"), backwards=True)
+    keyboard.press("ArrowUp")
+    expect(alice.conversation_with("carol")).to_be_focused()
     keyboard.press("Enter")
     expect(page.get_by_test_id("conversation-title")).to_have_text("carol")
     expect(composer).to_be_focused()
@@ -982,6 +986,53 @@ def test_keyboard_only_sign_up_chat_switch_and_sign_out(people, server: ServerPr
     bob = people("bob", PHONE)
     sign_in(bob)
     expect(bob.page.get_by_role("heading", name="chatapi")).to_be_focused()
+
+
+def test_the_conversation_list_is_one_tab_stop_moved_through_with_the_arrow_keys(people, server: ServerProcess) -> None:
+    api = Api(server.base_url)
+    alice = people("alice")
+    sign_up(alice)
+    peers = ["bob", "carol", "dave", "erin"]
+    chats = {}
+    for peer in peers:
+        someone = api.signed_up(peer)
+        chats[peer] = (someone, someone.start("alice")["id"])
+        someone.send(chats[peer][1], f"hello from {peer}")
+    newest_first = peers[::-1]
+    for peer in peers:
+        expect(alice.conversation_with(peer)).to_be_visible()
+    page, keyboard = alice.page, alice.page.keyboard
+    start = page.get_by_role("button", name="Start")
+    tab_to(page, start)
+    # One Tab stop: the first conversation, and the next Tab leaves the list.
+    tab_to(page, alice.conversation_with(newest_first[0]))
+    keyboard.press("Tab")
+    assert page.evaluate("() => !document.activeElement.closest('#conversation-list')")
+    keyboard.press("Shift+Tab")
+    expect(alice.conversation_with(newest_first[0])).to_be_focused()
+    for key, at in [("ArrowDown", 1), ("ArrowDown", 2), ("ArrowUp", 1), ("End", 3), ("ArrowDown", 3), ("Home", 0)]:
+        keyboard.press(key)
+        expect(alice.conversation_with(newest_first[at])).to_be_focused()
+    keyboard.press("ArrowUp")
+    expect(alice.conversation_with(newest_first[0])).to_be_focused()
+
+    # The stop stays where the focus left the list: Shift+Tab from after the list comes back to it.
+    keyboard.press("ArrowDown")
+    keyboard.press("ArrowDown")
+    tab_to(page, start, backwards=True)
+    keyboard.press("Tab")
+    expect(alice.conversation_with(newest_first[2])).to_be_focused()
+    stops = page.evaluate("() => [...document.querySelectorAll('.conversation-item')].map((a) => a.tabIndex)")
+    assert sorted(stops) == [-1, -1, -1, 0]
+
+    # A new message moves the focused conversation to the top: it keeps the focus.
+    moving = newest_first[2]
+    someone, conversation_id = chats[moving]
+    someone.send(conversation_id, "me again")
+    expect(page.locator("[data-testid=conversation-item]").first).to_have_attribute("data-peer", moving)
+    expect(alice.conversation_with(moving)).to_be_focused()
+    keyboard.press("Enter")
+    expect(page.get_by_test_id("conversation-title")).to_have_text(moving)
 
 
 def test_new_messages_notes_and_the_connection_are_announced_and_the_history_is_not(

@@ -122,6 +122,7 @@ export class ChatView {
     this.flushQueued = false;
     this.loadingOlder = false;
     this.filled = false; // the open conversation's loaded messages are in the list
+    this.listStop = null; // the key of the conversation that holds the list's one Tab stop
     this.unreadShown = new Map(); // conversation id -> its unread count in the list, to announce the new ones
     this.listShown = false; // the list has been rendered since the client started
     this.disposers = [];
@@ -177,6 +178,11 @@ export class ChatView {
       this.composerText.focus({ preventScroll: true });
     });
     this.#listen(this.loadOlderButton, "click", () => this.#loadOlder());
+    this.#listen(this.list, "keydown", (event) => this.#listKey(event));
+    this.#listen(this.list, "focusin", (event) => {
+      this.listStop = event.target.closest("li")?.dataset.key;
+      this.#placeListStop();
+    });
     this.#listen(document.getElementById("back"), "click", () => {
       location.hash = "";
     });
@@ -259,6 +265,8 @@ export class ChatView {
     const conversations = this.client.conversationList();
     this.listEmpty.hidden = conversations.length > 0 || !this.client.started;
     const news = [];
+    // A conversation that moves up (new message) is taken out and put back: the focus would drop to the page.
+    const focused = this.list.contains(document.activeElement) ? document.activeElement : null;
     reconcile(
       this.list,
       conversations,
@@ -317,12 +325,36 @@ export class ChatView {
         else link.removeAttribute("aria-current");
       },
     );
+    if (focused?.isConnected && document.activeElement !== focused) focused.focus();
+    this.#placeListStop();
     this.#announce(news);
     this.listShown = this.client.started;
     // The tab's title counts what is unread, including the open conversation while the page is hidden.
     const watching = document.visibilityState === "visible" ? this.openId : null;
     const unreadTotal = conversations.reduce((sum, c) => sum + (c.id === watching ? 0 : this.client.unread(c)), 0);
     document.title = unreadTotal ? `(${unreadTotal}) chatapi` : "chatapi";
+  }
+
+  /**
+   * The list is one Tab stop, not one per conversation, and the arrow keys move within it (as in
+   * a menu): the stop is the conversation focused last, else the open one, else the first.
+   */
+  #placeListStop() {
+    const links = [...this.list.querySelectorAll(".conversation-item")];
+    const stop =
+      links.find((link) => link.parentElement.dataset.key === this.listStop) ??
+      links.find((link) => link.parentElement.dataset.key === String(this.openId)) ??
+      links[0];
+    for (const link of links) link.tabIndex = link === stop ? 0 : -1;
+  }
+
+  #listKey(event) {
+    const links = [...this.list.querySelectorAll(".conversation-item")];
+    const at = links.indexOf(document.activeElement);
+    const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: links.length - 1 }[event.key];
+    if (at < 0 || to === undefined || event.altKey || event.ctrlKey || event.metaKey) return;
+    event.preventDefault();
+    links[Math.max(0, Math.min(links.length - 1, to))].focus();
   }
 
   #renderConversation() {
