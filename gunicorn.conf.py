@@ -34,6 +34,7 @@ import gunicorn.util
 from gevent import Timeout
 from gevent.pywsgi import Input
 from gunicorn.errors import HaltServer
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventWorker, PyWSGIHandler, PyWSGIServer
 
 if TYPE_CHECKING:
@@ -237,6 +238,69 @@ class RefusingHandler(PyWSGIHandler):
             return result[0], PROTOCOL_ERRORS[result[0]]
         return result
 
+    def _closing(self) -> bool:
+        """Whether this answer is the connection's last. After a malformed
+        chunked body the app answers 400, but where the body ends is
+        unknown, so no next request can be read after it."""
+        return self.wsgi_input._chunked_input_error
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        # pywsgi closes the connection after an answer that says so.
+        if self._closing() and not any(name.lower() == "connection" for name, _ in headers):
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
+
+class BodyFramingErrors:
+    """A request body as gunicorn's own parser (`--worker-class gevent`) reads
+    it, keeping the framing error a read meets (a malformed chunk). The app
+    is told the body was cut short (an OSError, which Werkzeug answers 400);
+    gunicorn's parser raised its own error, which the app took for a bug (500)."""
+
+    __slots__ = ("_body", "error")
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+        self.error: ParseException | None = None
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._reading(self._body.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._reading(self._body.readline, size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        return self._reading(self._body.readlines, size)
+
+    def __iter__(self) -> Any:
+        return iter(self.readline, b"")
+
+    def _reading(self, read: Callable[[int | None], Any], size: int | None) -> Any:
+        try:
+            return read(size)
+        except ParseException as error:
+            self.error = error
+            raise OSError(f"malformed request body: {error}") from error
+
+
+def _refusing_malformed_bodies(app: Callable[..., Any]) -> Callable[..., Any]:
+    """`app` under gunicorn's own parser: a request whose body turns out to be
+    malformed is refused by gunicorn itself (400 in the error shape, and the
+    connection closed: _write_error), whatever the app answered, as
+    RefusingHandler does under pywsgi. Kept alive, the connection's next
+    request would be read from the rest of the bad body."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        body = environ["wsgi.input"] = BodyFramingErrors(environ["wsgi.input"])
+        answer = app(environ, start_response)
+        if body.error is not None:
+            if hasattr(answer, "close"):
+                answer.close()
+            raise body.error  # before a byte of the app's answer was sent
+        return answer
+
+    return wsgi
+
 
 def _write_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn.util.write_error in the contract's error shape, not as an HTML page.
@@ -337,16 +401,11 @@ class KeepAliveHandler(RefusingHandler):
             head += data
             self._sendall(head)
 
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    def _closing(self) -> bool:
         # Once the worker is shutting down, no connection is kept alive. Nor
-        # is one whose body was malformed (chunked) or late: the app answers
-        # (400 or 408), but where the body ends is unknown, so no next request
-        # can be read after it.
-        body = self.wsgi_input
-        closing = not self.worker.alive or not self.worker.cfg.keepalive or body._chunked_input_error or body.timed_out
-        if closing and not any(name.lower() == "connection" for name, _ in headers):
-            headers = [*headers, ("Connection", "close")]
-        return super().start_response(status, headers, exc_info)
+        # is one whose body was late (as one that was malformed): the app
+        # answers 408, but where the body ends is unknown.
+        return super()._closing() or not self.worker.alive or not self.worker.cfg.keepalive or self.wsgi_input.timed_out
 
 
 class ChatapiServer(PyWSGIServer):
@@ -675,6 +734,8 @@ def post_worker_init(worker: Worker) -> None:
     # it directly spares every request one C-level call, which each waiting
     # long-poll would keep on its saved stack (docs/performance.md, change 25).
     worker.wsgi = app.wsgi_app
+    if not isinstance(worker, GeventPyWSGIWorker):
+        worker.wsgi = _refusing_malformed_bodies(worker.wsgi)  # gunicorn's own parser (`gevent`)
 
     # SIGTERM: waiting long-polls answer now with what they have, so clients
     # reconnect to a live process. Hooked here rather than in ChatapiWorker
