@@ -245,6 +245,7 @@ def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> Non
     # Metrics are for the monitoring system, which asks the instances; the proxy says neither what nor which.
     hidden = api.get("/metrics")
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+    assert hidden.headers["Cache-Control"] == "no-store"  # as every error, and /metrics (docs/api.md)
     assert "nginx/" not in hidden.headers.get("Server", "")
     assert requests.get(instances[0].base_url + "/metrics", timeout=10).status_code == 200
     assert api.get("/api/v1/openapi.json").json()["openapi"].startswith("3.")
