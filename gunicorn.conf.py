@@ -254,8 +254,8 @@ class RefusingHandler(PyWSGIHandler):
 class BodyFramingErrors:
     """A request body as gunicorn's own parser (`--worker-class gevent`) reads
     it, keeping the framing error a read meets (a malformed chunk). The app
-    is told the body was cut short (an OSError, which Werkzeug answers 400);
-    gunicorn's parser raised its own error, which the app took for a bug (500)."""
+    is told the body was cut short (an OSError, which Werkzeug answers 400):
+    gunicorn's own error, reaching the app, was taken for a bug (500)."""
 
     __slots__ = ("_body", "error")
 
