@@ -30,9 +30,11 @@ from urllib.parse import unquote, urlsplit
 
 import gevent
 import gunicorn
+import gunicorn.util
 from gevent import Timeout
 from gevent.pywsgi import Input
 from gunicorn.errors import HaltServer
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventWorker, PyWSGIHandler, PyWSGIServer
 
 if TYPE_CHECKING:
@@ -107,9 +109,9 @@ GC_YOUNGEST_THRESHOLD = 10_000
 READ_BUFFER_BYTES = 1024
 
 
-def _protocol_error(status: str, reason: str, message: str) -> bytes:
+def _protocol_error(status: str, reason: str, message: str, code: str = "invalid_request") -> bytes:
     """A whole response in the contract's JSON error shape, for requests refused before the app sees them."""
-    body = json.dumps({"error": {"code": "invalid_request", "message": message}}).encode()
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
@@ -199,7 +201,117 @@ PROTOCOL_ERRORS = {
 HEAD_TIMEOUT_SECS = 5
 
 
-class KeepAliveHandler(PyWSGIHandler):
+# A Content-Length value as HTTP spells it (RFC 9110, section 8.6: 1*DIGIT).
+# pywsgi reads it with int(), which also takes "+2", "1_0" and spaces inside.
+_CONTENT_LENGTH = re.compile(r"[0-9]+", re.ASCII)
+
+
+class RefusingHandler(PyWSGIHandler):
+    """pywsgi's handler, refusing a request whose body's length is invalid or
+    ambiguous, and answering every request it refuses in the contract's error
+    shape (pywsgi's own answers have an empty body).
+
+    The base of KeepAliveHandler, and what post_worker_init gives gunicorn's
+    own `gevent_pywsgi` worker when the command line chooses it."""
+
+    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
+        # A request whose body length is invalid or ambiguous is refused (400,
+        # closed), as RFC 9112 section 6 asks: pywsgi would read any
+        # Transfer-Encoding but exactly "chunked" as no body, Transfer-Encoding
+        # over Content-Length, and "+2" as 2, so the bytes left over would be
+        # taken for the next request on the connection (request smuggling,
+        # behind a proxy that framed the body the other way).
+        headers = super().MessageClass(*args)
+        encodings = headers.get_all("Transfer-Encoding")
+        lengths = headers.get_all("Content-Length")
+        if encodings and ([value.strip().lower() for value in encodings] != ["chunked"] or lengths):
+            raise ValueError(f"Transfer-Encoding {encodings} with Content-Length {lengths}")
+        if lengths and (len(set(lengths)) > 1 or not _CONTENT_LENGTH.fullmatch(lengths[0].strip())):
+            raise ValueError(f"Content-Length given as {lengths}")
+        return headers
+
+    def handle_one_request(self) -> Any:
+        # pywsgi refuses a malformed request line or head (or one over its
+        # limits) itself, with a (status, whole response) pair.
+        result = super().handle_one_request()
+        if isinstance(result, tuple) and result[0] in PROTOCOL_ERRORS:
+            return result[0], PROTOCOL_ERRORS[result[0]]
+        return result
+
+    def _closing(self) -> bool:
+        """Whether this answer is the connection's last. After a malformed
+        chunked body the app answers 400, but where the body ends is
+        unknown, so no next request can be read after it."""
+        return self.wsgi_input._chunked_input_error
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        # pywsgi closes the connection after an answer that says so.
+        if self._closing() and not any(name.lower() == "connection" for name, _ in headers):
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
+
+class BodyFramingErrors:
+    """A request body as gunicorn's own parser (`--worker-class gevent`) reads
+    it, keeping the framing error a read meets (a malformed chunk). The app
+    is told the body was cut short (an OSError, which Werkzeug answers 400):
+    gunicorn's own error, reaching the app, was taken for a bug (500)."""
+
+    __slots__ = ("_body", "error")
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+        self.error: ParseException | None = None
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._reading(self._body.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._reading(self._body.readline, size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        return self._reading(self._body.readlines, size)
+
+    def __iter__(self) -> Any:
+        return iter(self.readline, b"")
+
+    def _reading(self, read: Callable[[int | None], Any], size: int | None) -> Any:
+        try:
+            return read(size)
+        except ParseException as error:
+            self.error = error
+            raise OSError(f"malformed request body: {error}") from error
+
+
+def _refusing_malformed_bodies(app: Callable[..., Any]) -> Callable[..., Any]:
+    """`app` under gunicorn's own parser: a request whose body turns out to be
+    malformed is refused by gunicorn itself (400 in the error shape, and the
+    connection closed: _write_error), whatever the app answered, as
+    RefusingHandler does under pywsgi. Kept alive, the connection's next
+    request would be read from the rest of the bad body."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        body = environ["wsgi.input"] = BodyFramingErrors(environ["wsgi.input"])
+        answer = app(environ, start_response)
+        if body.error is not None:
+            if hasattr(answer, "close"):
+                answer.close()
+            raise body.error  # before a byte of the app's answer was sent
+        return answer
+
+    return wsgi
+
+
+def _write_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn.util.write_error in the contract's error shape, not as an HTML page.
+
+    gunicorn's own HTTP parser (its `gevent` worker, when the command line
+    chooses it) answers the requests it refuses through that function."""
+    code = "invalid_request" if status_int < 500 else "internal_error"
+    gunicorn.util.write_nonblock(sock, _protocol_error(str(status_int), reason, mesg or reason, code))
+
+
+class KeepAliveHandler(RefusingHandler):
     """gunicorn's keep-alive rules for gevent's pywsgi; `worker` is set per worker."""
 
     worker = None
@@ -241,22 +353,6 @@ class KeepAliveHandler(PyWSGIHandler):
         target = urlsplit(self.path)
         self.path = (target.path or "/") + (f"?{target.query}" if target.query else "")
 
-    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
-        # A request whose body length is ambiguous is refused (400, closed),
-        # as RFC 9112 section 6 asks: pywsgi would read any Transfer-Encoding
-        # but exactly "chunked" as no body, and Transfer-Encoding over
-        # Content-Length, so the bytes left over would be taken for the next
-        # request on the connection (request smuggling, behind a proxy that
-        # framed the body the other way).
-        headers = super().MessageClass(*args)
-        encodings = headers.get_all("Transfer-Encoding")
-        lengths = headers.get_all("Content-Length")
-        if encodings and ([value.strip().lower() for value in encodings] != ["chunked"] or lengths):
-            raise ValueError(f"Transfer-Encoding {encodings} with Content-Length {lengths}")
-        if lengths and len(set(lengths)) > 1:
-            raise ValueError(f"Content-Length given as {lengths}")
-        return headers
-
     def get_environ(self) -> dict[str, Any]:
         # The body is read by a deadline. And it is always read through its
         # length: pywsgi hands the bare socket to a request with "Connection:
@@ -269,14 +365,6 @@ class KeepAliveHandler(PyWSGIHandler):
         environ["wsgi.input"] = self.wsgi_input
         environ["wsgi.input_terminated"] = True
         return environ
-
-    def handle_one_request(self) -> Any:
-        # pywsgi refuses a malformed request line or head (or one over its
-        # limits) itself, with a (status, whole response) pair.
-        result = super().handle_one_request()
-        if isinstance(result, tuple) and result[0] in PROTOCOL_ERRORS:
-            return result[0], PROTOCOL_ERRORS[result[0]]
-        return result
 
     def log_request(self) -> None:
         # gunicorn's handler builds the access log's record (two datetimes,
@@ -313,16 +401,11 @@ class KeepAliveHandler(PyWSGIHandler):
             head += data
             self._sendall(head)
 
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    def _closing(self) -> bool:
         # Once the worker is shutting down, no connection is kept alive. Nor
-        # is one whose body was malformed (chunked) or late: the app answers
-        # (400 or 408), but where the body ends is unknown, so no next request
-        # can be read after it.
-        body = self.wsgi_input
-        closing = not self.worker.alive or not self.worker.cfg.keepalive or body._chunked_input_error or body.timed_out
-        if closing and not any(name.lower() == "connection" for name, _ in headers):
-            headers = [*headers, ("Connection", "close")]
-        return super().start_response(status, headers, exc_info)
+        # is one whose body was late (as one that was malformed): the app
+        # answers 408, but where the body ends is unknown.
+        return super()._closing() or not self.worker.alive or not self.worker.cfg.keepalive or self.wsgi_input.timed_out
 
 
 class ChatapiServer(PyWSGIServer):
@@ -644,6 +727,13 @@ def post_worker_init(worker: Worker) -> None:
     gc.freeze()
     gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
 
+    # Whatever the worker class, a request its HTTP server refuses is answered
+    # in the contract's error shape: gunicorn's own parser (`gevent`) wrote an
+    # HTML page, and pywsgi under gunicorn's `gevent_pywsgi` an empty body.
+    gunicorn.util.write_error = _write_error
+    if isinstance(worker, GeventPyWSGIWorker) and worker.wsgi_handler is PyWSGIHandler:
+        worker.wsgi_handler = RefusingHandler
+
     app = worker.wsgi
     services = app.extensions["chatapi"]
     wakeups = services.wakeups
@@ -656,6 +746,8 @@ def post_worker_init(worker: Worker) -> None:
     # it directly spares every request one C-level call, which each waiting
     # long-poll would keep on its saved stack (docs/performance.md, change 25).
     worker.wsgi = app.wsgi_app
+    if not isinstance(worker, GeventPyWSGIWorker):
+        worker.wsgi = _refusing_malformed_bodies(worker.wsgi)  # gunicorn's own parser (`gevent`)
 
     # SIGTERM: waiting long-polls answer now with what they have, so clients
     # reconnect to a live process. Hooked here rather than in ChatapiWorker

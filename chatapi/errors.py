@@ -77,10 +77,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        headers = {}
-        allow = error.get_response().headers.get("Allow") if status == 405 else None
-        if allow:
-            headers["Allow"] = sorted_allow(allow)
+        # The headers Werkzeug's own answer carries: the methods a path takes
+        # (405), and the length of a file no range of which could be served (416).
+        own = error.get_response().headers if status in (405, 416) else {}
+        headers = {name: own[name] for name in ("Allow", "Content-Range") if name in own}
+        if "Allow" in headers:
+            headers["Allow"] = sorted_allow(headers["Allow"])
         code = _HTTP_CODES.get(status, "http_error")
         message = error.description or code
         if status == 413:

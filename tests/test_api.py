@@ -901,6 +901,9 @@ def test_a_page_of_history_holds_no_message_above_its_last_seq(app, client, pair
 def test_an_unsatisfiable_range_on_the_web_page_is_a_contract_error(client) -> None:
     response = client.get("/", headers={"Range": "bytes=999999-"})
     assert response.status_code == 416 and error_code(response) == "invalid_request"
+    # With the file's length, so the client can ask again (RFC 9110, section 15.5.17).
+    length = len(client.get("/").data)
+    assert response.headers.get("Content-Range") == f"bytes */{length}"
     assert client.get("/", headers={"Range": "bytes=0-9"}).status_code == 206
 
 

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import select
+import socket
 import time
 from collections.abc import Iterator
 
@@ -244,6 +245,7 @@ def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> Non
     # Metrics are for the monitoring system, which asks the instances; the proxy says neither what nor which.
     hidden = api.get("/metrics")
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+    assert hidden.headers["Cache-Control"] == "no-store"  # as every error, and /metrics (docs/api.md)
     assert "nginx/" not in hidden.headers.get("Server", "")
     assert requests.get(instances[0].base_url + "/metrics", timeout=10).status_code == 200
     assert api.get("/api/v1/openapi.json").json()["openapi"].startswith("3.")
@@ -256,6 +258,37 @@ def test_the_contract_works_through_nginx(proxy: NginxProcess, instances) -> Non
     assert alice.request("DELETE", "/api/v1/tokens/current").status_code == 204
     for _ in range(4):
         assert alice.get("/api/v1/me").status_code == 401
+
+
+def test_requests_nginx_refuses_itself_get_the_contracts_json(proxy: NginxProcess) -> None:
+    """Never an HTML error page, through the shipped proxy too: nginx answered the
+    requests it refuses before any instance sees them with its own HTML pages."""
+    for request_bytes, status, code in (
+        (b"HELLO\r\n\r\n", 400, "invalid_request"),
+        (b"GET /api/v1/me HTTP/1.1\r\n\r\n", 400, "invalid_request"),  # no Host
+        (b"GET /api/v1/me HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n", 400, "invalid_request"),
+        (b"GET /api/v1/me HTTP/1.1\r\nHost: t\r\nCookie: " + b"a" * 10_000 + b"\r\n\r\n", 400, "invalid_request"),
+        (b"GET /api/v1/%zz HTTP/1.1\r\nHost: t\r\n\r\n", 400, "invalid_request"),
+        (b"GET /api/v1/me HTTP/2.0\r\nHost: t\r\n\r\n", 400, "invalid_request"),
+        (b"POST /api/v1/users HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "invalid_request"),
+        (
+            b"POST /api/v1/users HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+            400,
+            "invalid_request",
+        ),
+        (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, "invalid_request"),
+        (b"TRACE /api/v1/me HTTP/1.1\r\nHost: t\r\n\r\n", 405, "method_not_allowed"),
+        (b"GET /.chatapi-errors/invalid_request HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 404, "not_found"),
+    ):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(request_bytes)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), (request_bytes[:60], answer[:300])
+        assert b"Content-Type: application/json" in head and b"Cache-Control: no-store" in head, head
+        assert json.loads(body)["error"]["code"] == code, (request_bytes[:60], body)
 
 
 def test_nginx_skips_a_stopped_instance_and_answers_json_when_none_is_left(proxy: NginxProcess, instances) -> None:
