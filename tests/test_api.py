@@ -50,6 +50,24 @@ def events(client, headers, after=0, **params):
     return response.json
 
 
+def receipts(client, headers, user: str) -> list[tuple[int, int]]:
+    """(delivered_seq, read_seq) of each of `user`'s receipts in the stream of the caller of `headers`."""
+    return [(e["delivered_seq"], e["read_seq"]) for e in events(client, headers)["events"] if e.get("user") == user]
+
+
+def token_of(headers) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+def waiting(app: Flask, count: int) -> None:
+    """Until `count` long-polls of the app wait (each in a greenlet of its own)."""
+    wakeups = app.extensions["chatapi"].wakeups
+    deadline = time.monotonic() + 10
+    while wakeups.waiting < count:
+        assert time.monotonic() < deadline, f"{wakeups.waiting} of {count} long-polls waiting"
+        gevent.sleep(0.01)
+
+
 # Accounts and tokens -----------------------------------------------------------
 
 
@@ -109,6 +127,21 @@ def test_wrong_credentials(client, accounts, body) -> None:
     accounts.sign_up("alice")
     response = client.post(f"{API}/tokens", json=body)
     assert response.status_code == 401 and error_code(response) == "invalid_credentials"
+
+
+def test_an_unknown_username_costs_the_password_check_a_wrong_password_does(client, accounts, monkeypatch) -> None:
+    """Sign-in answers an unknown username after the same argon2 work as a wrong password,
+    so how long it takes does not tell who has an account."""
+    from chatapi import auth
+
+    accounts.sign_up("alice")
+    checked = []
+    verify = auth._verify
+    monkeypatch.setattr(auth, "_verify", lambda hashed, password: checked.append(hashed) or verify(hashed, password))
+    for username in ("alice", "nobody"):
+        response = client.post(f"{API}/tokens", json={"username": username, "password": "wrong-password"})
+        assert response.status_code == 401 and error_code(response) == "invalid_credentials"
+    assert len(checked) == 2 and all(hashed.startswith("$argon2id$") for hashed in checked)
 
 
 def test_revoked_token_stops_working_at_once(client, accounts) -> None:
@@ -171,6 +204,28 @@ def test_conversation_event_goes_to_both_once(client, pair) -> None:
         assert stream["events"][0]["pos"] == 1 and stream["last_pos"] == 1
         assert stream["events"][0]["conversation"]["id"] == conversation_id
         assert stream["events"][0]["conversation"]["peer"] == peer
+
+
+def test_a_new_conversation_wakes_both_parties_waiting_streams(app, client, accounts) -> None:
+    """The peer learns of the new conversation through its event stream: its waiting poll
+    (and the starter's other device) answers with the event, not at its timeout."""
+    alice, bob = accounts.sign_up("alice"), accounts.sign_up("bob")
+    chat = app.extensions["chatapi"].chat
+    polls = {
+        peer: gevent.spawn(chat.events, token_of(headers), after=0, limit=100, timeout=30)
+        for peer, headers in (("bob", alice), ("alice", bob))
+    }
+    waiting(app, 2)
+    started = client.post(f"{API}/conversations", json={"peer": "bob"}, headers=alice).json
+    # Woken: long before the timeout, whose last check would find the event too.
+    gevent.joinall(polls.values(), timeout=15)
+    unwoken = [peer for peer, poll in polls.items() if not poll.ready()]
+    gevent.killall(list(polls.values()))
+    assert unwoken == []
+    for peer, poll in polls.items():
+        items = poll.get().items
+        assert [(e["pos"], e["type"]) for e in items] == [(1, "conversation")], peer
+        assert items[0]["conversation"]["id"] == started["id"] and items[0]["conversation"]["peer"] == peer
 
 
 @pytest.mark.parametrize(
@@ -256,6 +311,20 @@ def test_retry_with_same_client_id_stores_one_message(client, pair) -> None:
     assert send(client, bob, conversation_id, "once", client_id="abc").status_code == 201
     messages = client.get(f"{API}/conversations/{conversation_id}/messages", headers=alice).json["messages"]
     assert [m["seq"] for m in messages] == [1, 2]
+
+
+def test_a_replay_is_not_counted_as_a_message_sent(client, pair) -> None:
+    """chatapi_messages_sent_total counts messages stored: a retry answered with the original is none."""
+    alice, _, conversation_id = pair
+
+    def sent_total() -> float:
+        metrics = client.get("/metrics").get_data(as_text=True)
+        return float(re.search(r"^chatapi_messages_sent_total (\S+)$", metrics, re.M).group(1))
+
+    before = sent_total()
+    assert send(client, alice, conversation_id, "once", client_id="abc").status_code == 201
+    assert send(client, alice, conversation_id, "once", client_id="abc").status_code == 200
+    assert sent_total() - before == 1
 
 
 def test_a_client_id_is_scoped_to_its_conversation(client, pair, accounts) -> None:
@@ -575,6 +644,33 @@ def test_after_a_cursor_beyond_the_head_later_messages_are_still_acknowledged(cl
     assert client.get(f"{API}/conversations/{conversation_id}", headers=alice).json["peer_delivered_seq"] == 1
 
 
+def test_a_message_past_the_cursor_is_delivered_when_a_later_cursor_passes_it(client, pair) -> None:
+    """A cursor acknowledges the events up to it, not up to the head it is answered with:
+    the message after it is delivered by the next cursor past it, with no newer message."""
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "one")
+    send(client, alice, conversation_id, "two")
+    one, two = [e["pos"] for e in events(client, bob)["events"] if e["type"] == "message"]
+    url = f"{API}/conversations/{conversation_id}"
+    events(client, bob, after=one)
+    assert client.get(url, headers=alice).json["peer_delivered_seq"] == 1
+    events(client, bob, after=two)
+    assert client.get(url, headers=alice).json["peer_delivered_seq"] == 2
+    assert receipts(client, alice, "bob") == [(1, 0), (2, 0)]
+
+
+def test_a_message_delivered_through_its_conversation_gets_no_second_receipt_from_the_stream(client, pair) -> None:
+    """Delivered either way, once: the stream's cursor passing a message the conversation's
+    cursor already acknowledged grows no mark, so it emits no receipt."""
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "one")
+    client.get(f"{API}/conversations/{conversation_id}/messages?after=1&timeout=0", headers=bob)
+    head = events(client, bob)["last_pos"]
+    events(client, bob, after=head)
+    for headers in (alice, bob):
+        assert receipts(client, headers, "bob") == [(1, 0)]
+
+
 def test_an_acknowledging_poll_answers_exactly_what_the_stream_holds(client, pair, accounts) -> None:
     """A poll that acknowledges must answer what a later read of the same
     range (which acknowledges nothing new) finds: its own receipt alone, the
@@ -648,6 +744,26 @@ def test_messages_cursor_acknowledges_delivery(client, pair) -> None:
     assert bob_receipts() == [(1, 0), (2, 0), (2, 2)]
 
 
+def test_a_conversation_cursor_wakes_the_senders_waiting_stream_with_its_receipt(app, client, pair) -> None:
+    """Delivery acknowledged by a conversation's cursor reaches the sender's waiting poll
+    at once, as one acknowledged by the event stream's cursor does."""
+    alice, bob, conversation_id = pair
+    send(client, alice, conversation_id, "one")
+    head = events(client, alice)["last_pos"]
+    poll = gevent.spawn(app.extensions["chatapi"].chat.events, token_of(alice), after=head, limit=100, timeout=30)
+    waiting(app, 1)
+    client.get(f"{API}/conversations/{conversation_id}/messages?after=1&timeout=0", headers=bob)
+    # Woken: long before the timeout, whose last check would find the receipt too.
+    poll.join(15)
+    woken = poll.ready()
+    poll.kill()
+    assert woken
+    assert [(e["type"], e["user"], e["delivered_seq"], e["read_seq"]) for e in poll.get().items] == [
+        ("receipt", "bob", 1, 0)
+    ]
+    assert poll.get().items == events(client, alice, after=head)["events"]
+
+
 def test_head_looks_without_acknowledging_or_waiting(client, pair) -> None:
     """HEAD is safe in HTTP: a probe or a link checker must not mark messages delivered, nor wait."""
     alice, bob, conversation_id = pair
@@ -681,6 +797,20 @@ def test_read_marks_only_grow_and_imply_delivery(client, pair) -> None:
         assert events(client, alice)["last_pos"] == before, f"read mark {seq} after 2 must emit no receipt"
     conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
     assert (conversation["peer_read_seq"], conversation["peer_delivered_seq"]) == (2, 2)
+
+
+def test_a_read_below_the_delivered_mark_leaves_delivery_where_it_was(client, pair) -> None:
+    """Reading implies delivery, and delivered_seq only grows: reading less than was delivered lowers nothing."""
+    alice, bob, conversation_id = pair
+    for text in ("a", "b", "c"):
+        send(client, alice, conversation_id, text)
+    client.get(f"{API}/conversations/{conversation_id}/messages?after=3&timeout=0", headers=bob)
+    response = client.post(f"{API}/conversations/{conversation_id}/read", json={"seq": 1}, headers=bob)
+    assert response.status_code == 200 and response.json["read_seq"] == 1
+    conversation = client.get(f"{API}/conversations/{conversation_id}", headers=alice).json
+    assert (conversation["peer_delivered_seq"], conversation["peer_read_seq"]) == (3, 1)
+    for headers in (alice, bob):
+        assert receipts(client, headers, "bob") == [(3, 0), (3, 1)]
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,8 @@ def _bad_credentials(world: dict) -> dict[str, dict]:
         "none": {},
         "empty bearer": {"Authorization": "Bearer "},
         "other scheme": {"Authorization": "Basic YWxpY2U6Y29ycmVjdCBob3JzZSBiYXR0ZXJ5"},
+        # A valid token counts only as a Bearer one.
+        "valid token, other scheme": {"Authorization": "Token " + world["auth"]["alice"]["Authorization"].split()[1]},
         "made up": {"Authorization": "Bearer " + "A" * 43},
         "revoked": {"Authorization": f"Bearer {world['revoked']}"},
         "token without scheme": {"Authorization": world["auth"]["alice"]["Authorization"].split()[1]},

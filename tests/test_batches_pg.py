@@ -348,3 +348,22 @@ def test_several_polls_of_one_user_in_a_batch_acknowledge_once_as_far_as_the_fur
     assert answered(batched[2])["receipts"] == {}
     for (who, after, _), rows in zip(plan, batched, strict=True):
         assert answered(rows)["pos"] == list(range(after + 1, len(final[who]) + 1))
+
+
+def test_a_poll_batch_emits_no_receipt_for_a_message_its_conversation_cursor_delivered(app: Flask) -> None:
+    """A receipt only when a mark grows: a message already delivered through its conversation's
+    cursor is delivered again by none of a batch's polls, which still deliver the rest."""
+    world = setting(app)
+    chat = app.extensions["chatapi"].chat
+    for send in sends(world, SENDS):
+        chat._store_messages_pg([send])
+    ab, bc = world["conversations"]["ab"], world["conversations"]["bc"]
+    # Bob acknowledges alice's ab messages (seqs 2 and 3) through the conversation.
+    world["client"].get(f"{API}/conversations/{ab}/messages?after=3&timeout=0", headers=world["headers"]["bob"])
+    before = streams(world)
+    head = {name: len(events) for name, events in before.items()}
+
+    chat._poll_and_acknowledge_pg(polls(world, [("bob", head["bob"], 100), ("dave", 0, 100)]))
+
+    added = streams(world)["bob"][head["bob"] :]
+    assert [(e["conversation_id"], e["user"], e["delivered_seq"]) for e in added] == [(bc, "bob", 2)]

@@ -24,6 +24,7 @@ from chatapi.wakeups import (
     user_key,
 )
 from tests.conftest import Accounts, make_app, migrate
+from tests.support.postgres import execute
 
 
 def test_only_the_concerned_waiters_wake() -> None:
@@ -356,6 +357,27 @@ def test_a_revocation_reaches_the_other_processes_with_its_commit(postgres_url: 
     finally:
         listener.stop()
         next(apps, None)
+
+
+@pytest.mark.postgres
+def test_a_listener_that_lost_its_connection_wakes_every_waiter_once_it_listens_again(postgres_url: str) -> None:
+    """Notifications sent while a listener was not listening are lost (the data is not): once it
+    listens again, every waiter of its process re-checks, instead of sleeping through them to its timeout."""
+    migrate(postgres_url)  # the signing key
+    wakeups = Wakeups(max_waiters_per_user=8)
+    listener = notify_pg.PostgresNotifier(postgres_url, wakeups)
+    listener.start()
+    try:
+        assert listener.listening.wait(10)
+        with wakeups.listening([user_key(1)], 1) as poll:
+            execute(
+                postgres_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'chatapi-listener'",
+            )
+            assert poll.wait(20)
+    finally:
+        listener.stop()
 
 
 @pytest.mark.parametrize(
