@@ -4,9 +4,9 @@ the contract's code, so no input can reach the database unchecked."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from flask import Request
@@ -100,7 +100,9 @@ def _parse_json_body(request: Request) -> dict[str, Any]:
         )
     raw = request.get_data(cache=True)
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
+        body = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int, parse_float=Decimal
+        )
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -114,22 +116,23 @@ _KIND_NAMES = {str: "a string", int: "an integer"}
 def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
     """One field of a JSON body, checked for presence and type (bools are not ints).
 
-    An integer may be written with a zero fraction (`12.0`): JSON has one
-    kind of number, and JSON Schema's `integer`, which the OpenAPI document
-    says, counts it an integer.
+    An integer may be written with a zero fraction (`12.0`, `1.2e1`): JSON
+    has one kind of number, and JSON Schema's `integer`, which the OpenAPI
+    document says, counts it an integer. Read exactly (as Decimal), not as a
+    float, which would round `1.00000000000000000001` to 1 and `1e-400` to 0.
     """
     if name not in body or body[name] is None:
         if required:
             raise ApiError(400, "invalid_request", f"'{name}' is required")
         return None
     value = body[name]
-    if kind is int and isinstance(value, float):
-        if value.is_integer():
-            value = _parse_int(str(int(value)))
-        elif math.isinf(value):
-            # 1e400 is an integer too, but past a float's range Python reads
-            # it as infinity: past 18 digits, as _parse_int reads integers.
+    if kind is int and isinstance(value, Decimal):
+        if value.adjusted() >= 18:
+            # Past 18 digits, as _parse_int reads integers (and before int()
+            # would write out all the digits of 1e999999999).
             value = -(10**18) if value < 0 else 10**18
+        elif value == value.to_integral_value():
+            value = int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(400, "invalid_request", f"'{name}' must be {_KIND_NAMES[kind]}")
     return value

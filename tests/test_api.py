@@ -834,6 +834,34 @@ def test_read_bad_input(client, pair, body, code) -> None:
     assert response.status_code == 400 and error_code(response) == code
 
 
+@pytest.mark.parametrize(
+    ("raw", "status", "read_seq_or_code"),
+    [
+        # Not integers, though a float rounds them to one (to 1, and to 0).
+        ('{"seq": 1.00000000000000000001}', 400, "invalid_request"),
+        ('{"seq": 1e-400}', 400, "invalid_request"),
+        ('{"seq": -0.5e-20}', 400, "invalid_request"),
+        # Integers, however written; past 18 digits beyond every seq, quickly.
+        ('{"seq": 2.000000000000000000000}', 200, 2),
+        ('{"seq": 0.2e1}', 200, 2),
+        ('{"seq": 1e999999999}', 400, "invalid_seq"),
+        ('{"seq": -1e999999999}', 400, "invalid_seq"),
+    ],
+)
+def test_a_read_mark_is_read_exactly_as_written(client, pair, raw, status, read_seq_or_code) -> None:
+    alice, bob, conversation_id = pair
+    for text in ("a", "b", "c"):
+        send(client, alice, conversation_id, text)
+    response = client.post(
+        f"{API}/conversations/{conversation_id}/read", data=raw, content_type="application/json", headers=bob
+    )
+    assert response.status_code == status, response.json
+    if status == 200:
+        assert response.json["read_seq"] == read_seq_or_code
+    else:
+        assert error_code(response) == read_seq_or_code
+
+
 def test_a_read_mark_with_a_zero_fraction_is_an_integer(client, pair) -> None:
     """JSON has one kind of number; JSON Schema's integer (the OpenAPI document's) includes 2.0."""
     alice, bob, conversation_id = pair
