@@ -36,12 +36,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _past_every_seq(negative: bool) -> int:
+    """What a number past 18 digits is read as: no seq is that high."""
+    return -(10**18) if negative else 10**18
+
+
 def _parse_int(literal: str) -> int:
-    # Past 18 digits no seq is that high, and Python refuses to parse very
-    # long digit strings, which are valid JSON all the same (and JSON has no
-    # leading zeros, so the length is the magnitude).
+    # Python refuses to parse very long digit strings, which are valid JSON
+    # all the same (and JSON has no leading zeros, so the length is the magnitude).
     if len(literal.lstrip("-")) > 18:
-        return -(10**18) if literal.startswith("-") else 10**18
+        return _past_every_seq(literal.startswith("-"))
     return int(literal)
 
 
@@ -130,7 +134,7 @@ def field(body: Mapping[str, Any], name: str, kind: type, *, required: bool = Tr
         if value.adjusted() >= 18:
             # Past 18 digits, as _parse_int reads integers (and before int()
             # would write out all the digits of 1e999999999).
-            value = -(10**18) if value < 0 else 10**18
+            value = _past_every_seq(value < 0)
         elif value == value.to_integral_value():
             value = int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

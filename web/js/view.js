@@ -340,7 +340,7 @@ export class ChatView {
    * a menu): the stop is the conversation focused last, else the open one, else the first.
    */
   #placeListStop() {
-    const links = [...this.list.querySelectorAll(".conversation-item")];
+    const links = this.#listLinks();
     const stop =
       links.find((link) => link.parentElement.dataset.key === this.listStop) ??
       links.find((link) => link.parentElement.dataset.key === String(this.openId)) ??
@@ -349,12 +349,16 @@ export class ChatView {
   }
 
   #listKey(event) {
-    const links = [...this.list.querySelectorAll(".conversation-item")];
+    const links = this.#listLinks();
     const at = links.indexOf(document.activeElement);
     const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: links.length - 1 }[event.key];
     if (at < 0 || to === undefined || event.altKey || event.ctrlKey || event.metaKey) return;
     event.preventDefault();
     links[Math.max(0, Math.min(links.length - 1, to))].focus();
+  }
+
+  #listLinks() {
+    return [...this.list.querySelectorAll(".conversation-item")];
   }
 
   #renderConversation() {
