@@ -66,7 +66,8 @@ def run_migrations_online() -> None:
 
 
 def _run_migrations() -> None:
-    """Run them; a failure is logged with its traceback, then raised again as one line.
+    """Run them; a failure is logged with its traceback, then raised again as one line: the
+    driver's own, as the app logs database errors (never the statement, which may hold users' text).
 
     gunicorn.conf.py's master takes the last line alembic writes for the
     reason a reload stopped (its own log may be a file, not stderr); a
@@ -78,8 +79,7 @@ def _run_migrations() -> None:
         raise  # alembic says it in one line ("FAILED: ...")
     except Exception as exc:
         log.exception("the migration failed")
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise SystemExit(f"alembic upgrade head failed: {type(exc).__name__}: {first_line}") from None
+        raise SystemExit(f"alembic upgrade head failed: {driver_message(exc)}") from None
 
 
 def _kept_as_newer() -> bool:
