@@ -205,11 +205,15 @@ HEAD_TIMEOUT_SECS = 5
 # pywsgi reads it with int(), which also takes "+2", "1_0" and spaces inside.
 _CONTENT_LENGTH = re.compile(r"[0-9]+", re.ASCII)
 
+# gunicorn's parser's RFC9110_5_3_SINGLETON_FIELDS (Content-Length has its own check).
+SINGLE_VALUE_FIELDS = ("Host", "Content-Type")
+
 
 class RefusingHandler(PyWSGIHandler):
     """pywsgi's handler, refusing a request whose body's length is invalid or
-    ambiguous, and answering every request it refuses in the contract's error
-    shape (pywsgi's own answers have an empty body).
+    ambiguous or whose Host or Content-Type is given twice, and answering
+    every request it refuses in the contract's error shape (pywsgi's own
+    answers have an empty body).
 
     The base of KeepAliveHandler, and what post_worker_init gives gunicorn's
     own `gevent_pywsgi` worker when the command line chooses it."""
@@ -228,6 +232,12 @@ class RefusingHandler(PyWSGIHandler):
             raise ValueError(f"Transfer-Encoding {encodings} with Content-Length {lengths}")
         if lengths and (len(set(lengths)) > 1 or not _CONTENT_LENGTH.fullmatch(lengths[0].strip())):
             raise ValueError(f"Content-Length given as {lengths}")
+        # A field of one value given twice is read as the first here and may
+        # be read as the last by a proxy (RFC 9110 section 5.3): refused, as
+        # gunicorn's own parser refuses it.
+        for name in SINGLE_VALUE_FIELDS:
+            if len(headers.get_all(name) or ()) > 1:
+                raise ValueError(f"{name} given twice")
         return headers
 
     def handle_one_request(self) -> Any:

@@ -252,6 +252,33 @@ def test_a_body_of_ambiguous_length_is_refused_and_the_connection_closed(
     assert json.loads(body)["error"]["code"] == "invalid_request"
 
 
+# A field that holds one value, given twice, is read as the first value here
+# and may be read as the last by a proxy in front: the request is refused
+# (RFC 9110 section 5.3; RFC 9112 section 3.2 for Host), as gunicorn's own
+# parser (`--worker-class gevent`) refuses it, whatever the worker class.
+@pytest.mark.parametrize("worker_class", [None, "gevent", "gevent_pywsgi"])
+def test_a_host_or_content_type_given_twice_is_refused(start_server, tmp_path, worker_class: str | None) -> None:
+    args = ["--worker-class", worker_class] if worker_class else None
+    server = start_server(f"sqlite:///{tmp_path / 'd.sqlite3'}", args=args)
+    body = b'{"username": "twice", "password": "long enough"}'
+    framed = b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    for head in (
+        b"POST /api/v1/users HTTP/1.1\r\nHost: test\r\nHost: other\r\nContent-Type: application/json\r\n",
+        b"POST /api/v1/users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Type: text/plain\r\n",
+    ):
+        answer = _send_until_closed(server.port, head + framed)
+        status, _, body_sent = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 400 "), answer
+        assert json.loads(body_sent)["error"]["code"] == "invalid_request"
+    # Neither was taken: the name is still free.
+    assert (
+        requests.post(
+            server.base_url + "/api/v1/users", json={"username": "twice", "password": "long enough"}
+        ).status_code
+        == 201
+    )
+
+
 # Under gunicorn's own workers too (the contract lets the command line choose
 # one): `gevent_pywsgi` kept the connection and answered the bytes after the bad
 # chunk as a second request, and `gevent` (gunicorn's parser) answered 500.
