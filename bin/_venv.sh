@@ -1,5 +1,6 @@
 # Sourced by bin/serve and bin/test: make .venv and install the pinned
-# requirements file given as $1, re-installing only when that file changes.
+# requirements file given as $1 (locked by constraints.txt), re-installing
+# only when one of those files changes.
 ensure_venv() {
     local requirements="$1"
     local python="${PYTHON:-python3}"
@@ -18,7 +19,7 @@ ensure_venv() {
     fi
     local stamp=".venv/.installed-$(basename "$requirements")"
     local wanted
-    wanted="$(cat requirements*.txt | sha256sum | cut -d' ' -f1)"
+    wanted="$(cat requirements*.txt constraints.txt | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
         echo "installing $requirements into .venv" >&2
         .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
