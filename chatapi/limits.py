@@ -20,7 +20,7 @@ from limits.errors import ConfigurationError
 from chatapi import validation
 from chatapi.api import current_caller
 from chatapi.config import ConfigError, Settings
-from chatapi.errors import ApiError, error_response
+from chatapi.errors import ApiError, database_unavailable, error_response
 
 
 def client_address() -> str:
@@ -50,12 +50,18 @@ def _no_valid_caller() -> bool:
     Flask-Limiter, to be logged as an error and swallowed. With a valid
     token, the lookup is the extra query a limited send costs (the send
     itself checks its token in its own statement); load tests switch the
-    limits off.
+    limits off. A caller that cannot be looked up because the database is
+    down is exempt too: the view then answers 503, logged in one line
+    (errors.py), where Flask-Limiter would log a traceback per send.
     """
     try:
         current_caller()
     except ApiError:
         return True
+    except Exception as error:
+        if database_unavailable(error):
+            return True
+        raise
     return False
 
 

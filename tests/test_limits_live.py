@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import gevent
 import pytest
 import requests
+from sqlalchemy import event
 
 from chatapi import Settings, create_app
 from chatapi.limits import OneAtATime
@@ -133,6 +136,34 @@ def test_a_send_without_a_token_never_fails_inside_the_rate_limiter(tmp_path: Pa
         answer = client.post("/api/v1/conversations/1/messages", json={"text": "hi"}, headers=headers)
         assert answer.status_code == 401
     assert [record.getMessage() for record in caplog.records if record.name == "flask-limiter"] == []
+    app.extensions["chatapi"].db.dispose()
+
+
+def test_a_send_while_the_database_is_down_is_503_with_one_line_not_a_limiter_traceback(tmp_path: Path, caplog) -> None:
+    """The per-user send limit looks its caller up before the view runs. With the
+    database down, that lookup failed inside Flask-Limiter, which logged "Failed to rate
+    limit" with a traceback of some sixty lines for every send until the database was
+    back (docs/deploy.md promises one line per 503, "database unavailable: ...")."""
+    url = f"sqlite:///{tmp_path / 'down.sqlite3'}"
+    migrate(url)
+    app = create_app(Settings.from_env({"CHATAPI_DATABASE_URL": url, **LIMITS}))
+    client = app.test_client()
+    assert client.post("/api/v1/users", json={"username": "alice", "password": PASSWORD}).status_code == 201
+    token = client.post("/api/v1/tokens", json={"username": "alice", "password": PASSWORD}).json["token"]
+    engine = app.extensions["chatapi"].db.engine
+
+    def refuse(_connection, _record) -> None:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    event.listen(engine, "connect", refuse)
+    engine.dispose()
+    answer = client.post(
+        "/api/v1/conversations/1/messages", json={"text": "hi"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "service_unavailable"
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == [
+        "database unavailable: OperationalError: unable to open database file"
+    ]
     app.extensions["chatapi"].db.dispose()
 
 

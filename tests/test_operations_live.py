@@ -943,3 +943,68 @@ def test_a_logging_configuration_of_the_operators_keeps_chatapis_warnings_where_
     server = _warn_of_an_unavailable_database(start_server, ["--log-config-json", str(tmp_path / "logging.json")])
     wait_until(lambda: "database unavailable: OperationalError" in own_log.read_text(), timeout=10, what="the warning")
     assert "database unavailable" not in server.log_path.read_text()
+
+
+@pytest.mark.postgres
+def test_a_dump_taken_while_messages_are_sent_restores_into_an_empty_database_as_the_guide_says(
+    postgres, start_server, tmp_path: Path
+) -> None:
+    """docs/deploy.md, "Backups": `pg_dump --format=custom` while sends commit, then
+    `pg_restore --clean --if-exists` into an empty database (exit 0) and chatapi on it.
+    The restore holds the acknowledged messages up to some moment of the dump, gapless;
+    a client whose cursor is past the restored head is answered at once with the head;
+    one at or below it resumes exactly; and the numbers used after the dump are given
+    again to new messages, which is why the guide says how to make clients start over."""
+    pg_dump, pg_restore = str(postgres.bin / "pg_dump"), str(postgres.bin / "pg_restore")
+    source = postgres.new_database()
+    env = {"CHATAPI_RATE_LIMITS": "off"}
+    server = start_server(source, workers=2, env=env)
+    alice, bob = Api(server.base_url).signed_up(), Api(server.base_url).signed_up()
+    conversation = alice.start(bob.username)["id"]
+    acknowledged: list[dict] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            acknowledged.append(alice.send(conversation, f"m{len(acknowledged)}", client_id=f"m{len(acknowledged)}"))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        wait_until(lambda: len(acknowledged) >= 20, timeout=30, what="sends before the dump")
+        before_dump = len(acknowledged)
+        dump = tmp_path / "chatapi.dump"
+        subprocess.run([pg_dump, "--format=custom", f"--file={dump}", "--dbname", source], check=True)
+        after_dump = len(acknowledged)
+        wait_until(lambda: len(acknowledged) >= after_dump + 20, timeout=30, what="sends after the dump")
+    finally:
+        stop.set()
+        sender.join()
+    bob_cursor = bob.events(timeout=0, limit=1)["last_pos"]
+    server.stop()
+
+    restored = postgres.new_database()
+    subprocess.run([pg_restore, "--clean", "--if-exists", "--dbname", restored, str(dump)], check=True)
+    server = start_server(restored, workers=2, env=env)
+    alice, bob = (Api(server.base_url, api.token, api.username) for api in (alice, bob))
+    kept = alice.messages(conversation, after=0, limit=1000)["messages"]
+    assert before_dump <= len(kept) <= after_dump
+    assert [(m["seq"], m["text"]) for m in kept] == [(m["seq"], m["text"]) for m in acknowledged[: len(kept)]]
+
+    started = time.monotonic()
+    page = bob.events(after=bob_cursor, timeout=20)
+    assert time.monotonic() - started < 5
+    head = page["last_pos"]
+    assert page["events"] == [] and head < bob_cursor
+    resumed = bob.events(after=head - 3, timeout=0)
+    assert [event["pos"] for event in resumed["events"]] == [head - 2, head - 1, head]
+    assert [event["message"]["text"] for event in resumed["events"] if event["type"] == "message"][-1:] == [
+        kept[-1]["text"]
+    ]
+
+    # The next message takes the seq of one acknowledged after the dump, and lost with it.
+    again = alice.send(conversation, "after the restore")
+    assert again["seq"] == len(kept) + 1 and acknowledged[len(kept)]["text"] != again["text"]
+    # The guide's way to make every client start over.
+    execute(restored, "DELETE FROM tokens")
+    assert bob.get("/api/v1/events", params={"after": 0, "timeout": 0}).status_code == 401
