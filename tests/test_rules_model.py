@@ -1,0 +1,453 @@
+"""A model-based (stateful) test of the chat rules, on SQLite and on PostgreSQL.
+
+Hypothesis drives the real app through Flask's test client with random runs
+of the contract's requests: alice and bob, each on two devices (tokens), start
+their conversation, send (with new client_ids, none, or replayed ones), poll
+the event stream from their cursors (or from older ones, from 0, from beyond
+the head; small limits, so pages get cut), poll the conversation's messages
+(which acknowledges delivery too), read (below, at and beyond `last_seq`),
+and look at the conversation. `Model` is what API.md says should happen,
+written from it rather than from chat.py: after every step the answers and
+both conversation views must be what the model says, and every event page
+exactly the model's stream from the cursor asked.
+
+On PostgreSQL the sends and the event stream's acknowledgements run as
+server-side functions (pg_functions.py), on SQLite as the Python steps of
+chat.py: the same machine checks both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, NamedTuple
+
+import gevent
+import pytest
+from argon2 import PasswordHasher
+from flask import Flask
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from chatapi import auth
+
+API = "/api/v1"
+PASSWORD = "correct horse battery"
+USERS = ("alice", "bob")
+DEVICES = [(user, device) for user in USERS for device in (0, 1)]
+# Each run makes its own pair of users (a pair has one conversation); names stay unique in the app.
+_runs = itertools.count(1)
+_client_ids = itertools.count(1)
+LONG = os.environ.get("CHATAPI_LONG_TESTS") == "1"
+
+RULES_SETTINGS = settings(
+    max_examples=200 if LONG else 20,
+    stateful_step_count=60 if LONG else 40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+
+Json = dict[str, Any]
+
+
+def other(user: str) -> str:
+    return "bob" if user == "alice" else "alice"
+
+
+def _draw_seq(data: st.DataObject, label: str, mark: int, last_seq: int, beyond: int) -> int:
+    """A seq for a user whose mark is `mark`: mostly one that moves it (the simplest one does),
+    else the mark itself or any from 0 to `beyond` past `last_seq`."""
+    moves = [st.integers(mark + 1, last_seq)] if mark < last_seq else []
+    return data.draw(st.one_of(*moves, st.just(mark), st.integers(0, last_seq + beyond)), label=label)
+
+
+class Model:
+    """The contract's rules for one conversation between alice and bob, in plain Python (API.md)."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names  # model user -> username on the server
+        self.conversation: Json | None = None  # {"id", "created_at"} once started
+        self.messages: list[Json] = []  # message objects, index = seq - 1
+        self.by_client_id: dict[tuple[str, str], Json] = {}
+        self.delivered = dict.fromkeys(USERS, 0)
+        self.read = dict.fromkeys(USERS, 0)
+        self.streams: dict[str, list[Json]] = {user: [] for user in USERS}  # index = pos - 1
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.messages)
+
+    def head(self, user: str) -> int:
+        return len(self.streams[user])
+
+    def _append(self, user: str, event: Json) -> None:
+        self.streams[user].append({"pos": self.head(user) + 1, **event})
+
+    def _receipt(self, subject: str) -> Json:
+        return {
+            "type": "receipt",
+            "conversation_id": self.conversation["id"],
+            "user": self.names[subject],
+            "delivered_seq": self.delivered[subject],
+            "read_seq": self.read[subject],
+        }
+
+    def _grow(self, user: str, *, delivered: int = 0, read: int = 0) -> None:
+        """Move `user`'s marks up (never down; reading implies delivery); a receipt to both streams if one grew."""
+        before = (self.delivered[user], self.read[user])
+        self.read[user] = max(self.read[user], read)
+        self.delivered[user] = max(self.delivered[user], delivered, self.read[user])
+        if (self.delivered[user], self.read[user]) != before:
+            receipt = self._receipt(user)
+            for party in USERS:
+                self._append(party, receipt)
+
+    def start(self, conversation_id: int, created_at: str) -> None:
+        self.conversation = {"id": conversation_id, "created_at": created_at}
+        for user in USERS:
+            self._append(user, {"type": "conversation", "conversation": self.view(user)})
+
+    def send(self, sender: str, message: Json) -> None:
+        self.messages.append(message)
+        if message["client_id"] is not None:
+            self.by_client_id[(sender, message["client_id"])] = message
+        # Sending counts as reading: the sender's marks move to its own message.
+        self.read[sender] = self.delivered[sender] = message["seq"]
+        for user in USERS:
+            self._append(user, {"type": "message", "message": message})
+            self._append(user, self._receipt(sender))
+
+    def acknowledge_events(self, user: str, after: int) -> None:
+        """A poll of the stream `after` P: every message event at pos <= P (up to the head) is delivered."""
+        seen = self.streams[user][: min(after, self.head(user))]
+        peer_seqs = [
+            e["message"]["seq"] for e in seen if e["type"] == "message" and e["message"]["sender"] != self.names[user]
+        ]
+        if peer_seqs:
+            self._grow(user, delivered=max(peer_seqs))
+
+    def acknowledge_messages(self, user: str, after: int) -> None:
+        """A poll of the conversation's messages `after` N: delivered up to N (up to last_seq)."""
+        self._grow(user, delivered=min(after, self.last_seq))
+
+    def mark_read(self, user: str, seq: int) -> None:
+        self._grow(user, read=seq)
+
+    def view(self, user: str) -> Json:
+        """The conversation object as `user` sees it."""
+        peer = other(user)
+        return {
+            "id": self.conversation["id"],
+            "peer": self.names[peer],
+            "created_at": self.conversation["created_at"],
+            "last_seq": self.last_seq,
+            "unread": sum(1 for m in self.messages[self.read[user] :] if m["sender"] == self.names[peer]),
+            "read_seq": self.read[user],
+            "peer_delivered_seq": self.delivered[peer],
+            "peer_read_seq": self.read[peer],
+            "last_message": self.messages[-1] if self.messages else None,
+        }
+
+
+class Waiting(NamedTuple):
+    """A device's long-poll of its stream, from its cursor at the head, in a greenlet of its own."""
+
+    device: tuple[str, int]
+    after: int
+    limit: int | None
+    poll: gevent.Greenlet
+
+
+class ChatRules(RuleBasedStateMachine):
+    def __init__(self, client) -> None:
+        super().__init__()
+        self.client = client
+        run = next(_runs)
+        names = {user: f"{user}{run}" for user in USERS}
+        self.model = Model(names)
+        self.tokens: dict[tuple[str, int], dict[str, str]] = {}
+        for user in USERS:
+            answer = client.post(f"{API}/users", json={"username": names[user], "password": PASSWORD})
+            assert answer.status_code == 201, answer.json
+            for device in (0, 1):
+                answer = client.post(f"{API}/tokens", json={"username": names[user], "password": PASSWORD})
+                assert answer.status_code == 201, answer.json
+                self.tokens[(user, device)] = {"Authorization": f"Bearer {answer.json['token']}"}
+        # Each device's cursor: the last pos it processed, resuming from it.
+        self.cursors = dict.fromkeys(DEVICES, 0)
+        self.last_message_id = 0
+        self.waiting: Waiting | None = None
+
+    # Helpers ---------------------------------------------------------------
+
+    def _conversation_path(self) -> str:
+        return f"{API}/conversations/{self.model.conversation['id']}"
+
+    def _messages(self, device: tuple[str, int], limit: int | None, **query: int) -> Json:
+        """The device's GET of the conversation's messages with `query` (and `limit`, unless None)."""
+        if limit is not None:
+            query["limit"] = limit
+        path = f"{self._conversation_path()}/messages"
+        answer = self.client.get(path, query_string=query, headers=self.tokens[device])
+        assert answer.status_code == 200, answer.json
+        return answer.json
+
+    def _get_events(self, device: tuple[str, int], after: int, limit: int | None, timeout: float = 0) -> Any:
+        query: dict[str, Any] = {"after": after, "timeout": timeout}
+        if limit is not None:
+            query["limit"] = limit
+        return self.client.get(f"{API}/events", query_string=query, headers=self.tokens[device])
+
+    def _check_events(self, device: tuple[str, int], after: int, limit: int | None, answer: Any) -> list[Json]:
+        """`answer` is the page of the model's stream after `after`, with the head."""
+        assert answer.status_code == 200, answer.json
+        stream = self.model.streams[device[0]]
+        expected = stream[after : after + (limit or 100)]
+        assert answer.json == {"events": expected, "last_pos": len(stream)}, (device, after, limit)
+        return answer.json["events"]
+
+    def catch_up(self, device: tuple[str, int]) -> None:
+        """The device resumes from its cursor until it has the whole stream: it misses nothing."""
+        while True:
+            events = self._poll_events(device, self.cursors[device], 1000)
+            if not events:
+                break
+            assert events[0]["pos"] == self.cursors[device] + 1
+            self.cursors[device] = events[-1]["pos"]
+        assert self.cursors[device] == self.model.head(device[0])
+
+    def _poll_events(self, device: tuple[str, int], after: int, limit: int | None) -> list[Json]:
+        answer = self._get_events(device, after, limit)
+        # The request acknowledges what is at or below its cursor; the page is read after that.
+        self.model.acknowledge_events(device[0], after)
+        return self._check_events(device, after, limit, answer)
+
+    # Rules -----------------------------------------------------------------
+
+    @rule(user=st.sampled_from(USERS), upper=st.booleans())
+    def start_conversation(self, user: str, upper: bool) -> None:
+        peer = self.model.names[other(user)]
+        answer = self.client.post(
+            f"{API}/conversations", json={"peer": peer.upper() if upper else peer}, headers=self.tokens[(user, 0)]
+        )
+        if self.model.conversation is None:
+            assert answer.status_code == 201, answer.json
+            self.model.start(answer.json["id"], answer.json["created_at"])
+        else:
+            # Asking again for an existing one emits nothing.
+            assert answer.status_code == 200, answer.json
+        assert answer.json == self.model.view(user)
+
+    @initialize(user=st.sampled_from(USERS), upper=st.booleans())
+    def started(self, user: str, upper: bool) -> None:
+        """Every run starts with the conversation (a step that starts it again gets it, and changes nothing)."""
+        self.start_conversation(user, upper)
+
+    @rule(
+        device=st.sampled_from(DEVICES),
+        text=st.sampled_from(["hi", "hello there", " spaced\tout\n", "é😀"]),
+        with_client_id=st.booleans(),
+        count=st.integers(1, 3),
+    )
+    def send(self, device: tuple[str, int], text: str, with_client_id: bool, count: int) -> None:
+        """`count` new messages from the device, one after the other."""
+        for _ in range(count):
+            self._send(device, text, f"c{next(_client_ids)}" if with_client_id else None)
+
+    @precondition(lambda self: self.model.messages)
+    @rule(device=st.sampled_from((0, 1)), text=st.sampled_from(["ok", "sure"]))
+    def reply(self, device: int, text: str) -> None:
+        """The party that did not send the last message answers it (so that each has unread messages to read)."""
+        last_sender = self.model.messages[-1]["sender"]
+        user = next(user for user in USERS if self.model.names[user] != last_sender)
+        self._send((user, device), text, f"c{next(_client_ids)}")
+
+    @precondition(lambda self: self.model.by_client_id)
+    @rule(device=st.sampled_from(DEVICES), data=st.data(), same_text=st.booleans())
+    def send_again(self, device: tuple[str, int], data: st.DataObject, same_text: bool) -> None:
+        """A used client_id: a retry (the same sender), a clash (another text), or the peer's (a new message)."""
+        used = sorted(self.model.by_client_id.items())
+        (_, client_id), original = data.draw(st.sampled_from(used), label="used")
+        self._send(device, original["text"] if same_text else original["text"] + "!", client_id)
+
+    def _send(self, device: tuple[str, int], text: str, client_id: str | None) -> None:
+        user = device[0]
+        body: Json = {"text": text}
+        if client_id is not None:
+            body["client_id"] = client_id
+        answer = self.client.post(f"{self._conversation_path()}/messages", json=body, headers=self.tokens[device])
+        original = self.model.by_client_id.get((user, client_id)) if client_id else None
+        if original is not None and original["text"] == text:
+            assert answer.status_code == 200, answer.json
+            assert answer.json == original
+            return
+        if original is not None:
+            assert answer.status_code == 409, answer.json
+            assert answer.json["error"]["code"] == "client_id_reused"
+            return
+        assert answer.status_code == 201, answer.json
+        message = answer.json
+        expected = {
+            "conversation_id": self.model.conversation["id"],
+            "seq": self.model.last_seq + 1,
+            "sender": self.model.names[user],
+            "text": text,
+            "client_id": client_id,
+        }
+        assert {key: message[key] for key in expected} == expected
+        assert set(message) == {*expected, "id", "created_at"}
+        assert message["id"] > self.last_message_id
+        self.last_message_id = message["id"]
+        if self.model.messages:
+            assert message["created_at"] >= self.model.messages[-1]["created_at"]
+        self.model.send(user, message)
+
+    @rule(
+        device=st.sampled_from(DEVICES),
+        where=st.sampled_from(["cursor", "cursor", "cursor", "older", "zero", "beyond", "catch up"]),
+        back=st.integers(0, 4),
+        limit=st.sampled_from([None, 1, 2, 3, 5]),
+    )
+    def poll_events(self, device: tuple[str, int], where: str, back: int, limit: int | None) -> None:
+        cursor = self.cursors[device]
+        after = {
+            "cursor": cursor,
+            "older": max(0, cursor - 1 - back),
+            "zero": 0,
+            "beyond": self.model.head(device[0]) + 1 + back,
+        }.get(where)
+        if after is None:
+            self.catch_up(device)
+            return
+        events = self._poll_events(device, after, limit)
+        if where == "cursor" and events:
+            # Resuming from its cursor, the device sees the very next events, each once.
+            assert events[0]["pos"] == cursor + 1
+            self.cursors[device] = events[-1]["pos"]
+
+    @rule(device=st.sampled_from(DEVICES))
+    def head_events(self, device: tuple[str, int]) -> None:
+        """HEAD looks without reading: it acknowledges nothing."""
+        user = device[0]
+        answer = self.client.head(
+            f"{API}/events", query_string={"after": self.model.head(user), "timeout": 5}, headers=self.tokens[device]
+        )
+        assert answer.status_code == 200
+
+    @rule(device=st.sampled_from(DEVICES), data=st.data(), limit=st.sampled_from([None, 1, 2, 3]))
+    def poll_messages(self, device: tuple[str, int], data: st.DataObject, limit: int | None) -> None:
+        user = device[0]
+        model = self.model
+        after = _draw_seq(data, "after", model.delivered[user], model.last_seq, 2)
+        answer = self._messages(device, limit, after=after, timeout=0)
+        model.acknowledge_messages(user, after)
+        expected = model.messages[after : after + (limit or 100)]
+        assert answer == {"messages": expected, "last_seq": model.last_seq}
+
+    @rule(device=st.sampled_from(DEVICES), data=st.data(), limit=st.sampled_from([None, 1, 2]))
+    def message_history(self, device: tuple[str, int], data: st.DataObject, limit: int | None) -> None:
+        """History (`before`, or neither cursor) never acknowledges delivery."""
+        model = self.model
+        before = data.draw(st.none() | st.integers(1, model.last_seq + 2), label="before")
+        answer = self._messages(device, limit, **({} if before is None else {"before": before}))
+        below = model.messages if before is None else model.messages[: max(0, before - 1)]
+        expected = below[-(limit or 100) :]
+        assert answer == {"messages": expected, "last_seq": model.last_seq}
+
+    @rule(device=st.sampled_from(DEVICES), data=st.data())
+    def mark_read(self, device: tuple[str, int], data: st.DataObject) -> None:
+        user = device[0]
+        model = self.model
+        seq = _draw_seq(data, "seq", model.read[user], model.last_seq, 3)
+        answer = self.client.post(f"{self._conversation_path()}/read", json={"seq": seq}, headers=self.tokens[device])
+        if seq > model.last_seq:
+            assert answer.status_code == 400, answer.json
+            assert answer.json["error"]["code"] == "invalid_seq"
+            return
+        assert answer.status_code == 200, answer.json
+        model.mark_read(user, seq)
+        assert answer.json == model.view(user)
+
+    @rule(user=st.sampled_from(USERS))
+    def get_conversation(self, user: str) -> None:
+        answer = self.client.get(self._conversation_path(), headers=self.tokens[(user, 1)])
+        assert answer.status_code == 200, answer.json
+        assert answer.json == self.model.view(user)
+
+    @precondition(lambda self: self.waiting is None)
+    @rule(device=st.sampled_from(DEVICES), limit=st.sampled_from([None, 1, 2]))
+    def wait_for_events(self, device: tuple[str, int], limit: int | None) -> None:
+        """The device catches up and long-polls at the head; the steps after it wake it (`woken_poll_answers`)."""
+        self.catch_up(device)
+        after = self.cursors[device]
+        poll = gevent.spawn(self._get_events, device, after, limit, 30)
+        wakeups = self.client.application.extensions["chatapi"].wakeups
+        deadline = time.monotonic() + 10
+        while wakeups.waiting < 1 and not poll.ready():
+            assert time.monotonic() < deadline, "the long-poll neither waits nor answers"
+            gevent.sleep(0.005)
+        self.model.acknowledge_events(device[0], after)
+        self.waiting = Waiting(device, after, limit, poll)
+
+    # Invariants --------------------------------------------------------------
+
+    @invariant()
+    def model_is_consistent(self) -> None:
+        model = self.model
+        assert [m["seq"] for m in model.messages] == list(range(1, model.last_seq + 1))
+        for user in USERS:
+            assert [e["pos"] for e in model.streams[user]] == list(range(1, model.head(user) + 1))
+            assert model.read[user] <= model.delivered[user] <= model.last_seq
+
+    @invariant()
+    def woken_poll_answers(self) -> None:
+        """A waiting long-poll answers once its stream has more (from the events its wake-up carried), else waits."""
+        if self.waiting is None:
+            return
+        device, after, limit, poll = self.waiting
+        if self.model.head(device[0]) == after:
+            gevent.sleep(0)
+            assert not poll.ready(), poll.value.json if poll.successful() else poll.exception
+            return
+        poll.join(10)
+        assert poll.ready(), "a long-poll slept through a new event of its stream"
+        self.waiting = None
+        events = self._check_events(device, after, limit, poll.get())
+        if self.cursors[device] == after:
+            self.cursors[device] = events[-1]["pos"]
+
+    def teardown(self) -> None:
+        if self.waiting is not None:
+            self.waiting.poll.kill()
+
+    @invariant()
+    def both_views_match(self) -> None:
+        """Both parties' conversation lists (which acknowledge nothing) show the model's marks."""
+        for user in USERS:
+            answer = self.client.get(f"{API}/conversations", headers=self.tokens[(user, 0)])
+            assert answer.status_code == 200, answer.json
+            expected = [self.model.view(user)] if self.model.conversation else []
+            assert answer.json == {"conversations": expected}, user
+
+
+@pytest.fixture
+def app(app_on_each_database: Flask) -> Flask:
+    """The machine runs on both databases: on PostgreSQL the hot paths are pg_functions.py's."""
+    return app_on_each_database
+
+
+def test_chat_rules_follow_the_model(client, monkeypatch) -> None:
+    # A cheap argon2 for the machine's own sign-ups (each run signs up two users
+    # with two tokens each); what the hashing costs is tested elsewhere.
+    monkeypatch.setattr(auth, "_hasher", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+    run_state_machine_as_test(lambda: ChatRules(client), settings=RULES_SETTINGS)
