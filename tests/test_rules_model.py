@@ -1,19 +1,23 @@
 """A model-based (stateful) test of the chat rules, on SQLite and on PostgreSQL.
 
 Hypothesis drives the real app through Flask's test client with random runs
-of the contract's requests: alice and bob, each on two devices (tokens), start
-their conversation, send (with new client_ids, none, or replayed ones), poll
-the event stream from their cursors (or from older ones, from 0, from beyond
-the head; small limits, so pages get cut), poll the conversation's messages
+of the contract's requests: alice and bob, each on two devices (tokens), send
+(with new client_ids, none, null, or used ones: a retry, a clash, the peer's),
+poll the event stream from their cursors (or from older ones, from 0, from
+beyond the head; small limits, so pages get cut) and read what they got, wait
+on the stream until something wakes them, poll the conversation's messages
 (which acknowledges delivery too), read (below, at and beyond `last_seq`),
-and look at the conversation. `Model` is what API.md says should happen,
-written from it rather than from chat.py: after every step the answers and
-both conversation views must be what the model says, and every event page
-exactly the model's stream from the cursor asked.
+and look (the conversation, its history, HEAD, starting it again). `Model` is
+what API.md says should happen, written from it rather than from chat.py:
+after every step each answer, each event page (woken long-polls' too, mostly
+answered from the events their wake-up carried) and both parties'
+conversation views must be what the model says.
 
 On PostgreSQL the sends and the event stream's acknowledgements run as
 server-side functions (pg_functions.py), on SQLite as the Python steps of
-chat.py: the same machine checks both.
+chat.py: the same machine checks both. Not covered here: concurrent polls
+that PostgreSQL commits as one batch (test_batches_pg.py), more than one
+conversation per user.
 """
 
 from __future__ import annotations
@@ -135,11 +139,7 @@ class Model:
     def acknowledge_events(self, user: str, after: int) -> None:
         """A poll of the stream `after` P: every message event at pos <= P (up to the head) is delivered."""
         seen = self.streams[user][: min(after, self.head(user))]
-        peer_seqs = [
-            e["message"]["seq"] for e in seen if e["type"] == "message" and e["message"]["sender"] != self.names[user]
-        ]
-        if peer_seqs:
-            self._grow(user, delivered=max(peer_seqs))
+        self._grow(user, delivered=max((e["message"]["seq"] for e in seen if e["type"] == "message"), default=0))
 
     def acknowledge_messages(self, user: str, after: int) -> None:
         """A poll of the conversation's messages `after` N: delivered up to N (up to last_seq)."""
@@ -276,9 +276,10 @@ class ChatRules(RuleBasedStateMachine):
     def send(self, device: tuple[str, int], data: st.DataObject) -> None:
         """One to three new messages from the device, one after the other."""
         text = data.draw(st.sampled_from(["hi", "hello there", " spaced\tout\n", "é😀"]), label="text")
-        with_client_id = data.draw(st.booleans(), label="with_client_id")
+        client_id = data.draw(st.sampled_from(["new", "absent", "null"]), label="client_id")
         for _ in range(data.draw(st.integers(1, 3), label="count")):
-            self._send(device, text, f"c{next(_client_ids)}" if with_client_id else None)
+            # A client_id of null is the same as none.
+            self._send(device, text, f"c{next(_client_ids)}" if client_id == "new" else None, client_id == "null")
 
     @precondition(lambda self: self.model.messages)
     @rule(device=st.sampled_from((0, 1)), text=st.sampled_from(["ok", "sure"]))
@@ -296,10 +297,10 @@ class ChatRules(RuleBasedStateMachine):
         (_, client_id), original = data.draw(st.sampled_from(used), label="used")
         self._send(device, original["text"] if same_text else original["text"] + "!", client_id)
 
-    def _send(self, device: tuple[str, int], text: str, client_id: str | None) -> None:
+    def _send(self, device: tuple[str, int], text: str, client_id: str | None, say_null: bool = False) -> None:
         user = device[0]
         body: Json = {"text": text}
-        if client_id is not None:
+        if client_id is not None or say_null:
             body["client_id"] = client_id
         answer = self.client.post(f"{self._conversation_path()}/messages", json=body, headers=self.tokens[device])
         original = self.model.by_client_id.get((user, client_id)) if client_id else None
@@ -459,6 +460,15 @@ class ChatRules(RuleBasedStateMachine):
         for user in USERS:
             assert [e["pos"] for e in model.streams[user]] == list(range(1, model.head(user) + 1))
             assert model.read[user] <= model.delivered[user] <= model.last_seq
+            # Each receipt is a growth: of the subject's marks as the stream told them last.
+            told: dict[str, tuple[int, int]] = {}
+            for event in model.streams[user]:
+                if event["type"] == "receipt":
+                    marks = (event["delivered_seq"], event["read_seq"])
+                    last = told.get(event["user"], (0, 0))
+                    assert marks[1] <= marks[0] and marks != last
+                    assert marks[0] >= last[0] and marks[1] >= last[1]
+                    told[event["user"]] = marks
 
     @invariant()
     def woken_poll_answers(self) -> None:
