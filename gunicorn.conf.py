@@ -487,8 +487,18 @@ class ChatapiWorker(GeventPyWSGIWorker):
         # connections idle between requests close now. (Waiting long-polls
         # answer through post_worker_init's hook.)
         super().handle_exit(sig, frame)
+        loop = gevent.get_hub().loop
         for idle in list(self.idle_connections):
-            idle.kill(block=False)
+            loop.run_callback(self._close_if_still_idle, idle)
+
+    def _close_if_still_idle(self, connection: gevent.Greenlet) -> None:
+        # Checked as the stop is delivered, not when it was scheduled: a
+        # connection whose next request woke it in between is serving that
+        # request, and a stop thrown into it then cut it off mid-request (its
+        # database call interrupted, a 500). This runs in the event loop, so
+        # a connection found here is still waiting in read_requestline.
+        if connection in self.idle_connections:
+            connection.throw(gevent.GreenletExit)
 
 
 def _whole(name: str, default: int, low: int) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import gevent
+import gevent.event
 import gevent.socket
 from gevent.pool import Pool
 
@@ -83,3 +84,37 @@ def test_a_large_answer_is_sent_as_pywsgi_sends_it() -> None:
     body = b"x" * (CONF["ONE_SEND_BODY_BYTES"] + 1)
     sent = _answers_sent(body)
     assert len(sent) == 2 and sent[1] == body, [len(data) for data in sent]
+
+
+def test_a_graceful_stop_closes_idle_connections_but_not_one_whose_request_came_in_meanwhile() -> None:
+    """SIGTERM closes the connections idle between requests (ChatapiWorker.handle_exit). A
+    connection whose next request woke it in the same turn of the loop has left idle by the
+    time the stop is delivered, and must serve that request: it was cut off mid-request (its
+    database call interrupted, a 500) when the stop was only scheduled, not checked, at SIGTERM."""
+    worker_class = CONF["ChatapiWorker"]
+    worker = object.__new__(worker_class)
+    worker.idle_connections = set()
+    worker.alive = True
+    served = []
+
+    def connection(next_request: gevent.event.Event) -> None:
+        # What KeepAliveHandler.read_requestline does around its read, then a request's work.
+        me = gevent.getcurrent()
+        worker.idle_connections.add(me)
+        try:
+            next_request.wait()
+        finally:
+            worker.idle_connections.discard(me)
+        gevent.sleep(0.05)  # the request's database call
+        served.append(next_request)
+
+    request_arrives = gevent.event.Event()
+    busy = gevent.spawn(connection, request_arrives)
+    idle = gevent.spawn(connection, gevent.event.Event())
+    gevent.sleep(0)  # both wait for a request
+    request_arrives.set()  # the request's wake-up is queued in the loop...
+    worker_class.handle_exit(worker, 15, None)  # ...before the signal's stop
+    gevent.joinall([busy, idle], timeout=5)
+    assert busy.successful() and served == [request_arrives]
+    assert idle.dead and not worker.idle_connections
+    assert not worker.alive
