@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import contextvars
 import logging
 import sqlite3
 import time
@@ -37,6 +38,28 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # One used more recently is assumed alive: pinging on every checkout
 # (pool_pre_ping) took 16-18% of a busy worker's samples (docs/performance.md).
 PING_IF_IDLE_SECS = 1.0
+# How long a request waits for a pooled connection (the pool's checkout
+# timeout), and at most for a connection slot of the server (_wait_for_slots).
+POOL_TIMEOUT_SECS = 10
+# Between attempts to connect while the server has no free connection slot:
+# from the first pause, doubling, up to the last.
+SLOT_RETRY_FIRST_SECS = 0.05
+SLOT_RETRY_MAX_SECS = 0.5
+# What PostgreSQL says when it refuses a connection for want of a slot, all
+# SQLSTATE 53300 (too_many_connections): max_connections reached, the last
+# slots reserved (for superusers, or pg_use_reserved_connections), or a
+# role's or a database's CONNECTION LIMIT. psycopg2 gives no SQLSTATE for a
+# failed connection attempt, only the server's message (in English unless
+# the server's lc_messages says otherwise).
+_OUT_OF_SLOTS = (
+    "too many clients already",
+    "remaining connection slots are reserved",
+    "too many connections for role",
+    "too many connections for database",
+)
+# False while the warm-up opens connections: it stops at the first refusal
+# instead of holding the connections it opened while it waits for a slot.
+_waits_for_slots = contextvars.ContextVar("waits_for_slots", default=True)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 NOT_MIGRATED = "the database schema is not migrated (alembic upgrade head)"
 
@@ -62,6 +85,16 @@ def driver_message(error: BaseException) -> str:
     cause = getattr(error, "orig", None) or error
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def out_of_connection_slots(error: BaseException) -> bool:
+    """Whether `error` is PostgreSQL refusing a new connection only because its connection slots are taken (53300)."""
+    cause = getattr(error, "orig", None) or error
+    if not isinstance(cause, psycopg2.OperationalError):
+        return False
+    if cause.pgcode is not None:
+        return cause.pgcode == "53300"
+    return any(message in str(cause) for message in _OUT_OF_SLOTS)
 
 
 def code_revisions(migrations: Path = MIGRATIONS_DIR) -> tuple[str | None, set[str]]:
@@ -192,6 +225,9 @@ class Database:
             return
         pool = self.autocommit_engine.pool
         opened = []
+        # Without waiting for a slot (_wait_for_slots): meanwhile it would
+        # hold the connections it has opened, idle, where requests need them.
+        waits = _waits_for_slots.set(False)
         try:
             while pool.checkedin() + pool.checkedout() < count:  # the connections it holds
                 opened.append(self.autocommit_engine.raw_connection())
@@ -200,6 +236,7 @@ class Database:
         except (SQLAlchemyError, psycopg2.Error, SchemaNotMigrated) as exc:
             log.warning("could not open the pool's first connections: %s", driver_message(exc))
         finally:
+            _waits_for_slots.reset(waits)
             for connection in opened:
                 connection.close()
 
@@ -257,7 +294,7 @@ def _make_postgresql_engine(settings: Settings, *, pool_size: int, max_overflow:
         settings.database_url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_timeout=10,
+        pool_timeout=POOL_TIMEOUT_SECS,
         # The connection returned last is taken first: under light load the
         # work stays on the few connections whose plans and caches are hot,
         # and the rest (the warm-up's, or a past burst's) wait idle until
@@ -269,6 +306,7 @@ def _make_postgresql_engine(settings: Settings, *, pool_size: int, max_overflow:
         **options,
     )
     _ping_idle_connections(engine)
+    _wait_for_slots(engine)
     return engine
 
 
@@ -292,6 +330,34 @@ def _make_sqlite_engine(settings: Settings) -> Engine:
         conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _wait_for_slots(engine: Engine) -> None:
+    """Retry a new connection the server refused for want of a free slot, for up to the pool's timeout.
+
+    During a reload (or a binary upgrade) a host's new workers run beside its
+    old ones, which hold their connections until they exit: with a budget
+    sized for one set of workers (the defaults, 2 x 47 connections, on
+    max_connections=100) the new ones found no slot for a moment, and the
+    requests they took answered 503. Now such a request waits, as it waits
+    for a busy pool, until the old workers hand their slots back, and fails
+    (503) only after POOL_TIMEOUT_SECS. Any other failure (a wrong password, a
+    server that is down or starting) is raised at once, as before. The pause
+    is time.sleep, which gevent patches in the workers: other greenlets run.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: tuple, cparams: dict) -> Any:
+        deadline = time.monotonic() + POOL_TIMEOUT_SECS
+        pause = SLOT_RETRY_FIRST_SECS
+        while True:
+            try:
+                return dialect.loaded_dbapi.connect(*cargs, **cparams)
+            except psycopg2.OperationalError as exc:
+                if not (_waits_for_slots.get() and out_of_connection_slots(exc)) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, SLOT_RETRY_MAX_SECS)
 
 
 def _ping_idle_connections(engine: Engine) -> None:

@@ -75,7 +75,10 @@ def find_pg_bin() -> Path:
 
 
 class PostgresCluster:
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 400) -> None:
+        # 400 by default, room for every test; PostgreSQL's own default (100)
+        # for a test of what a production-sized budget does.
+        self.max_connections = max_connections
         self.bin = find_pg_bin()
         self.root = Path(tempfile.mkdtemp(prefix="chatapi-pg-"))
         self.data = self.root / "data"
@@ -105,7 +108,7 @@ class PostgresCluster:
     def pg_ctl(self, action: str, *extra: str) -> None:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-            "-c max_connections=400 -c shared_buffers=128MB"
+            f"-c max_connections={self.max_connections} -c shared_buffers=128MB"
         )
         args = ["pg_ctl", "-D", str(self.data), "-w", "-l", str(self.root / "server.log")]
         if action in ("start", "restart"):
