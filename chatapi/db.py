@@ -352,7 +352,7 @@ def _wait_for_slots(engine: Engine) -> None:
         pause = SLOT_RETRY_FIRST_SECS
         while True:
             try:
-                return dialect.loaded_dbapi.connect(*cargs, **cparams)
+                return dialect.connect(*cargs, **cparams)
             except psycopg2.OperationalError as exc:
                 if not (_waits_for_slots.get() and out_of_connection_slots(exc)) or time.monotonic() + pause > deadline:
                     raise

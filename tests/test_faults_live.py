@@ -485,12 +485,14 @@ def test_a_reload_with_the_default_pools_on_100_connections_fails_no_request(
         f" 'database unavailable' {log.count('database unavailable')}"
     )
     assert answered[0] > 50
-    # Only the failures for want of a connection slot, which this test is about:
-    # a request in flight on an old worker can still be lost (a 500 or a
-    # dropped connection) in the race of its graceful stop with the
-    # connection's next request, a separate matter.
-    assert [failure for failure in failures if failure.startswith("503")] == [], log[-5000:]
+    # No request is answered with an error: not 503 for want of a connection
+    # slot, nor 500 from a request cut off by its old worker's graceful stop
+    # (ChatapiWorker._close_if_still_idle). A connection the old worker closes
+    # as the client sends its next request on it is HTTP/1.1's keep-alive race,
+    # which clients retry (nginx in front does), and is not counted here.
+    assert [failure for failure in failures if failure[:1].isdigit()] == [], log[-5000:]
     assert "database unavailable" not in log
+    assert "Traceback" not in log, log[-5000:]
 
 
 def test_a_connection_refused_for_want_of_a_slot_waits_for_one_within_the_pool_timeout(
